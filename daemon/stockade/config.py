@@ -1,0 +1,151 @@
+"""Daemon settings: `STOCKADE_*` environment variables over an optional TOML file.
+
+Validated once at start. A bad value stops the daemon with one line that names the setting
+(`SettingsError`), never a traceback and never a silent fallback to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "STOCKADE_"
+SYSTEM_CONFIG_FILE = Path("/etc/stockade/stockaded.toml")
+MiB = 1024 * 1024
+
+# The TOML file chosen for the settings being loaded now (pydantic-settings builds sources
+# from the class, so the path travels in a context variable rather than a global).
+_config_file: ContextVar[Path | None] = ContextVar("stockade_config_file", default=None)
+
+
+class SettingsError(Exception):
+    """A setting is missing, malformed or out of range; the message is one line."""
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def default_state_dir() -> Path:
+    """`/var/lib/stockade` for root, `$XDG_STATE_HOME/stockade` (or ~/.local/state) otherwise."""
+    if _is_root():
+        return Path("/var/lib/stockade")
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "stockade"
+
+
+def default_socket_path() -> Path:
+    """`/run/stockade/stockaded.sock` for root, `$XDG_RUNTIME_DIR/stockade/` otherwise."""
+    if _is_root():
+        return Path("/run/stockade/stockaded.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/stockade-{os.geteuid()}"  # noqa: S108
+    return Path(runtime) / "stockade" / "stockaded.sock"
+
+
+class Settings(BaseSettings):
+    """Everything the daemon can be told. Field names map to `STOCKADE_<NAME>` and TOML keys."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",  # a misspelt key in the TOML file is an error, not ignored
+        validate_default=True,
+    )
+
+    state_dir: Path = Field(default_factory=default_state_dir)
+    socket_path: Path = Field(default_factory=default_socket_path)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    # Relay limits.
+    max_message_bytes: int = Field(default=4 * MiB, ge=1024, le=256 * MiB)
+
+    # Hardened container defaults; a server may ask for less, never silently for more.
+    container_memory_bytes: int = Field(default=256 * MiB, ge=16 * MiB)
+    container_cpus: float = Field(default=1.0, gt=0, le=64)
+    container_pids_limit: int = Field(default=64, ge=8, le=65536)
+    container_tmpfs_bytes: int = Field(default=64 * MiB, ge=MiB, le=1024 * MiB)
+    container_user: str = "10001:10001"
+    stop_grace_seconds: float = Field(default=5.0, ge=0, le=300)
+
+    @field_validator("state_dir", "socket_path")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+    @field_validator("container_user")
+    @classmethod
+    def _non_root_user(cls, value: str) -> str:
+        uid = value.split(":", 1)[0]
+        if not uid.isdigit() or int(uid) == 0:
+            raise ValueError("must be a numeric non-root uid[:gid], e.g. 10001:10001")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Precedence: explicit arguments, then environment, then the TOML file."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _config_file.get()
+        if config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+def _describe(error: ValidationError) -> str:
+    """One line naming the first bad setting, its environment variable and what is wrong."""
+    first = error.errors()[0]
+    name = ".".join(str(part) for part in first["loc"]) or "(settings)"
+    if first["type"] == "extra_forbidden":
+        return f"unknown setting {name!r} (check the spelling; see `stockaded --help-settings`)"
+    env_name = ENV_PREFIX + name.upper()
+    return f"bad setting {name} (env {env_name}): {first['msg']}"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Load and validate settings once.
+
+    `config_file` is the `--config` path (must exist); without it the system file is read if
+    present. Raises `SettingsError` with a one-line message on any problem.
+    """
+    if config_file is not None and not config_file.is_file():
+        raise SettingsError(f"config file {config_file} does not exist")
+    chosen = config_file or (SYSTEM_CONFIG_FILE if SYSTEM_CONFIG_FILE.is_file() else None)
+    if chosen is not None:
+        try:  # tomllib's message carries line and column; pydantic-settings would hide it
+            tomllib.loads(chosen.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {chosen}: {exc}") from None
+        except OSError as exc:
+            raise SettingsError(f"config file {chosen}: {exc.strerror}") from None
+    token = _config_file.set(chosen)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        where = f" in {chosen}" if chosen else ""
+        raise SettingsError(_describe(exc) + where) from None
+    finally:
+        _config_file.reset(token)
+
+
+def setting_names() -> list[str]:
+    """Every setting with its environment variable, for `--help-settings`."""
+    return [f"{name} (env {ENV_PREFIX}{name.upper()})" for name in Settings.model_fields]
