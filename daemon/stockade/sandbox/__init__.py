@@ -1,0 +1,4 @@
+"""Sandboxes: how an MCP server's container is described, built, run and attached.
+
+`docker_backend` and `images` are the only modules in Stockade that import `docker`.
+"""

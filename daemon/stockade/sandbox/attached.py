@@ -1,0 +1,96 @@
+"""Async line I/O over a container's attach socket.
+
+`AttachedStdio` owns the socket from `DockerBackend.attach`: it writes JSON-RPC lines to the
+container's stdin and yields complete stdout lines, while stderr goes to a callback (stderr
+is for logs of any kind, never an error signal). Reads are pulled by the caller, so a slow
+consumer slows the container down (backpressure) instead of growing a queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+from stockade.sandbox.docker_backend import Attachment
+from stockade.sandbox.stdio import LineSplitter, MultiplexDecoder, OversizedLine, Stream
+
+READ_CHUNK = 64 * 1024
+StderrSink = Callable[[bytes], None]
+
+
+class AttachedStdio:
+    """One container's stdin (write lines) and stdout (read lines) over the attach socket."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        attachment: Attachment,
+        max_line_bytes: int,
+        on_stderr: StderrSink,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._attachment = attachment
+        self._decoder = MultiplexDecoder()
+        self._stdout = LineSplitter(max_line_bytes)
+        self._stderr = LineSplitter(max_line_bytes)
+        self._on_stderr = on_stderr
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(
+        cls, attachment: Attachment, max_line_bytes: int, on_stderr: StderrSink
+    ) -> AttachedStdio:
+        reader, writer = await asyncio.open_connection(sock=attachment.sock, limit=READ_CHUNK)
+        return cls(reader, writer, attachment, max_line_bytes, on_stderr)
+
+    async def send(self, message: bytes) -> None:
+        """Write one message as one line. The caller guarantees it holds no raw newline."""
+        if b"\n" in message:
+            raise ValueError("a message sent to a container must not contain a newline")
+        async with self._write_lock:
+            self._writer.write(message + b"\n")
+            await self._writer.drain()
+
+    async def lines(self) -> AsyncIterator[bytes | OversizedLine]:
+        """stdout lines as they complete, until the container's output ends."""
+        while True:
+            data = await self._reader.read(READ_CHUNK)
+            if not data:
+                return
+            for stream, payload in self._decoder.feed(data):
+                if stream is Stream.STDOUT:
+                    for line in self._stdout.feed(payload):
+                        yield line
+                else:
+                    for err_line in self._stderr.feed(payload):
+                        if isinstance(err_line, bytes):
+                            self._on_stderr(err_line)
+
+    async def close_stdin(self) -> None:
+        """Half-close the attach connection: we are done talking *and* listening.
+
+        Containers are created with StdinOnce off, so that a shared instance survives a
+        daemon restart and can be attached again. The price: on this half-close Docker ends
+        the attachment's stdout/stderr too (output after it is lost), and the server's stdin
+        stays open. So call this only when no more output is wanted; stop the server with
+        `DockerBackend.stop` (SIGTERM, grace, SIGKILL).
+        """
+        if not self._writer.is_closing():
+            try:
+                self._writer.write_eof()
+                await self._writer.drain()
+            except (OSError, RuntimeError):  # already gone: nothing to signal
+                pass
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(OSError):  # the engine may have closed it first
+            await self._writer.wait_closed()
+        with contextlib.suppress(OSError):
+            self._attachment.close()
+
+
+__all__ = ["AttachedStdio", "OversizedLine"]

@@ -1,0 +1,200 @@
+"""The Docker backend of the sandbox runtime: the only runtime code that imports `docker`.
+
+Calls are synchronous (the docker SDK is); async callers run them with `asyncio.to_thread`.
+Errors are translated into the typed `SandboxError` family so that callers decide on
+lifecycle (gone vs refused vs engine down) without knowing Docker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+
+from stockade.logs import get_logger
+from stockade.sandbox.spec import LABEL_MANAGED, ContainerSpec
+
+log = get_logger("stockade.sandbox")
+
+
+class SandboxError(Exception):
+    """A sandbox operation failed; the message is safe to show to an operator."""
+
+
+class EngineUnavailable(SandboxError):
+    """The Docker engine does not answer."""
+
+
+class ContainerGone(SandboxError):
+    """The container no longer exists (removed, or never created)."""
+
+
+class RuntimeMissing(SandboxError):
+    """The requested OCI runtime (e.g. runsc) is not registered with the engine."""
+
+
+class ImageMissing(SandboxError):
+    """The image is not present locally (registries are never consulted at run time)."""
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a container ended: its exit code, and whether the kernel OOM-killed it."""
+
+    exit_code: int
+    oom_killed: bool
+
+
+@dataclass
+class Attachment:
+    """A container's stdin/stdout/stderr as one socket (multiplexed output, raw input).
+
+    `sock` is a private duplicate of the engine connection, so asyncio can own it; `_keep`
+    holds the SDK's wrapper so that its finaliser does not close the connection under us.
+    """
+
+    sock: socket.socket
+    _keep: Any
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(OSError):  # already closed by the engine
+            self._keep.close()
+
+
+def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
+    """Docker create arguments for `spec`. Every hardened default is set here, explicitly."""
+    return {
+        "image": spec.image,
+        "command": list(spec.command) or None,
+        "working_dir": spec.working_dir,
+        "user": spec.user,
+        "labels": {LABEL_MANAGED: "true", **spec.labels},
+        "runtime": spec.runtime,
+        "network_mode": spec.network,
+        "read_only": True,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true"],  # and Docker's default seccomp profile
+        "privileged": False,
+        "mem_limit": spec.memory_bytes,
+        "memswap_limit": spec.memory_bytes,  # no swap: the memory limit is the limit
+        "nano_cpus": int(spec.cpus * 1_000_000_000),
+        "pids_limit": spec.pids_limit,
+        "tmpfs": {"/tmp": spec.tmpfs_options},  # noqa: S108 - the container's own /tmp
+        "ipc_mode": "private",
+        "stdin_open": True,
+        "tty": False,
+        "detach": True,
+    }
+
+
+class DockerBackend:
+    """Create, attach, start, stop, inspect and list sandbox containers."""
+
+    def __init__(self, client: docker.DockerClient | None = None) -> None:
+        try:
+            self._client = client or docker.from_env()
+            self._client.ping()
+        except docker.errors.DockerException as exc:
+            raise EngineUnavailable(f"the Docker engine does not answer: {exc}") from None
+
+    @property
+    def client(self) -> docker.DockerClient:
+        return self._client
+
+    def runtimes(self) -> set[str]:
+        info: dict[str, Any] = self._client.info()
+        return set(info.get("Runtimes", {}))
+
+    def create(self, spec: ContainerSpec) -> str:
+        """Create (not start) a container; returns its id."""
+        if spec.runtime != "runc" and spec.runtime not in self.runtimes():
+            raise RuntimeMissing(
+                f"runtime {spec.runtime!r} is not registered with the Docker engine; "
+                "install it (scripts/docker-engine.sh registers runsc) - refusing to fall "
+                "back to runc"
+            )
+        try:
+            container: Container = self._client.containers.create(**_create_kwargs(spec))
+        except docker.errors.ImageNotFound:
+            raise ImageMissing(
+                f"image {spec.image!r} is not present; build it with `stockade image build`"
+            ) from None
+        except docker.errors.APIError as exc:
+            raise SandboxError(f"could not create a container from {spec.image!r}: {exc}") from None
+        log.debug("container created", container=container.short_id, image=spec.image)
+        return str(container.id)
+
+    def attach(self, container_id: str) -> Attachment:
+        """Attach stdin/stdout/stderr. Do this before `start`, or early output is lost."""
+        params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+        try:
+            wrapper = self._client.api.attach_socket(container_id, params=params)
+        except docker.errors.NotFound:
+            raise ContainerGone(f"container {container_id[:12]} is gone") from None
+        raw = getattr(wrapper, "_sock", wrapper)
+        if not isinstance(raw, socket.socket):
+            raise SandboxError("the Docker engine connection is not a socket (unsupported host)")
+        return Attachment(sock=raw.dup(), _keep=wrapper)
+
+    def start(self, container_id: str) -> None:
+        try:
+            self._client.api.start(container_id)
+        except docker.errors.NotFound:
+            raise ContainerGone(f"container {container_id[:12]} is gone") from None
+        except docker.errors.APIError as exc:
+            raise SandboxError(f"could not start container {container_id[:12]}: {exc}") from None
+
+    def wait(self, container_id: str, timeout: int | None = None) -> ExitStatus:
+        """Block until the container exits (or raise on timeout); report how it ended."""
+        try:
+            self._client.api.wait(container_id, timeout=timeout)
+        except docker.errors.NotFound:
+            raise ContainerGone(f"container {container_id[:12]} is gone") from None
+        return self.exit_status(container_id)
+
+    def exit_status(self, container_id: str) -> ExitStatus:
+        state = self.inspect(container_id)["State"]
+        return ExitStatus(
+            exit_code=int(state.get("ExitCode", -1)), oom_killed=bool(state.get("OOMKilled"))
+        )
+
+    def stop(self, container_id: str, grace_seconds: float) -> ExitStatus | None:
+        """SIGTERM, wait `grace_seconds`, SIGKILL; always wait for it and remove it.
+
+        Returns how it ended, or None if it was already gone.
+        """
+        try:
+            # The engine does TERM -> grace -> KILL and returns once the container is down.
+            self._client.api.stop(container_id, timeout=max(0, round(grace_seconds)))
+            status = self.exit_status(container_id)
+            self._client.api.remove_container(container_id, force=True)
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.APIError as exc:
+            # Last resort so that nothing is left behind; report what happened.
+            log.warning("stop failed, forcing removal", container=container_id[:12], error=str(exc))
+            try:
+                self._client.api.remove_container(container_id, force=True)
+            except docker.errors.NotFound:
+                return None
+            return None
+        return status
+
+    def inspect(self, container_id: str) -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = self._client.api.inspect_container(container_id)
+        except docker.errors.NotFound:
+            raise ContainerGone(f"container {container_id[:12]} is gone") from None
+        return result
+
+    def list_by_label(self, labels: dict[str, str]) -> list[dict[str, Any]]:
+        """Containers (running or not) that carry all of `labels`, as `docker ps -a` summaries."""
+        filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
+        result: list[dict[str, Any]] = self._client.api.containers(all=True, filters=filters)
+        return result
