@@ -1,0 +1,1 @@
+"""gRPC API: servicers and the server factory (listeners, limits, interceptors)."""

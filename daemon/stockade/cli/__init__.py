@@ -1,0 +1,1 @@
+"""The `stockade` command line: thin wrappers that parse, call, and print."""
