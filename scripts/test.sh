@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): engine, install, lint, types, then every test.
+# Tests use the real Docker engine, real images and real MCP servers: no mocks of them.
+# Extra arguments go to pytest, e.g. scripts/test.sh -k sandbox
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/docker-engine.sh
+bash scripts/python-env.sh test
+export PATH="$PWD/.venv/bin:$PATH"
+echo "== ruff" && ruff check . && ruff format --check .
+echo "== mypy --strict" && mypy
+echo "== pytest" && pytest "$@"
