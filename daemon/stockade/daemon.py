@@ -14,6 +14,9 @@ from stockade.api.server import ListenerError, start_server
 from stockade.cli import exitcodes
 from stockade.config import Settings, SettingsError, load_settings, setting_names
 from stockade.logs import configure_logging, get_logger
+from stockade.registry import Registry, RegistryError
+from stockade.sandbox.docker_backend import DockerBackend, EngineUnavailable
+from stockade.supervisor.supervisor import Supervisor, load_daemon_id
 
 log = get_logger("stockade.daemon")
 
@@ -35,8 +38,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def _serve(settings: Settings) -> None:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.state_dir, 0o700)
-    server = await start_server(settings)
-    log.info("stockaded started", version=__version__, socket=str(settings.socket_path))
+    backend = await asyncio.to_thread(DockerBackend)
+    registry = Registry(settings.state_dir)
+    supervisor = Supervisor(settings, backend, registry, load_daemon_id(settings.state_dir))
+    await supervisor.start()
+    try:
+        server = await start_server(settings, registry, supervisor)
+    except BaseException:
+        await supervisor.shutdown()
+        raise
+    log.info(
+        "stockaded started",
+        version=__version__,
+        socket=str(settings.socket_path),
+        daemon_id=supervisor.daemon_id,
+        servers=len(registry.all()),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -44,6 +61,7 @@ async def _serve(settings: Settings) -> None:
     await stop.wait()
     log.info("stockaded stopping")
     await server.stop(grace=settings.stop_grace_seconds)
+    await supervisor.shutdown()
     settings.socket_path.unlink(missing_ok=True)
     log.info("stockaded stopped")
 
@@ -64,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     except ListenerError as exc:
         log.error("cannot listen", error=str(exc))
         return exitcodes.FAILED
+    except EngineUnavailable as exc:
+        log.error("cannot start without a container engine", error=str(exc))
+        return exitcodes.UNREACHABLE
+    except RegistryError as exc:
+        log.error("cannot load the server registry", error=str(exc))
+        return exitcodes.CONFIG
     return exitcodes.OK
 
 

@@ -1,62 +1,126 @@
-"""The Control servicer: what operators ask the daemon.
-
-RPCs whose feature has not landed yet answer UNIMPLEMENTED with a one-line reason; nothing
-is allowed by accident.
-"""
+"""The Control servicer: what operators ask the daemon (servers, sessions, status, logs)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
 from stockade import __version__
+from stockade.api.convert import definition_from_proto, definition_to_proto, server_status_to_proto
+from stockade.api.relay import RelayServicer
+from stockade.logs import get_logger
+from stockade.registry import Registry, RegistryError, ServerExists, UnknownServer
+from stockade.supervisor.supervisor import Supervisor
 from stockade.v1 import control_pb2, control_pb2_grpc
+
+log = get_logger("stockade.control")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+FOLLOW_POLL_SECONDS = 0.2
 
 
 class ControlServicer(control_pb2_grpc.ControlServicer):
-    def __init__(self, listeners: list[str]) -> None:
+    def __init__(
+        self,
+        listeners: list[str],
+        registry: Registry,
+        supervisor: Supervisor,
+        relay: RelayServicer,
+    ) -> None:
         self._started = time.monotonic()
         self._listeners = listeners
+        self._registry = registry
+        self._supervisor = supervisor
+        self._relay = relay
 
     async def GetStatus(
-        self,
-        request: control_pb2.GetStatusRequest,
-        context: grpc.aio.ServicerContext[control_pb2.GetStatusRequest, control_pb2.Status],
+        self, request: control_pb2.GetStatusRequest, context: Context
     ) -> control_pb2.Status:
         return control_pb2.Status(
             version=__version__,
             uptime_seconds=time.monotonic() - self._started,
             listeners=self._listeners,
-        )
-
-    async def _not_yet(self, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "the server registry is not in this version yet"
+            servers=[server_status_to_proto(s) for s in self._supervisor.servers().values()],
         )
 
     async def AddServer(
-        self, request: control_pb2.AddServerRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: control_pb2.AddServerRequest, context: Context
     ) -> control_pb2.ServerDefinition:
-        await self._not_yet(context)
+        try:
+            definition = definition_from_proto(request.server)
+            self._registry.add(definition, replace=request.replace)
+        except ServerExists as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except RegistryError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self._supervisor.server_added(definition)
+        log.info("server registered", server=definition.name, image=definition.image)
+        return definition_to_proto(definition)
 
     async def ListServers(
-        self, request: control_pb2.ListServersRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: control_pb2.ListServersRequest, context: Context
     ) -> control_pb2.ListServersResponse:
-        await self._not_yet(context)
+        return control_pb2.ListServersResponse(
+            servers=[definition_to_proto(d) for d in self._registry.all()]
+        )
 
     async def GetServer(
-        self, request: control_pb2.GetServerRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: control_pb2.GetServerRequest, context: Context
     ) -> control_pb2.ServerDefinition:
-        await self._not_yet(context)
+        try:
+            return definition_to_proto(self._registry.get(request.name))
+        except UnknownServer as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
 
     async def RemoveServer(
-        self, request: control_pb2.RemoveServerRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: control_pb2.RemoveServerRequest, context: Context
     ) -> control_pb2.RemoveServerResponse:
-        await self._not_yet(context)
+        try:
+            self._registry.remove(request.name)
+        except UnknownServer as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except RegistryError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        await self._supervisor.server_removed(request.name)
+        log.info("server removed", server=request.name)
+        return control_pb2.RemoveServerResponse()
 
     async def ListSessions(
-        self, request: control_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: control_pb2.ListSessionsRequest, context: Context
     ) -> control_pb2.ListSessionsResponse:
-        await self._not_yet(context)
+        sessions = [
+            control_pb2.SessionInfo(
+                id=session.id,
+                server=session.server,
+                identity="",
+                instance=session.instance.id,
+                started_at=session.started_at,
+            )
+            for session in self._relay.sessions.values()
+            if not request.server or session.server == request.server
+        ]
+        return control_pb2.ListSessionsResponse(sessions=sessions)
+
+    async def GetServerLogs(
+        self, request: control_pb2.GetServerLogsRequest, context: Context
+    ) -> AsyncIterator[control_pb2.LogLine]:
+        try:
+            self._registry.get(request.server)
+        except UnknownServer as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        seen: dict[str, int] = {}
+        while True:
+            instances = self._supervisor.instances_of(request.server, request.session or None)
+            for instance in instances:
+                for line in instance.stderr.since(seen.get(instance.id, 0)):
+                    yield control_pb2.LogLine(
+                        instance=instance.id, session=instance.session_id or "", line=line
+                    )
+                seen[instance.id] = instance.stderr.total
+            if not request.follow:
+                return
+            await asyncio.sleep(FOLLOW_POLL_SECONDS)

@@ -12,8 +12,11 @@ from pathlib import Path
 import grpc
 
 from stockade.api.control import ControlServicer
+from stockade.api.relay import RelayServicer
 from stockade.config import Settings
-from stockade.v1 import control_pb2_grpc
+from stockade.registry import Registry
+from stockade.supervisor.supervisor import Supervisor
+from stockade.v1 import control_pb2_grpc, relay_pb2_grpc
 
 MAX_CONCURRENT_RPCS = 256
 
@@ -32,17 +35,29 @@ def prepare_socket_path(path: Path) -> None:
         path.unlink()
 
 
-async def start_server(settings: Settings) -> grpc.aio.Server:
+def grpc_message_limit(max_message_bytes: int) -> int:
+    """gRPC's own frame limit, above the JSON-RPC limit: a message between the two gets a
+    JSON-RPC error and the session survives; only a frame past this one ends the stream."""
+    return 2 * max_message_bytes + 1024 * 1024
+
+
+async def start_server(
+    settings: Settings, registry: Registry, supervisor: Supervisor
+) -> grpc.aio.Server:
     prepare_socket_path(settings.socket_path)
     address = f"unix:{settings.socket_path}"
+    limit = grpc_message_limit(settings.max_message_bytes)
     server = grpc.aio.server(
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes + 1024),
-            ("grpc.max_send_message_length", settings.max_message_bytes + 1024),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
         ],
     )
-    control_pb2_grpc.add_ControlServicer_to_server(ControlServicer([address]), server)
+    relay = RelayServicer(supervisor, registry, settings.max_message_bytes)
+    relay_pb2_grpc.add_RelayServicer_to_server(relay, server)
+    control = ControlServicer([address], registry, supervisor, relay)
+    control_pb2_grpc.add_ControlServicer_to_server(control, server)
     if server.add_insecure_port(address) == 0:
         raise ListenerError(f"could not listen on {address}")
     await server.start()

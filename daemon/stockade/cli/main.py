@@ -5,73 +5,201 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 
 from stockade import __version__
 from stockade.cli import exitcodes
+from stockade.cli.channel import CliError, control_stub, open_channel, rpc_error, socket_path
+from stockade.cli.connect import run_connect
 from stockade.cli.demo import run_demo
 from stockade.config import SettingsError, load_settings
 from stockade.logs import configure_logging
 from stockade.sandbox.docker_backend import DockerBackend, EngineUnavailable, SandboxError
 from stockade.sandbox.images import ImageBuilder
-from stockade.v1 import control_pb2, control_pb2_grpc
+from stockade.v1 import control_pb2
+
+if TYPE_CHECKING:
+    from stockade.v1.control_pb2_grpc import ControlAsyncStub
 
 Handler = Callable[[argparse.Namespace], int]
+T = TypeVar("T")
+UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
-class CliError(Exception):
-    """A failure to report as one line, with the exit code to use."""
+def parse_size(text: str) -> int:
+    """`256m`, `1g`, `65536` -> bytes."""
+    match = re.fullmatch(r"(\d+)([kmg]?)i?b?", text.strip().lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256m, 1g)")
+    return int(match.group(1)) * UNITS[match.group(2)]
 
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
+def call_control(args: argparse.Namespace, rpc: Callable[[ControlAsyncStub], Awaitable[T]]) -> T:
+    """Run one Control RPC against the daemon; gRPC failures become `CliError`."""
+    path = socket_path(args.socket)
 
-def _socket_path(args: argparse.Namespace) -> Path:
-    if args.socket:
-        return Path(args.socket)
+    async def run() -> T:
+        async with open_channel(path) as channel:
+            return await rpc(control_stub(channel))
+
     try:
-        return load_settings().socket_path
-    except SettingsError as exc:
-        raise CliError(str(exc), exitcodes.CONFIG) from None
+        return asyncio.run(run())
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc, path) from None
+
+
+def as_dict(message: Any) -> dict[str, Any]:
+    result: dict[str, Any] = MessageToDict(message, preserving_proto_field_name=True)
+    return result
+
+
+# -- status ---------------------------------------------------------------------------
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    path = _socket_path(args)
+    status = call_control(
+        args, lambda stub: stub.GetStatus(control_pb2.GetStatusRequest(), timeout=5)
+    )
+    if args.json:
+        print(json.dumps(as_dict(status)))
+        return exitcodes.OK
+    print(f"stockaded {status.version}, up {status.uptime_seconds:.0f}s")
+    for listener in status.listeners:
+        print(f"  listening on {listener}")
+    for server in status.servers:
+        print(
+            f"  {server.name}: {server.instances} in use, {server.pooled}/{server.warm_pool} warm"
+            f", {server.restarts} restarts"
+        )
+    return exitcodes.OK
 
-    async def call() -> control_pb2.Status:
-        async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
-            stub = control_pb2_grpc.ControlStub(channel)
-            return await stub.GetStatus(control_pb2.GetStatusRequest(), timeout=5)
+
+# -- servers --------------------------------------------------------------------------
+
+
+def cmd_server_add(args: argparse.Namespace) -> int:
+    command = list(args.server_argv)
+    if not command:
+        raise CliError(
+            "give the server's command after --, e.g. `... -- mcp-server-time`", exitcodes.USAGE
+        )
+    definition = control_pb2.ServerDefinition(
+        name=args.name,
+        image=args.image,
+        command=command,
+        working_dir=args.workdir or "",
+        sandbox=control_pb2.SandboxSettings(
+            runtime=args.runtime,
+            memory_bytes=args.memory or 0,
+            cpus=args.cpus or 0.0,
+            pids_limit=args.pids or 0,
+        ),
+        shared=args.shared,
+        warm_pool=args.warm,
+        restart_policy=args.restart,
+    )
+    request = control_pb2.AddServerRequest(server=definition, replace=args.replace)
+    added = call_control(args, lambda stub: stub.AddServer(request, timeout=10))
+    if args.json:
+        print(json.dumps(as_dict(added)))
+    else:
+        print(f"registered {added.name} ({added.image}, warm pool {added.warm_pool})")
+    return exitcodes.OK
+
+
+def cmd_server_ls(args: argparse.Namespace) -> int:
+    listed = call_control(
+        args, lambda stub: stub.ListServers(control_pb2.ListServersRequest(), timeout=10)
+    )
+    if args.json:
+        print(json.dumps([as_dict(s) for s in listed.servers]))
+        return exitcodes.OK
+    if not listed.servers:
+        print("no servers registered; add one with `stockade server add NAME --image IMAGE -- CMD`")
+    for server in listed.servers:
+        mode = "shared" if server.shared else "per-session"
+        runtime = server.sandbox.runtime or "runc"
+        print(f"{server.name}\t{server.image}\t{' '.join(server.command)}\t{mode}\t{runtime}")
+    return exitcodes.OK
+
+
+def cmd_server_inspect(args: argparse.Namespace) -> int:
+    request = control_pb2.GetServerRequest(name=args.name)
+    server = call_control(args, lambda stub: stub.GetServer(request, timeout=10))
+    print(json.dumps(as_dict(server), indent=None if args.json else 2))
+    return exitcodes.OK
+
+
+def cmd_server_rm(args: argparse.Namespace) -> int:
+    request = control_pb2.RemoveServerRequest(name=args.name)
+    call_control(args, lambda stub: stub.RemoveServer(request, timeout=60))
+    print(f"removed {args.name} (its instances are stopped)")
+    return exitcodes.OK
+
+
+def cmd_server_status(args: argparse.Namespace) -> int:
+    status = call_control(
+        args, lambda stub: stub.GetStatus(control_pb2.GetStatusRequest(), timeout=5)
+    )
+    servers = [s for s in status.servers if not args.name or s.name == args.name]
+    if args.name and not servers:
+        raise CliError(f"no server named {args.name!r} is registered", exitcodes.REFUSED)
+    if args.json:
+        print(json.dumps([as_dict(s) for s in servers]))
+        return exitcodes.OK
+    for server in servers:
+        print(
+            f"{server.name}: {server.instances} in use, {server.pooled}/{server.warm_pool} warm, "
+            f"{server.restarts} restarts"
+        )
+        for exit_record in server.recent_exits:
+            when = time.strftime("%H:%M:%S", time.localtime(exit_record.at))
+            how = "stopped" if exit_record.stopped_by_daemon else "exited by itself"
+            notes = []
+            if exit_record.oom_killed:
+                notes.append("OOM-killed")
+            if exit_record.pids_limit_hits:
+                notes.append(f"pids limit hit {exit_record.pids_limit_hits}x")
+            extra = f" ({', '.join(notes)})" if notes else ""
+            print(f"  {when} {exit_record.instance} {how}, code {exit_record.exit_code}{extra}")
+    return exitcodes.OK
+
+
+def cmd_server_logs(args: argparse.Namespace) -> int:
+    path = socket_path(args.socket)
+    request = control_pb2.GetServerLogsRequest(
+        server=args.name, session=args.session or "", follow=args.follow
+    )
+
+    async def run() -> None:
+        async with open_channel(path) as channel:
+            async for line in control_stub(channel).GetServerLogs(request):
+                print(f"{line.instance} {line.line}", flush=True)
 
     try:
-        status = asyncio.run(call())
+        asyncio.run(run())
     except grpc.aio.AioRpcError as exc:
-        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            raise CliError(
-                f"the daemon does not answer on {path}; start it with `stockaded`",
-                exitcodes.UNREACHABLE,
-            ) from None
-        raise CliError(f"the daemon refused: {exc.details()}", exitcodes.REFUSED) from None
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "version": status.version,
-                    "uptime_seconds": round(status.uptime_seconds, 3),
-                    "listeners": list(status.listeners),
-                }
-            )
-        )
-    else:
-        print(f"stockaded {status.version}, up {status.uptime_seconds:.0f}s")
-        for listener in status.listeners:
-            print(f"  listening on {listener}")
+        raise rpc_error(exc, path) from None
     return exitcodes.OK
+
+
+# -- connect, images, demo ------------------------------------------------------------
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    try:
+        limit = load_settings().max_message_bytes
+    except SettingsError as exc:
+        raise CliError(str(exc), exitcodes.CONFIG) from None
+    return run_connect(socket_path(args.socket), args.name, limit)
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
@@ -93,11 +221,94 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.ca_bundle)
 
 
+# -- parser ---------------------------------------------------------------------------
+
+
+def _with_socket(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    parser.add_argument("--socket", help="the daemon's Unix socket (default: from settings)")
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _server_parsers(sub: Any) -> None:
+    server = sub.add_parser("server", help="register and manage MCP servers")
+    actions = server.add_subparsers(dest="server_command", required=True, metavar="ACTION")
+
+    add = actions.add_parser(
+        "add",
+        help="register an MCP server",
+        epilog="example: stockade server add time --image stockade/python -- mcp-server-time",
+    )
+    add.add_argument("name")
+    add.add_argument("--image", required=True, help="sandbox image (built locally)")
+    add.add_argument(
+        "--runtime",
+        choices=["runc", "runsc"],
+        default="runc",
+        help="OCI runtime; runsc (gVisor) needs a network-less server",
+    )
+    add.add_argument("--memory", type=parse_size, help="memory limit, e.g. 256m")
+    add.add_argument("--cpus", type=float, help="CPU limit, e.g. 0.5")
+    add.add_argument("--pids", type=int, help="pids limit")
+    add.add_argument("--workdir", help="working directory inside the container")
+    add.add_argument(
+        "--shared",
+        action="store_true",
+        help="one container serves every session (stateless servers only)",
+    )
+    add.add_argument("--warm", type=int, default=1, help="warm pool size (default: 1)")
+    add.add_argument("--restart", choices=["on-failure", "never"], default="on-failure")
+    add.add_argument("--replace", action="store_true", help="redefine an existing server")
+    add.usage = "stockade server add NAME --image IMAGE [OPTIONS] -- COMMAND [ARGS...]"
+    _with_socket(add)
+    add.set_defaults(handler=cmd_server_add)
+
+    ls = actions.add_parser(
+        "ls", help="list registered servers", epilog="example: stockade server ls --json"
+    )
+    _with_socket(ls)
+    ls.set_defaults(handler=cmd_server_ls)
+
+    inspect = actions.add_parser(
+        "inspect", help="show a server's definition", epilog="example: stockade server inspect time"
+    )
+    inspect.add_argument("name")
+    _with_socket(inspect)
+    inspect.set_defaults(handler=cmd_server_inspect)
+
+    rm = actions.add_parser(
+        "rm",
+        help="unregister a server and stop its instances",
+        epilog="example: stockade server rm time",
+    )
+    rm.add_argument("name")
+    _with_socket(rm, json_flag=False)
+    rm.set_defaults(handler=cmd_server_rm)
+
+    status = actions.add_parser(
+        "status",
+        help="instances, warm pool, restarts and recent exits (OOM, pids, codes)",
+        epilog="example: stockade server status time",
+    )
+    status.add_argument("name", nargs="?")
+    _with_socket(status)
+    status.set_defaults(handler=cmd_server_status)
+
+    logs = actions.add_parser(
+        "logs", help="a server's stderr", epilog="example: stockade server logs time --follow"
+    )
+    logs.add_argument("name")
+    logs.add_argument("--session", help="only this session's instance")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    _with_socket(logs, json_flag=False)
+    logs.set_defaults(handler=cmd_server_logs)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stockade",
         description="Control Stockade: sandboxed, policed, audited MCP servers.",
-        epilog="example: stockade image build --ca-bundle /etc/ssl/certs/ca-certificates.crt",
+        epilog="example: stockade server add time --image stockade/python -- mcp-server-time",
     )
     parser.add_argument("--version", action="version", version=f"stockade {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -105,9 +316,19 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status", help="show the daemon's status", epilog="example: stockade status --json"
     )
-    status.add_argument("--socket", help="the daemon's Unix socket (default: from settings)")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    _with_socket(status)
     status.set_defaults(handler=cmd_status)
+
+    _server_parsers(sub)
+
+    connect = sub.add_parser(
+        "connect",
+        help="stdio bridge for MCP hosts: use as the server command in a host's config",
+        epilog='example (host config): "command": "stockade", "args": ["connect", "time"]',
+    )
+    connect.add_argument("name", help="registered server to connect to")
+    _with_socket(connect, json_flag=False)
+    connect.set_defaults(handler=cmd_connect)
 
     image = sub.add_parser("image", help="build sandbox images")
     image_sub = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
@@ -149,8 +370,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first `--` is a server's command line, passed through verbatim.
+    split = words.index("--") if "--" in words else len(words)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words[:split])
+        args.server_argv = words[split + 1 :]
     except SystemExit as exc:  # argparse exits 2 on usage errors; ours is 1
         return exitcodes.USAGE if exc.code not in (0, None) else exitcodes.OK
     handler: Handler = args.handler

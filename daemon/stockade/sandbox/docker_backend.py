@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -87,6 +88,7 @@ def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         "pids_limit": spec.pids_limit,
         "tmpfs": {"/tmp": spec.tmpfs_options},  # noqa: S108 - the container's own /tmp
         "ipc_mode": "private",
+        "init": True,  # docker-init (tini) as PID 1: forwards SIGTERM, reaps zombies
         "stdin_open": True,
         "tty": False,
         "detach": True,
@@ -164,27 +166,50 @@ class DockerBackend:
             exit_code=int(state.get("ExitCode", -1)), oom_killed=bool(state.get("OOMKilled"))
         )
 
-    def stop(self, container_id: str, grace_seconds: float) -> ExitStatus | None:
-        """SIGTERM, wait `grace_seconds`, SIGKILL; always wait for it and remove it.
-
-        Returns how it ended, or None if it was already gone.
-        """
+    def kill_gracefully(self, container_id: str, grace_seconds: float) -> None:
+        """SIGTERM, wait up to `grace_seconds`, then SIGKILL; returns once it is down."""
         try:
-            # The engine does TERM -> grace -> KILL and returns once the container is down.
             self._client.api.stop(container_id, timeout=max(0, round(grace_seconds)))
-            status = self.exit_status(container_id)
-            self._client.api.remove_container(container_id, force=True)
         except docker.errors.NotFound:
+            raise ContainerGone(f"container {container_id[:12]} is gone") from None
+
+    def remove(self, container_id: str) -> None:
+        """Remove the container (killing it if needed). Gone already is fine."""
+        with contextlib.suppress(docker.errors.NotFound):
+            self._client.api.remove_container(container_id, force=True)
+
+    def stop(self, container_id: str, grace_seconds: float) -> ExitStatus | None:
+        """SIGTERM, grace, SIGKILL, then remove; always. Returns how it ended (None: gone)."""
+        try:
+            self.kill_gracefully(container_id, grace_seconds)
+            status = self.exit_status(container_id)
+        except ContainerGone:
             return None
         except docker.errors.APIError as exc:
-            # Last resort so that nothing is left behind; report what happened.
             log.warning("stop failed, forcing removal", container=container_id[:12], error=str(exc))
-            try:
-                self._client.api.remove_container(container_id, force=True)
-            except docker.errors.NotFound:
-                return None
-            return None
+            status = None
+        self.remove(container_id)
         return status
+
+    def pids_limit_hits(self, container_id: str) -> int:
+        """How often a fork failed on the pids limit (cgroup pids.events); 0 once it is gone.
+
+        The cgroup disappears with the container, so callers sample this while it runs.
+        """
+        for path in (
+            Path("/sys/fs/cgroup/pids/docker") / container_id / "pids.events",  # v1, cgroupfs
+            Path("/sys/fs/cgroup/system.slice") / f"docker-{container_id}.scope" / "pids.events",
+            Path("/sys/fs/cgroup/docker") / container_id / "pids.events",  # v2, cgroupfs
+        ):
+            try:
+                text = path.read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                key, _, value = line.partition(" ")
+                if key == "max" and value.strip().isdigit():
+                    return int(value)
+        return 0
 
     def inspect(self, container_id: str) -> dict[str, Any]:
         try:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19stockade/v1/control.proto\x12\x0bstockade.v1\"\x12\n\x10GetStatusRequest\"p\n\x06Status\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12\x11\n\tlisteners\x18\x03 \x03(\t\x12*\n\x07servers\x18\x04 \x03(\x0b\x32\x19.stockade.v1.ServerStatus\"Q\n\x0cServerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tinstances\x18\x02 \x01(\r\x12\x0e\n\x06pooled\x18\x03 \x01(\r\x12\x10\n\x08restarts\x18\x04 \x01(\r\"k\n\x0fSandboxSettings\x12\x0f\n\x07runtime\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x63pus\x18\x03 \x01(\x01\x12\x12\n\npids_limit\x18\x04 \x01(\r\x12\x0f\n\x07network\x18\x05 \x01(\t\"\xcd\x01\n\x10ServerDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x03 \x03(\t\x12\x0c\n\x04\x61rgs\x18\x04 \x03(\t\x12\x13\n\x0bworking_dir\x18\x05 \x01(\t\x12-\n\x07sandbox\x18\x06 \x01(\x0b\x32\x1c.stockade.v1.SandboxSettings\x12\x0e\n\x06shared\x18\x07 \x01(\x08\x12\x11\n\twarm_pool\x18\x08 \x01(\r\x12\x16\n\x0erestart_policy\x18\t \x01(\t\"R\n\x10\x41\x64\x64ServerRequest\x12-\n\x06server\x18\x01 \x01(\x0b\x32\x1d.stockade.v1.ServerDefinition\x12\x0f\n\x07replace\x18\x02 \x01(\x08\"\x14\n\x12ListServersRequest\"E\n\x13ListServersResponse\x12.\n\x07servers\x18\x01 \x03(\x0b\x32\x1d.stockade.v1.ServerDefinition\" \n\x10GetServerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x13RemoveServerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14RemoveServerResponse\"%\n\x13ListSessionsRequest\x12\x0e\n\x06server\x18\x01 \x01(\t\"a\n\x0bSessionInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06server\x18\x02 \x01(\t\x12\x10\n\x08identity\x18\x03 \x01(\t\x12\x10\n\x08instance\x18\x04 \x01(\t\x12\x12\n\nstarted_at\x18\x05 \x01(\x01\"B\n\x14ListSessionsResponse\x12*\n\x08sessions\x18\x01 \x03(\x0b\x32\x18.stockade.v1.SessionInfo2\xdc\x03\n\x07\x43ontrol\x12?\n\tGetStatus\x12\x1d.stockade.v1.GetStatusRequest\x1a\x13.stockade.v1.Status\x12I\n\tAddServer\x12\x1d.stockade.v1.AddServerRequest\x1a\x1d.stockade.v1.ServerDefinition\x12P\n\x0bListServers\x12\x1f.stockade.v1.ListServersRequest\x1a .stockade.v1.ListServersResponse\x12I\n\tGetServer\x12\x1d.stockade.v1.GetServerRequest\x1a\x1d.stockade.v1.ServerDefinition\x12S\n\x0cRemoveServer\x12 .stockade.v1.RemoveServerRequest\x1a!.stockade.v1.RemoveServerResponse\x12S\n\x0cListSessions\x12 .stockade.v1.ListSessionsRequest\x1a!.stockade.v1.ListSessionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19stockade/v1/control.proto\x12\x0bstockade.v1\"\x12\n\x10GetStatusRequest\"p\n\x06Status\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12\x11\n\tlisteners\x18\x03 \x03(\t\x12*\n\x07servers\x18\x04 \x03(\x0b\x32\x19.stockade.v1.ServerStatus\"\x93\x01\n\x0cServerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tinstances\x18\x02 \x01(\r\x12\x0e\n\x06pooled\x18\x03 \x01(\r\x12\x10\n\x08restarts\x18\x04 \x01(\r\x12\x11\n\twarm_pool\x18\x05 \x01(\r\x12-\n\x0crecent_exits\x18\x06 \x03(\x0b\x32\x17.stockade.v1.ExitRecord\"\x85\x01\n\nExitRecord\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x11\n\texit_code\x18\x02 \x01(\x05\x12\x12\n\noom_killed\x18\x03 \x01(\x08\x12\x17\n\x0fpids_limit_hits\x18\x04 \x01(\r\x12\x19\n\x11stopped_by_daemon\x18\x05 \x01(\x08\x12\n\n\x02\x61t\x18\x06 \x01(\x01\"k\n\x0fSandboxSettings\x12\x0f\n\x07runtime\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x63pus\x18\x03 \x01(\x01\x12\x12\n\npids_limit\x18\x04 \x01(\r\x12\x0f\n\x07network\x18\x05 \x01(\t\"\xcd\x01\n\x10ServerDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x03 \x03(\t\x12\x0c\n\x04\x61rgs\x18\x04 \x03(\t\x12\x13\n\x0bworking_dir\x18\x05 \x01(\t\x12-\n\x07sandbox\x18\x06 \x01(\x0b\x32\x1c.stockade.v1.SandboxSettings\x12\x0e\n\x06shared\x18\x07 \x01(\x08\x12\x11\n\twarm_pool\x18\x08 \x01(\r\x12\x16\n\x0erestart_policy\x18\t \x01(\t\"R\n\x10\x41\x64\x64ServerRequest\x12-\n\x06server\x18\x01 \x01(\x0b\x32\x1d.stockade.v1.ServerDefinition\x12\x0f\n\x07replace\x18\x02 \x01(\x08\"\x14\n\x12ListServersRequest\"E\n\x13ListServersResponse\x12.\n\x07servers\x18\x01 \x03(\x0b\x32\x1d.stockade.v1.ServerDefinition\" \n\x10GetServerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x13RemoveServerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14RemoveServerResponse\"%\n\x13ListSessionsRequest\x12\x0e\n\x06server\x18\x01 \x01(\t\"a\n\x0bSessionInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06server\x18\x02 \x01(\t\x12\x10\n\x08identity\x18\x03 \x01(\t\x12\x10\n\x08instance\x18\x04 \x01(\t\x12\x12\n\nstarted_at\x18\x05 \x01(\x01\"B\n\x14ListSessionsResponse\x12*\n\x08sessions\x18\x01 \x03(\x0b\x32\x18.stockade.v1.SessionInfo\"G\n\x14GetServerLogsRequest\x12\x0e\n\x06server\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\":\n\x07LogLine\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0c\n\x04line\x18\x03 \x01(\t2\xa8\x04\n\x07\x43ontrol\x12?\n\tGetStatus\x12\x1d.stockade.v1.GetStatusRequest\x1a\x13.stockade.v1.Status\x12I\n\tAddServer\x12\x1d.stockade.v1.AddServerRequest\x1a\x1d.stockade.v1.ServerDefinition\x12P\n\x0bListServers\x12\x1f.stockade.v1.ListServersRequest\x1a .stockade.v1.ListServersResponse\x12I\n\tGetServer\x12\x1d.stockade.v1.GetServerRequest\x1a\x1d.stockade.v1.ServerDefinition\x12S\n\x0cRemoveServer\x12 .stockade.v1.RemoveServerRequest\x1a!.stockade.v1.RemoveServerResponse\x12S\n\x0cListSessions\x12 .stockade.v1.ListSessionsRequest\x1a!.stockade.v1.ListSessionsResponse\x12J\n\rGetServerLogs\x12!.stockade.v1.GetServerLogsRequest\x1a\x14.stockade.v1.LogLine0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,30 +35,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_end=60
   _globals['_STATUS']._serialized_start=62
   _globals['_STATUS']._serialized_end=174
-  _globals['_SERVERSTATUS']._serialized_start=176
-  _globals['_SERVERSTATUS']._serialized_end=257
-  _globals['_SANDBOXSETTINGS']._serialized_start=259
-  _globals['_SANDBOXSETTINGS']._serialized_end=366
-  _globals['_SERVERDEFINITION']._serialized_start=369
-  _globals['_SERVERDEFINITION']._serialized_end=574
-  _globals['_ADDSERVERREQUEST']._serialized_start=576
-  _globals['_ADDSERVERREQUEST']._serialized_end=658
-  _globals['_LISTSERVERSREQUEST']._serialized_start=660
-  _globals['_LISTSERVERSREQUEST']._serialized_end=680
-  _globals['_LISTSERVERSRESPONSE']._serialized_start=682
-  _globals['_LISTSERVERSRESPONSE']._serialized_end=751
-  _globals['_GETSERVERREQUEST']._serialized_start=753
-  _globals['_GETSERVERREQUEST']._serialized_end=785
-  _globals['_REMOVESERVERREQUEST']._serialized_start=787
-  _globals['_REMOVESERVERREQUEST']._serialized_end=822
-  _globals['_REMOVESERVERRESPONSE']._serialized_start=824
-  _globals['_REMOVESERVERRESPONSE']._serialized_end=846
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=848
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=885
-  _globals['_SESSIONINFO']._serialized_start=887
-  _globals['_SESSIONINFO']._serialized_end=984
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=986
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1052
-  _globals['_CONTROL']._serialized_start=1055
-  _globals['_CONTROL']._serialized_end=1531
+  _globals['_SERVERSTATUS']._serialized_start=177
+  _globals['_SERVERSTATUS']._serialized_end=324
+  _globals['_EXITRECORD']._serialized_start=327
+  _globals['_EXITRECORD']._serialized_end=460
+  _globals['_SANDBOXSETTINGS']._serialized_start=462
+  _globals['_SANDBOXSETTINGS']._serialized_end=569
+  _globals['_SERVERDEFINITION']._serialized_start=572
+  _globals['_SERVERDEFINITION']._serialized_end=777
+  _globals['_ADDSERVERREQUEST']._serialized_start=779
+  _globals['_ADDSERVERREQUEST']._serialized_end=861
+  _globals['_LISTSERVERSREQUEST']._serialized_start=863
+  _globals['_LISTSERVERSREQUEST']._serialized_end=883
+  _globals['_LISTSERVERSRESPONSE']._serialized_start=885
+  _globals['_LISTSERVERSRESPONSE']._serialized_end=954
+  _globals['_GETSERVERREQUEST']._serialized_start=956
+  _globals['_GETSERVERREQUEST']._serialized_end=988
+  _globals['_REMOVESERVERREQUEST']._serialized_start=990
+  _globals['_REMOVESERVERREQUEST']._serialized_end=1025
+  _globals['_REMOVESERVERRESPONSE']._serialized_start=1027
+  _globals['_REMOVESERVERRESPONSE']._serialized_end=1049
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1051
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1088
+  _globals['_SESSIONINFO']._serialized_start=1090
+  _globals['_SESSIONINFO']._serialized_end=1187
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1189
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1255
+  _globals['_GETSERVERLOGSREQUEST']._serialized_start=1257
+  _globals['_GETSERVERLOGSREQUEST']._serialized_end=1328
+  _globals['_LOGLINE']._serialized_start=1330
+  _globals['_LOGLINE']._serialized_end=1388
+  _globals['_CONTROL']._serialized_start=1391
+  _globals['_CONTROL']._serialized_end=1943
 # @@protoc_insertion_point(module_scope)

@@ -76,10 +76,19 @@ class ServerStatus(_message.Message):
     INSTANCES_FIELD_NUMBER: _builtins.int
     POOLED_FIELD_NUMBER: _builtins.int
     RESTARTS_FIELD_NUMBER: _builtins.int
+    WARM_POOL_FIELD_NUMBER: _builtins.int
+    RECENT_EXITS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     instances: _builtins.int
+    """serving sessions now"""
     pooled: _builtins.int
+    """warm, waiting for a session"""
     restarts: _builtins.int
+    """shared instances restarted after a crash"""
+    warm_pool: _builtins.int
+    """the pool size asked for"""
+    @_builtins.property
+    def recent_exits(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExitRecord]: ...
     def __init__(
         self,
         *,
@@ -87,14 +96,54 @@ class ServerStatus(_message.Message):
         instances: _builtins.int = ...,
         pooled: _builtins.int = ...,
         restarts: _builtins.int = ...,
+        warm_pool: _builtins.int = ...,
+        recent_exits: _abc.Iterable[Global___ExitRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "name", b"name", "pooled", b"pooled", "restarts", b"restarts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "name", b"name", "pooled", b"pooled", "recent_exits", b"recent_exits", "restarts", b"restarts", "warm_pool", b"warm_pool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServerStatus: _TypeAlias = ServerStatus  # noqa: Y015
+
+@_typing.final
+class ExitRecord(_message.Message):
+    """How an instance ended (the latest ones per server)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    OOM_KILLED_FIELD_NUMBER: _builtins.int
+    PIDS_LIMIT_HITS_FIELD_NUMBER: _builtins.int
+    STOPPED_BY_DAEMON_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    instance: _builtins.str
+    exit_code: _builtins.int
+    oom_killed: _builtins.bool
+    pids_limit_hits: _builtins.int
+    stopped_by_daemon: _builtins.bool
+    """false: it ended by itself (a crash, or the server quit)"""
+    at: _builtins.float
+    """seconds since the epoch"""
+    def __init__(
+        self,
+        *,
+        instance: _builtins.str = ...,
+        exit_code: _builtins.int = ...,
+        oom_killed: _builtins.bool = ...,
+        pids_limit_hits: _builtins.int = ...,
+        stopped_by_daemon: _builtins.bool = ...,
+        at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "exit_code", b"exit_code", "instance", b"instance", "oom_killed", b"oom_killed", "pids_limit_hits", b"pids_limit_hits", "stopped_by_daemon", b"stopped_by_daemon"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExitRecord: _TypeAlias = ExitRecord  # noqa: Y015
 
 @_typing.final
 class SandboxSettings(_message.Message):
@@ -367,3 +416,54 @@ class ListSessionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListSessionsResponse: _TypeAlias = ListSessionsResponse  # noqa: Y015
+
+@_typing.final
+class GetServerLogsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    server: _builtins.str
+    session: _builtins.str
+    """empty = every instance of the server"""
+    follow: _builtins.bool
+    def __init__(
+        self,
+        *,
+        server: _builtins.str = ...,
+        session: _builtins.str = ...,
+        follow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "server", b"server", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerLogsRequest: _TypeAlias = GetServerLogsRequest  # noqa: Y015
+
+@_typing.final
+class LogLine(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    LINE_FIELD_NUMBER: _builtins.int
+    instance: _builtins.str
+    session: _builtins.str
+    line: _builtins.str
+    def __init__(
+        self,
+        *,
+        instance: _builtins.str = ...,
+        session: _builtins.str = ...,
+        line: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance", "line", b"line", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogLine: _TypeAlias = LogLine  # noqa: Y015

@@ -64,6 +64,11 @@ class ControlStub:
                 request_serializer=stockade_dot_v1_dot_control__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=stockade_dot_v1_dot_control__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
+        self.GetServerLogs = channel.unary_stream(
+                '/stockade.v1.Control/GetServerLogs',
+                request_serializer=stockade_dot_v1_dot_control__pb2.GetServerLogsRequest.SerializeToString,
+                response_deserializer=stockade_dot_v1_dot_control__pb2.LogLine.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -107,6 +112,13 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerLogs(self, request, context):
+        """The stderr of a server's instances (bounded ring per instance); follow streams new lines.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +151,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=stockade_dot_v1_dot_control__pb2.ListSessionsRequest.FromString,
                     response_serializer=stockade_dot_v1_dot_control__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'GetServerLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetServerLogs,
+                    request_deserializer=stockade_dot_v1_dot_control__pb2.GetServerLogsRequest.FromString,
+                    response_serializer=stockade_dot_v1_dot_control__pb2.LogLine.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,6 +320,33 @@ class Control:
             '/stockade.v1.Control/ListSessions',
             stockade_dot_v1_dot_control__pb2.ListSessionsRequest.SerializeToString,
             stockade_dot_v1_dot_control__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/stockade.v1.Control/GetServerLogs',
+            stockade_dot_v1_dot_control__pb2.GetServerLogsRequest.SerializeToString,
+            stockade_dot_v1_dot_control__pb2.LogLine.FromString,
             options,
             channel_credentials,
             insecure,

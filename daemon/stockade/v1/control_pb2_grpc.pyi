@@ -44,6 +44,8 @@ class ControlStub:
     GetServer: _grpc.UnaryUnaryMultiCallable[_control_pb2.GetServerRequest, _control_pb2.ServerDefinition]
     RemoveServer: _grpc.UnaryUnaryMultiCallable[_control_pb2.RemoveServerRequest, _control_pb2.RemoveServerResponse]
     ListSessions: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListSessionsRequest, _control_pb2.ListSessionsResponse]
+    GetServerLogs: _grpc.UnaryStreamMultiCallable[_control_pb2.GetServerLogsRequest, _control_pb2.LogLine]
+    """The stderr of a server's instances (bounded ring per instance); follow streams new lines."""
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -56,6 +58,8 @@ class ControlAsyncStub(ControlStub):
     GetServer: _aio.UnaryUnaryMultiCallable[_control_pb2.GetServerRequest, _control_pb2.ServerDefinition]  # type: ignore[assignment]
     RemoveServer: _aio.UnaryUnaryMultiCallable[_control_pb2.RemoveServerRequest, _control_pb2.RemoveServerResponse]  # type: ignore[assignment]
     ListSessions: _aio.UnaryUnaryMultiCallable[_control_pb2.ListSessionsRequest, _control_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    GetServerLogs: _aio.UnaryStreamMultiCallable[_control_pb2.GetServerLogsRequest, _control_pb2.LogLine]  # type: ignore[assignment]
+    """The stderr of a server's instances (bounded ring per instance); follow streams new lines."""
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -101,5 +105,13 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _control_pb2.ListSessionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.ListSessionsResponse, _abc.Awaitable[_control_pb2.ListSessionsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetServerLogs(
+        self,
+        request: _control_pb2.GetServerLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_control_pb2.LogLine], _abc.AsyncIterator[_control_pb2.LogLine]]:
+        """The stderr of a server's instances (bounded ring per instance); follow streams new lines."""
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

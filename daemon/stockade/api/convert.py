@@ -1,0 +1,78 @@
+"""Between protobuf messages and the daemon's own models (proto3 zero values mean unset)."""
+
+from __future__ import annotations
+
+from stockade.registry import ServerDefinition, parse_definition
+from stockade.supervisor.supervisor import ServerState
+from stockade.v1 import control_pb2
+
+
+def definition_from_proto(message: control_pb2.ServerDefinition) -> ServerDefinition:
+    """Validate a definition from the API; raises RegistryError naming the bad field."""
+    sandbox: dict[str, object] = {}
+    if message.HasField("sandbox"):
+        box = message.sandbox
+        if box.runtime:
+            sandbox["runtime"] = box.runtime
+        if box.network:
+            sandbox["network"] = box.network
+        if box.memory_bytes:
+            sandbox["memory_bytes"] = box.memory_bytes
+        if box.cpus:
+            sandbox["cpus"] = box.cpus
+        if box.pids_limit:
+            sandbox["pids_limit"] = box.pids_limit
+    data: dict[str, object] = {
+        "name": message.name,
+        "image": message.image,
+        "command": tuple(message.command),
+        "args": tuple(message.args),
+        "working_dir": message.working_dir or None,
+        "sandbox": sandbox,
+        "shared": message.shared,
+        "warm_pool": message.warm_pool,
+        "restart_policy": message.restart_policy or "on-failure",
+    }
+    return parse_definition(data)
+
+
+def definition_to_proto(definition: ServerDefinition) -> control_pb2.ServerDefinition:
+    box = definition.sandbox
+    return control_pb2.ServerDefinition(
+        name=definition.name,
+        image=definition.image,
+        command=list(definition.command),
+        args=list(definition.args),
+        working_dir=definition.working_dir or "",
+        sandbox=control_pb2.SandboxSettings(
+            runtime=box.runtime,
+            network=box.network,
+            memory_bytes=box.memory_bytes or 0,
+            cpus=box.cpus or 0.0,
+            pids_limit=box.pids_limit or 0,
+        ),
+        shared=definition.shared,
+        warm_pool=definition.warm_pool,
+        restart_policy=definition.restart_policy,
+    )
+
+
+def server_status_to_proto(state: ServerState) -> control_pb2.ServerStatus:
+    return control_pb2.ServerStatus(
+        name=state.definition.name,
+        instances=len(state.in_use),
+        pooled=len(state.pool),
+        restarts=state.restarts,
+        warm_pool=state.definition.warm_pool,
+        recent_exits=[
+            control_pb2.ExitRecord(
+                instance=instance_id,
+                exit_code=report.exit_code,
+                oom_killed=report.oom_killed,
+                pids_limit_hits=report.pids_limit_hits,
+                stopped_by_daemon=report.stopped_by_daemon,
+                at=at,
+            )
+            for at, instance_id, report in state.exits
+        ],
+    )

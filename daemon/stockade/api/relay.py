@@ -1,0 +1,141 @@
+"""The Relay servicer: `Relay.Connect` carries one MCP session as opaque JSON-RPC frames.
+
+The first client frame opens the session (`open`: which server). The daemon takes an
+instance (warm pool first), answers `opened`, then pumps frames both ways through a
+`RelaySession`. The session ends when the host ends its stream (the container is stopped)
+or when the server ends (pending requests get errors, then a `closed` frame says why).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from stockade.logs import get_logger, log_context
+from stockade.registry import Registry, UnknownServer
+from stockade.relay.session import RelaySession
+from stockade.sandbox.docker_backend import SandboxError
+from stockade.supervisor.supervisor import Supervisor
+from stockade.v1 import relay_pb2, relay_pb2_grpc
+
+log = get_logger("stockade.relay")
+
+Context = grpc.aio.ServicerContext[relay_pb2.ClientFrame, relay_pb2.ServerFrame]
+
+
+class RelayServicer(relay_pb2_grpc.RelayServicer):
+    def __init__(self, supervisor: Supervisor, registry: Registry, max_message_bytes: int) -> None:
+        self._supervisor = supervisor
+        self._registry = registry
+        self._max = max_message_bytes
+        self.sessions: dict[str, RelaySession] = {}
+
+    # The read/write style (context.read/context.write) lets two tasks share one stream; the
+    # stubs only know the generator style, hence the override note.
+    async def Connect(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[relay_pb2.ClientFrame],
+        context: Context,
+    ) -> None:
+        first = await _read(context)
+        if first is None or first.WhichOneof("kind") != "open":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be `open` naming a server"
+            )
+        if first.open.options:
+            unknown = ", ".join(sorted(first.open.options))
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"unknown session options: {unknown}"
+            )
+        name = first.open.server
+        try:
+            self._registry.get(name)
+        except UnknownServer as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        session_id = uuid.uuid4().hex[:16]
+        with log_context(session=session_id, server=name, identity=_identity(context)):
+            await self._run(context, name, session_id)
+
+    async def _run(self, context: Context, name: str, session_id: str) -> None:
+        try:
+            instance = await self._supervisor.acquire(name, session_id)
+        except SandboxError as exc:
+            log.error("could not start an instance", error=str(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"could not start {name!r}: {exc}")
+        write_lock = asyncio.Lock()
+
+        async def to_host(message: bytes) -> None:
+            async with write_lock:
+                await context.write(relay_pb2.ServerFrame(message=message))
+
+        session = RelaySession(session_id, name, instance, to_host, self._max)
+        self.sessions[session_id] = session
+        log.info("session opened", instance=instance.id)
+        host_task: asyncio.Task[None] | None = None
+        try:
+            async with write_lock:
+                await context.write(
+                    relay_pb2.ServerFrame(
+                        opened=relay_pb2.SessionOpened(session_id=session_id, instance=instance.id)
+                    )
+                )
+            instance.bind(session.from_server)
+            host_task = asyncio.create_task(_pump_host(context, session))
+            waiting: set[asyncio.Future[Any]] = {host_task, instance.exited}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if instance.exited.done():
+                report = instance.exited.result()
+                await session.server_ended(report)
+                log.info("session closed: server ended", exit_code=report.exit_code)
+                async with write_lock:
+                    await context.write(
+                        relay_pb2.ServerFrame(
+                            closed=relay_pb2.SessionClosed(
+                                reason=f"server {name!r} {report.describe()}",
+                                exit_code=report.exit_code,
+                            )
+                        )
+                    )
+            else:
+                host_task.result()  # re-raise a protocol error from the host side
+                log.info("session closed: host ended its stream")
+        finally:
+            if host_task is not None and not host_task.done():
+                host_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await host_task
+            self.sessions.pop(session_id, None)
+            self._supervisor.release_later(instance)
+
+
+async def _pump_host(context: Context, session: RelaySession) -> None:
+    """Host frames to the server, one at a time: a slow server slows the host (backpressure)."""
+    while True:
+        frame = await _read(context)
+        if frame is None:
+            return
+        if frame.WhichOneof("kind") != "message":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "only `message` frames may follow `open`"
+            )
+        await session.from_host(frame.message)
+
+
+async def _read(context: Context) -> relay_pb2.ClientFrame | None:
+    """The next client frame, or None at the end of the stream (the stubs omit EOF)."""
+    frame: object = await context.read()
+    if frame is grpc.aio.EOF:
+        return None
+    if not isinstance(frame, relay_pb2.ClientFrame):
+        raise TypeError(f"unexpected frame type {type(frame).__name__}")
+    return frame
+
+
+def _identity(context: Context) -> str:
+    """The caller's identity. Until mTLS lands, the owner-only Unix socket is the identity."""
+    return f"local:{context.peer()}"

@@ -1,0 +1,172 @@
+"""Server definitions: what MCP servers the operator registered, persisted in the state dir.
+
+One JSON file, replaced atomically (write a temp file, fsync, rename, fsync the directory),
+so a crash leaves either the old registry or the new one, never a torn file. Definitions are
+validated with pydantic; errors name the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stockade.config import MiB
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+REGISTRY_FILE = "servers.json"
+SCHEMA_VERSION = 1
+
+
+class RegistryError(Exception):
+    """A definition is invalid, or the registry file cannot be read or written."""
+
+
+class UnknownServer(RegistryError):
+    pass
+
+
+class ServerExists(RegistryError):
+    pass
+
+
+class SandboxSettings(BaseModel):
+    """Per-server sandbox choices; None means the daemon's hardened default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    runtime: Literal["runc", "runsc"] = "runc"
+    memory_bytes: int | None = Field(default=None, ge=16 * MiB)
+    cpus: float | None = Field(default=None, gt=0, le=64)
+    pids_limit: int | None = Field(default=None, ge=8, le=65536)
+    network: Literal["none"] = "none"
+
+
+class ServerDefinition(BaseModel):
+    """A registered MCP server: the image, the command, and how it is sandboxed and shared."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    image: str = Field(min_length=1)
+    command: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    working_dir: str | None = None
+    sandbox: SandboxSettings = SandboxSettings()
+    shared: bool = False
+    warm_pool: int = Field(default=1, ge=0, le=16)
+    restart_policy: Literal["on-failure", "never"] = "on-failure"
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return self.command + self.args
+
+
+def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line naming the first bad field, e.g. `sandbox.memory_bytes: Input should be ...`."""
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "(definition)"
+    return f"{prefix}{field}: {first['msg']}"
+
+
+def parse_definition(data: dict[str, object]) -> ServerDefinition:
+    try:
+        return ServerDefinition.model_validate(data)
+    except ValidationError as exc:
+        raise RegistryError(describe_validation_error(exc)) from None
+
+
+class Registry:
+    """The registered servers, loaded at start and saved on every change."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self._path = state_dir / REGISTRY_FILE
+        self._servers: dict[str, ServerDefinition] = {}
+        self._load()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def _load(self) -> None:
+        if not self._path.exists():
+            return
+        try:
+            document = json.loads(self._path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RegistryError(f"cannot read {self._path}: {exc}") from None
+        if not isinstance(document, dict) or document.get("version") != SCHEMA_VERSION:
+            raise RegistryError(f"{self._path}: unknown format (expected version {SCHEMA_VERSION})")
+        for index, item in enumerate(document.get("servers", [])):
+            try:
+                definition = ServerDefinition.model_validate(item)
+            except ValidationError as exc:
+                raise RegistryError(
+                    describe_validation_error(exc, f"{self._path}: servers[{index}].")
+                ) from None
+            self._servers[definition.name] = definition
+
+    def _save(self) -> None:
+        document = {
+            "version": SCHEMA_VERSION,
+            "servers": [d.model_dump(mode="json") for d in self._servers.values()],
+        }
+        payload = json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=self._path.parent, prefix=".servers-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, self._path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        directory = os.open(self._path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def all(self) -> list[ServerDefinition]:
+        return sorted(self._servers.values(), key=lambda d: d.name)
+
+    def get(self, name: str) -> ServerDefinition:
+        try:
+            return self._servers[name]
+        except KeyError:
+            raise UnknownServer(
+                f"no server named {name!r} is registered (see `stockade server ls`)"
+            ) from None
+
+    def add(self, definition: ServerDefinition, replace: bool = False) -> ServerDefinition:
+        if definition.name in self._servers and not replace:
+            raise ServerExists(
+                f"server {definition.name!r} is already registered (use --replace to redefine it)"
+            )
+        previous = self._servers.get(definition.name)
+        self._servers[definition.name] = definition
+        try:
+            self._save()
+        except OSError as exc:
+            if previous is None:
+                del self._servers[definition.name]
+            else:
+                self._servers[definition.name] = previous
+            raise RegistryError(f"cannot save {self._path}: {exc.strerror}") from None
+        return definition
+
+    def remove(self, name: str) -> ServerDefinition:
+        definition = self.get(name)
+        del self._servers[name]
+        try:
+            self._save()
+        except OSError as exc:
+            self._servers[name] = definition
+            raise RegistryError(f"cannot save {self._path}: {exc.strerror}") from None
+        return definition

@@ -1,0 +1,1 @@
+"""The relay: JSON-RPC framing, sessions, and the two directions between host and server."""

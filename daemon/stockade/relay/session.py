@@ -1,0 +1,97 @@
+"""One host session bound to one sandboxed instance: both directions, and how it ends.
+
+host -> server: validate (size, UTF-8, JSON-RPC shape), remember request ids, forward the
+original bytes. server -> host: note answered ids, forward the original bytes. Ids are per
+direction, so the server's own requests (sampling, elicitation, roots) and the host's answers
+to them pass through untouched. When the server ends, every request still pending gets a
+JSON-RPC error that says how it ended, so nothing the host waits for hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from stockade.logs import get_logger
+from stockade.relay import jsonrpc
+from stockade.relay.jsonrpc import InvalidMessage, Kind
+from stockade.sandbox.stdio import OversizedLine
+from stockade.supervisor.instance import ExitReport, Instance
+
+log = get_logger("stockade.relay")
+
+ToHost = Callable[[bytes], Awaitable[None]]
+
+
+class RelaySession:
+    def __init__(
+        self,
+        session_id: str,
+        server: str,
+        instance: Instance,
+        to_host: ToHost,
+        max_message_bytes: int,
+    ) -> None:
+        self.id = session_id
+        self.server = server
+        self.instance = instance
+        self.started_at = time.time()
+        self._to_host = to_host
+        self._max = max_message_bytes
+        self._pending: dict[str, Any] = {}  # id key -> the host's original id
+        self._ended = False
+        self._end_lock = asyncio.Lock()
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    async def from_host(self, raw: bytes) -> None:
+        """One message from the host: refuse it with a JSON-RPC error, or forward it."""
+        try:
+            message = jsonrpc.parse(raw, self._max)
+        except InvalidMessage as exc:
+            log.info("refused a host message", code=exc.code, reason=str(exc))
+            await self._to_host(jsonrpc.error_response(exc.request_id, exc.code, str(exc)))
+            return
+        if self._ended:
+            if message.kind is Kind.REQUEST:
+                await self._to_host(self._ended_error(message.id))
+            return
+        if message.kind is Kind.REQUEST:
+            self._pending[message.id_key] = message.id
+        await self.instance.send(message.raw)
+
+    async def from_server(self, line: bytes | OversizedLine) -> None:
+        """One stdout line from the server: forward it (not forwarded: garbage, oversized)."""
+        if isinstance(line, OversizedLine):
+            log.warning("server sent a message over the limit; dropped", bytes=line.seen)
+            return
+        try:
+            message = jsonrpc.parse(line, self._max)
+        except InvalidMessage as exc:
+            log.warning("server wrote a non-JSON-RPC line to stdout; dropped", reason=str(exc))
+            return
+        if message.kind is Kind.RESPONSE:
+            self._pending.pop(message.id_key, None)
+        await self._to_host(message.raw)
+
+    async def server_ended(self, report: ExitReport) -> None:
+        """Fail every pending request with the reason; later requests fail the same way."""
+        async with self._end_lock:
+            self._ended = True
+            self._report = report
+            pending, self._pending = list(self._pending.values()), {}
+        for request_id in pending:
+            await self._to_host(self._ended_error(request_id))
+
+    def _ended_error(self, request_id: Any) -> bytes:
+        report: ExitReport = self._report
+        return jsonrpc.error_response(
+            request_id,
+            jsonrpc.SERVER_EXITED,
+            f"server {self.server!r} {report.describe()}",
+            {"exit_code": report.exit_code, "oom_killed": report.oom_killed},
+        )

@@ -1,0 +1,1 @@
+"""Supervisor: instances of servers, the warm pool, and reconciling them with the engine."""

@@ -1,0 +1,178 @@
+"""One running sandbox container of a server, with its stdio.
+
+An instance is started and attached before anyone talks to it (so it can wait in the warm
+pool). Its stdout lines are held back, which exerts backpressure on the container, until a
+consumer is bound. Its stderr goes to a bounded ring and to log lines. When its output ends,
+the instance learns from the engine how the container ended (exit code, OOM kill, pids-limit
+hits) and resolves `exited`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from stockade.logs import get_logger, log_context
+from stockade.sandbox.attached import AttachedStdio
+from stockade.sandbox.docker_backend import ContainerGone, DockerBackend, ExitStatus
+from stockade.sandbox.spec import ContainerSpec
+from stockade.sandbox.stdio import OversizedLine
+
+log = get_logger("stockade.instance")
+
+STDERR_RING_LINES = 1000
+LineSink = Callable[[bytes | OversizedLine], Awaitable[None]]
+
+
+class StderrLog:
+    """The last `STDERR_RING_LINES` stderr lines of an instance, numbered for `--follow`."""
+
+    def __init__(self) -> None:
+        self._lines: deque[str] = deque(maxlen=STDERR_RING_LINES)
+        self.total = 0  # lines ever appended
+
+    def append(self, line: str) -> None:
+        self._lines.append(line)
+        self.total += 1
+
+    def since(self, seen: int) -> list[str]:
+        """Lines appended after the first `seen` (those still in the ring)."""
+        fresh = min(self.total - seen, len(self._lines))
+        return list(self._lines)[len(self._lines) - fresh :] if fresh > 0 else []
+
+
+def new_instance_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass(frozen=True)
+class ExitReport:
+    """How an instance ended, as shown to operators and in JSON-RPC errors."""
+
+    exit_code: int
+    oom_killed: bool
+    pids_limit_hits: int
+    stopped_by_daemon: bool
+
+    def describe(self) -> str:
+        text = f"exited with code {self.exit_code}"
+        if self.oom_killed:
+            text += " (killed: out of memory)"
+        if self.pids_limit_hits:
+            text += f" (hit its pids limit {self.pids_limit_hits} times)"
+        return text
+
+
+@dataclass
+class Instance:
+    """A started, attached container. Create with `Instance.start`."""
+
+    id: str
+    server: str
+    container_id: str
+    stdio: AttachedStdio
+    backend: DockerBackend
+    started_at: float = field(default_factory=time.monotonic)
+    stderr: StderrLog = field(default_factory=StderrLog)
+    session_id: str | None = None
+    exited: asyncio.Future[ExitReport] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    _sink: LineSink | None = None
+    _sink_bound: asyncio.Event = field(default_factory=asyncio.Event)
+    _reader: asyncio.Task[None] | None = None
+    _stopping: bool = False
+
+    @classmethod
+    async def start(
+        cls,
+        backend: DockerBackend,
+        spec: ContainerSpec,
+        server: str,
+        instance_id: str,
+        max_line_bytes: int,
+    ) -> Instance:
+        container_id = await asyncio.to_thread(backend.create, spec)
+        try:
+            attachment = await asyncio.to_thread(backend.attach, container_id)
+            stderr = StderrLog()
+
+            def on_stderr(line: bytes) -> None:
+                text = line.decode("utf-8", errors="replace")
+                stderr.append(text)
+                with log_context(server=server, instance=instance_id):
+                    log.info("server stderr", line=text)
+
+            stdio = await AttachedStdio.open(attachment, max_line_bytes, on_stderr)
+            await asyncio.to_thread(backend.start, container_id)
+        except BaseException:
+            await asyncio.to_thread(backend.stop, container_id, 0)
+            raise
+        instance = cls(
+            id=instance_id,
+            server=server,
+            container_id=container_id,
+            stdio=stdio,
+            backend=backend,
+            stderr=stderr,
+        )
+        instance._reader = asyncio.create_task(instance._read(), name=f"reader-{instance_id}")
+        return instance
+
+    @property
+    def age(self) -> float:
+        return time.monotonic() - self.started_at
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.done()
+
+    def bind(self, sink: LineSink) -> None:
+        """Deliver stdout lines to `sink` from now on (held back until this is called)."""
+        self._sink = sink
+        self._sink_bound.set()
+
+    async def send(self, line: bytes) -> None:
+        await self.stdio.send(line)
+
+    async def _read(self) -> None:
+        try:
+            async for line in self.stdio.lines():
+                await self._sink_bound.wait()
+                assert self._sink is not None  # noqa: S101 - set together with the event
+                await self._sink(line)
+        except (OSError, ConnectionError) as exc:
+            log.warning("attach stream broke", instance=self.id, error=str(exc))
+        finally:
+            report = await self._exit_report()
+            if not self.exited.done():
+                self.exited.set_result(report)
+
+    async def _exit_report(self) -> ExitReport:
+        try:
+            status: ExitStatus = await asyncio.to_thread(self.backend.wait, self.container_id, 30)
+            hits = await asyncio.to_thread(self.backend.pids_limit_hits, self.container_id)
+        except ContainerGone:
+            status, hits = ExitStatus(exit_code=-1, oom_killed=False), 0
+        except Exception as exc:  # the engine failed to say; report what we know
+            log.warning("could not learn how the container ended", instance=self.id, error=str(exc))
+            status, hits = ExitStatus(exit_code=-1, oom_killed=False), 0
+        return ExitReport(status.exit_code, status.oom_killed, hits, self._stopping)
+
+    async def stop(self, grace_seconds: float) -> ExitReport:
+        """SIGTERM, grace, SIGKILL; the container is always removed. Idempotent."""
+        self._stopping = True
+        if not self.exited.done():
+            with contextlib.suppress(ContainerGone):
+                await asyncio.to_thread(
+                    self.backend.kill_gracefully, self.container_id, grace_seconds
+                )
+        report = await asyncio.shield(self.exited) if self._reader else await self._exit_report()
+        await self.stdio.close()
+        await asyncio.to_thread(self.backend.remove, self.container_id)
+        return report

@@ -1,0 +1,327 @@
+"""The supervisor: reconcile what should run (registry, sessions) with what does (containers).
+
+- Per-session servers (the default): every session gets its own container, taken from the
+  server's warm pool when one is ready (else started cold), and stopped when the session ends.
+- The warm pool keeps `warm_pool` containers per server started and attached, refilled in
+  the background; pooled containers older than `pool_max_age` are recycled.
+- A reconcile loop runs every `RECONCILE_INTERVAL` seconds: it refills pools, recycles old
+  pooled instances, samples pids-limit hits, and removes any container that carries this
+  daemon's id but is not one of its instances (orphans of an earlier run, or leaks).
+- On start, every container of this daemon's id left from a previous run is removed; on
+  clean shutdown, every instance is stopped and removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stockade.config import Settings
+from stockade.logs import get_logger, log_context
+from stockade.registry import Registry, ServerDefinition
+from stockade.sandbox.docker_backend import DockerBackend, SandboxError
+from stockade.sandbox.spec import (
+    LABEL_DAEMON,
+    LABEL_INSTANCE,
+    LABEL_SERVER,
+    LABEL_SESSION,
+    ContainerSpec,
+)
+from stockade.supervisor.instance import ExitReport, Instance, new_instance_id
+
+log = get_logger("stockade.supervisor")
+
+# Often enough that a leaked container or an empty pool is noticed within seconds, rarely
+# enough that listing containers costs the engine nothing measurable.
+RECONCILE_INTERVAL = 2.0
+# Exit reports kept per server for `stockade server status`.
+EXIT_HISTORY = 20
+DAEMON_ID_FILE = "daemon-id"
+
+
+def load_daemon_id(state_dir: Path) -> str:
+    """This daemon's identity on the engine, stable across restarts (labels carry it)."""
+    path = state_dir / DAEMON_ID_FILE
+    if path.exists():
+        value = path.read_text().strip()
+        if value:
+            return value
+    value = uuid.uuid4().hex[:16]
+    path.write_text(value + "\n")
+    return value
+
+
+@dataclass
+class ServerState:
+    """Live bookkeeping for one registered server."""
+
+    definition: ServerDefinition
+    pool: deque[Instance] = field(default_factory=deque)
+    in_use: dict[str, Instance] = field(default_factory=dict)  # instance id -> instance
+    starting: int = 0
+    restarts: int = 0
+    exits: deque[tuple[float, str, ExitReport]] = field(
+        default_factory=lambda: deque(maxlen=EXIT_HISTORY)
+    )
+    pids_hits: dict[str, int] = field(default_factory=dict)  # instance id -> last sample
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: DockerBackend,
+        registry: Registry,
+        daemon_id: str,
+        pool_max_age: float = 3600.0,
+    ) -> None:
+        self._settings = settings
+        self._backend = backend
+        self._registry = registry
+        self.daemon_id = daemon_id
+        self._pool_max_age = pool_max_age
+        self._servers: dict[str, ServerState] = {}
+        self._known_containers: set[str] = set()  # instance ids this run owns (incl. starting)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        removed = await self._reap_unaccounted()
+        if removed:
+            log.info("removed containers left by an earlier run", count=removed)
+        for definition in self._registry.all():
+            self._servers[definition.name] = ServerState(definition)
+        self._loop_task = asyncio.create_task(self._reconcile_forever(), name="reconcile")
+
+    async def shutdown(self) -> None:
+        """Stop every instance (pooled and in use) and wait for all of them to be removed."""
+        self._closing = True
+        if self._loop_task:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        instances = [i for s in self._servers.values() for i in (*s.pool, *s.in_use.values())]
+        await asyncio.gather(*(self._stop(i) for i in instances), return_exceptions=True)
+        await self._reap_unaccounted()
+
+    # -- registry changes ------------------------------------------------------------
+
+    def server_added(self, definition: ServerDefinition) -> None:
+        state = self._servers.get(definition.name)
+        if state is None:
+            self._servers[definition.name] = ServerState(definition)
+            return
+        state.definition = definition
+        # Pooled instances were made from the old definition: recycle them.
+        while state.pool:
+            self._spawn(self._stop(state.pool.popleft()))
+
+    async def server_removed(self, name: str) -> None:
+        state = self._servers.pop(name, None)
+        if state is None:
+            return
+        instances = [*state.pool, *state.in_use.values()]
+        await asyncio.gather(*(self._stop(i) for i in instances), return_exceptions=True)
+
+    # -- sessions --------------------------------------------------------------------
+
+    async def acquire(self, name: str, session_id: str) -> Instance:
+        """An instance for a new session: from the warm pool if one is ready, else cold."""
+        state = self._state(name)
+        instance = None
+        while state.pool:
+            candidate = state.pool.popleft()
+            if candidate.alive:
+                instance = candidate
+                break
+            self._spawn(self._stop(candidate))
+        if instance is None:
+            instance = await self._start_instance(state)
+        instance.session_id = session_id
+        state.in_use[instance.id] = instance
+        self._spawn(self._refill(state))
+        return instance
+
+    async def release(self, instance: Instance) -> ExitReport:
+        """The session ended: stop its container (per-session instances are never reused)."""
+        state = self._servers.get(instance.server)
+        report = await self._stop(instance)
+        if state is not None:
+            state.in_use.pop(instance.id, None)
+        return report
+
+    def release_later(self, instance: Instance) -> None:
+        """`release` in the background (the caller may be a cancelled RPC); shutdown waits."""
+        self._spawn(self.release(instance))
+
+    def record_exit(self, instance: Instance, report: ExitReport) -> None:
+        state = self._servers.get(instance.server)
+        if state is None:
+            return
+        hits = max(report.pids_limit_hits, state.pids_hits.pop(instance.id, 0))
+        if hits != report.pids_limit_hits:
+            report = ExitReport(report.exit_code, report.oom_killed, hits, report.stopped_by_daemon)
+        state.exits.append((time.time(), instance.id, report))
+        if not report.stopped_by_daemon:
+            with log_context(server=instance.server, instance=instance.id):
+                log.warning(
+                    "server exited",
+                    exit_code=report.exit_code,
+                    oom_killed=report.oom_killed,
+                    pids_limit_hits=hits,
+                )
+
+    # -- status ----------------------------------------------------------------------
+
+    def servers(self) -> dict[str, ServerState]:
+        return dict(self._servers)
+
+    def instances_of(self, name: str, session_id: str | None = None) -> list[Instance]:
+        """Live instances of a server (in use, then pooled), optionally one session's."""
+        state = self._state(name)
+        return [
+            instance
+            for instance in [*state.in_use.values(), *state.pool]
+            if session_id is None or instance.session_id == session_id
+        ]
+
+    # -- internals -------------------------------------------------------------------
+
+    def _state(self, name: str) -> ServerState:
+        state = self._servers.get(name)
+        if state is None:
+            self._registry.get(name)  # raises UnknownServer with the operator-facing message
+            raise SandboxError(f"server {name!r} is not loaded")
+        return state
+
+    def _spec(self, definition: ServerDefinition, instance_id: str) -> ContainerSpec:
+        sandbox = definition.sandbox
+        overrides: dict[str, object] = {
+            "image": definition.image,
+            "command": definition.argv,
+            "working_dir": definition.working_dir,
+            "runtime": sandbox.runtime,
+            "labels": {
+                LABEL_DAEMON: self.daemon_id,
+                LABEL_SERVER: definition.name,
+                LABEL_INSTANCE: instance_id,
+            },
+        }
+        for name in ("memory_bytes", "cpus", "pids_limit"):
+            value = getattr(sandbox, name)
+            if value is not None:
+                overrides[name] = value
+        return ContainerSpec.from_settings(self._settings, **overrides)
+
+    async def _start_instance(self, state: ServerState) -> Instance:
+        instance_id = new_instance_id()
+        self._known_containers.add(instance_id)
+        state.starting += 1
+        try:
+            instance = await Instance.start(
+                self._backend,
+                self._spec(state.definition, instance_id),
+                state.definition.name,
+                instance_id,
+                self._settings.max_message_bytes,
+            )
+        except BaseException:
+            self._known_containers.discard(instance_id)
+            raise
+        finally:
+            state.starting -= 1
+        self._spawn(self._watch_exit(instance))
+        return instance
+
+    async def _watch_exit(self, instance: Instance) -> None:
+        report = await asyncio.shield(instance.exited)
+        self.record_exit(instance, report)
+        state = self._servers.get(instance.server)
+        if state is not None and instance in state.pool:
+            state.pool.remove(instance)  # a pooled instance died before use: drop it
+            self._spawn(self._stop(instance))
+
+    async def _stop(self, instance: Instance) -> ExitReport:
+        try:
+            return await instance.stop(self._settings.stop_grace_seconds)
+        finally:
+            self._known_containers.discard(instance.id)
+
+    async def _refill(self, state: ServerState) -> None:
+        while (
+            not self._closing
+            and state.definition.name in self._servers
+            and len(state.pool) + state.starting < state.definition.warm_pool
+        ):
+            try:
+                instance = await self._start_instance(state)
+            except SandboxError as exc:
+                with log_context(server=state.definition.name):
+                    log.error("warm pool could not start an instance", error=str(exc))
+                return
+            if self._closing or state.definition.name not in self._servers:
+                await self._stop(instance)
+                return
+            state.pool.append(instance)
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            try:
+                await self.reconcile_once()
+            except Exception as exc:  # the loop must survive an engine hiccup; it says so
+                log.error("reconcile failed", error=str(exc))
+            await asyncio.sleep(RECONCILE_INTERVAL)
+
+    async def reconcile_once(self) -> None:
+        for state in list(self._servers.values()):
+            for instance in list(state.pool):
+                if instance.age > self._pool_max_age:
+                    state.pool.remove(instance)
+                    self._spawn(self._stop(instance))
+            if len(state.pool) + state.starting < state.definition.warm_pool:
+                self._spawn(self._refill(state))
+            for instance in [*state.pool, *state.in_use.values()]:
+                if instance.alive:
+                    hits = await asyncio.to_thread(
+                        self._backend.pids_limit_hits, instance.container_id
+                    )
+                    if hits:
+                        state.pids_hits[instance.id] = hits
+        await self._reap_unaccounted()
+
+    async def _reap_unaccounted(self) -> int:
+        """Remove containers with this daemon's id that are not instances of this run."""
+        summaries = await asyncio.to_thread(
+            self._backend.list_by_label, {LABEL_DAEMON: self.daemon_id}
+        )
+        stray = [
+            s["Id"]
+            for s in summaries
+            if (s.get("Labels") or {}).get(LABEL_INSTANCE) not in self._known_containers
+        ]
+        await asyncio.gather(
+            *(asyncio.to_thread(self._backend.stop, cid, 0) for cid in stray),
+            return_exceptions=True,
+        )
+        return len(stray)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+__all__ = ["LABEL_SESSION", "Supervisor", "load_daemon_id"]
