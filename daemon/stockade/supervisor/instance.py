@@ -85,6 +85,7 @@ class Instance:
     )
     _sink: LineSink | None = None
     _sink_bound: asyncio.Event = field(default_factory=asyncio.Event)
+    pids_limit_hits: int = 0  # last sample; the cgroup disappears with the container
     _reader: asyncio.Task[None] | None = None
     _stopping: bool = False
 
@@ -137,6 +138,12 @@ class Instance:
         self._sink = sink
         self._sink_bound.set()
 
+    async def sample_pids(self) -> None:
+        """Read the pids-limit counter now, while the container (and its cgroup) exists."""
+        if self.alive:
+            hits = await asyncio.to_thread(self.backend.pids_limit_hits, self.container_id)
+            self.pids_limit_hits = max(self.pids_limit_hits, hits)
+
     async def send(self, line: bytes) -> None:
         await self.stdio.send(line)
 
@@ -162,11 +169,13 @@ class Instance:
         except Exception as exc:  # the engine failed to say; report what we know
             log.warning("could not learn how the container ended", instance=self.id, error=str(exc))
             status, hits = ExitStatus(exit_code=-1, oom_killed=False), 0
+        hits = max(hits, self.pids_limit_hits)
         return ExitReport(status.exit_code, status.oom_killed, hits, self._stopping)
 
     async def stop(self, grace_seconds: float) -> ExitReport:
         """SIGTERM, grace, SIGKILL; the container is always removed. Idempotent."""
         self._stopping = True
+        await self.sample_pids()
         if not self.exited.done():
             with contextlib.suppress(ContainerGone):
                 await asyncio.to_thread(

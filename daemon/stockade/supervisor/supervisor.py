@@ -70,7 +70,6 @@ class ServerState:
     exits: deque[tuple[float, str, ExitReport]] = field(
         default_factory=lambda: deque(maxlen=EXIT_HISTORY)
     )
-    pids_hits: dict[str, int] = field(default_factory=dict)  # instance id -> last sample
 
 
 class Supervisor:
@@ -171,9 +170,6 @@ class Supervisor:
         state = self._servers.get(instance.server)
         if state is None:
             return
-        hits = max(report.pids_limit_hits, state.pids_hits.pop(instance.id, 0))
-        if hits != report.pids_limit_hits:
-            report = ExitReport(report.exit_code, report.oom_killed, hits, report.stopped_by_daemon)
         state.exits.append((time.time(), instance.id, report))
         if not report.stopped_by_daemon:
             with log_context(server=instance.server, instance=instance.id):
@@ -181,7 +177,7 @@ class Supervisor:
                     "server exited",
                     exit_code=report.exit_code,
                     oom_killed=report.oom_killed,
-                    pids_limit_hits=hits,
+                    pids_limit_hits=report.pids_limit_hits,
                 )
 
     # -- status ----------------------------------------------------------------------
@@ -294,12 +290,7 @@ class Supervisor:
             if len(state.pool) + state.starting < state.definition.warm_pool:
                 self._spawn(self._refill(state))
             for instance in [*state.pool, *state.in_use.values()]:
-                if instance.alive:
-                    hits = await asyncio.to_thread(
-                        self._backend.pids_limit_hits, instance.container_id
-                    )
-                    if hits:
-                        state.pids_hits[instance.id] = hits
+                await instance.sample_pids()
         await self._reap_unaccounted()
 
     async def _reap_unaccounted(self) -> int:

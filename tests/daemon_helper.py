@@ -1,0 +1,208 @@
+"""Run a real `stockaded` for a test, and talk to it as the CLI and as a host would."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from stockade.sandbox.spec import LABEL_DAEMON
+from stockade.v1 import relay_pb2, relay_pb2_grpc
+
+BIN = Path(sys.executable).parent
+SCRATCH_SERVER = (Path(__file__).parent / "scratch_server.py").read_text()
+
+
+@dataclass
+class Daemon:
+    root: Path
+    process: subprocess.Popen[str] | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.root / "stockaded.log"
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "run" / "stockaded.sock"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}
+        env["STOCKADE_STATE_DIR"] = str(self.state_dir)
+        env["STOCKADE_SOCKET_PATH"] = str(self.socket)
+        env["STOCKADE_LOG_FORMAT"] = "json"
+        env["STOCKADE_STOP_GRACE_SECONDS"] = "1"
+        return env
+
+    @property
+    def daemon_id(self) -> str:
+        return (self.state_dir / "daemon-id").read_text().strip()
+
+    def start(self) -> None:
+        log = self.log_path.open("a")
+        self.process = subprocess.Popen(
+            [str(BIN / "stockaded")], env=self.env, stdout=log, stderr=log, text=True
+        )
+        deadline = time.monotonic() + 30
+        while not self.socket.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"stockaded did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(BIN / "stockade"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"stockade {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def add_scratch_server(self, name: str, *options: str) -> None:
+        self.cli(
+            "server",
+            "add",
+            name,
+            "--image",
+            "stockade/python:latest",
+            *options,
+            "--",
+            "python3",
+            "-c",
+            SCRATCH_SERVER,
+        )
+
+    def status(self, name: str) -> dict[str, Any]:
+        servers = json.loads(self.cli("server", "status", name, "--json").stdout)
+        assert len(servers) == 1
+        result: dict[str, Any] = servers[0]
+        return result
+
+    def containers(self) -> list[dict[str, Any]]:
+        """This daemon's containers as the engine sees them (`docker ps -a` by label)."""
+        import docker
+
+        client = docker.from_env()
+        found: list[dict[str, Any]] = client.api.containers(
+            all=True, filters={"label": f"{LABEL_DAEMON}={self.daemon_id}"}
+        )
+        return found
+
+
+class HostSession:
+    """A host's side of Relay.Connect: send JSON-RPC, await answers by id, see `closed`."""
+
+    def __init__(self, daemon: Daemon, server: str) -> None:
+        self._channel = grpc.aio.insecure_channel(f"unix:{daemon.socket}")
+        self._outgoing: asyncio.Queue[relay_pb2.ClientFrame | None] = asyncio.Queue()
+        self._server = server
+        self.opened: relay_pb2.SessionOpened | None = None
+        self.closed: relay_pb2.SessionClosed | None = None
+        self.messages: list[dict[str, Any]] = []
+        self.error: grpc.aio.AioRpcError | None = None
+        self._arrived = asyncio.Condition()
+        self._reader: asyncio.Task[None] | None = None
+        self._next_id = 0
+
+    async def __aenter__(self) -> HostSession:
+        await self._outgoing.put(
+            relay_pb2.ClientFrame(open=relay_pb2.OpenSession(server=self._server))
+        )
+        self._call = relay_pb2_grpc.RelayStub(self._channel).Connect(self._frames())
+        self._reader = asyncio.create_task(self._read())
+        await self.wait_for(
+            lambda: self.opened is not None or self.closed is not None or self.error, 60
+        )
+        if self.error is not None:
+            await self._channel.close()
+            raise self.error
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._outgoing.put(None)
+        if self._reader:
+            try:
+                await asyncio.wait_for(self._reader, 30)
+            except TimeoutError:
+                self._reader.cancel()
+        await self._channel.close()
+
+    async def _frames(self) -> Any:
+        while (frame := await self._outgoing.get()) is not None:
+            yield frame
+
+    async def _read(self) -> None:
+        try:
+            await self._read_frames()
+        except grpc.aio.AioRpcError as exc:
+            async with self._arrived:
+                self.error = exc
+                self._arrived.notify_all()
+
+    async def _read_frames(self) -> None:
+        async for frame in self._call:
+            kind = frame.WhichOneof("kind")
+            async with self._arrived:
+                if kind == "opened":
+                    self.opened = frame.opened
+                elif kind == "closed":
+                    self.closed = frame.closed
+                else:
+                    self.messages.append(json.loads(frame.message))
+                self._arrived.notify_all()
+
+    async def wait_for(self, predicate: Any, timeout: float) -> None:
+        async with self._arrived:
+            await asyncio.wait_for(self._arrived.wait_for(predicate), timeout)
+
+    async def send_raw(self, raw: bytes) -> None:
+        await self._outgoing.put(relay_pb2.ClientFrame(message=raw))
+
+    async def send(self, method: str, params: dict[str, Any] | None = None) -> int:
+        self._next_id += 1
+        body = {"jsonrpc": "2.0", "id": self._next_id, "method": method, "params": params or {}}
+        await self.send_raw(json.dumps(body).encode())
+        return self._next_id
+
+    def answer(self, request_id: Any) -> dict[str, Any] | None:
+        for message in self.messages:
+            if message.get("id") == request_id and "method" not in message:
+                return message
+        return None
+
+    async def request(
+        self, method: str, params: dict[str, Any] | None = None, timeout: float = 60
+    ) -> dict[str, Any]:
+        request_id = await self.send(method, params)
+        await self.wait_for(lambda: self.answer(request_id) is not None, timeout)
+        answer = self.answer(request_id)
+        assert answer is not None
+        return answer
