@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,11 +59,19 @@ class Daemon:
             [str(BIN / "stockaded")], env=self.env, stdout=log, stderr=log, text=True
         )
         deadline = time.monotonic() + 30
-        while not self.socket.exists():
+        while not self._accepting():  # a stale socket file from a killed daemon does not count
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.process.kill()
                 raise RuntimeError(f"stockaded did not start:\n{self.log_path.read_text()}")
             time.sleep(0.05)
+
+    def _accepting(self) -> bool:
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
 
     def stop(self) -> int:
         assert self.process is not None

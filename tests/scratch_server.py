@@ -1,9 +1,10 @@
 """A tiny stdio JSON-RPC server that runs *inside* a sandbox for the supervisor tests.
 
 It is passed to `python3 -c` in the stockade/python image, so it must be self-contained.
-Methods: scratch/write {text} writes /tmp/scratch; scratch/read returns it; scratch/hang never
-answers; scratch/stderr {text} logs a line; scratch/eat-memory allocates until killed;
-scratch/fork-bomb forks until the pids limit stops it and reports how many forks succeeded.
+Methods: scratch/echo returns its params; scratch/write {text} writes /tmp/scratch;
+scratch/read returns it; scratch/hang never answers; scratch/stderr {text} logs a line;
+scratch/eat-memory allocates until killed; scratch/fork-bomb forks until the pids limit
+stops it and reports how many forks succeeded.
 """
 
 import json
@@ -56,6 +57,8 @@ for line in sys.stdin:
             with open("/tmp/scratch") as handle:
                 text = handle.read()
         answer(request_id, {"text": text})
+    elif method == "scratch/echo":
+        answer(request_id, {"echo": params, "pid": os.getpid()})
     elif method == "scratch/stderr":
         print(params["text"], file=sys.stderr, flush=True)
         answer(request_id, {})

@@ -57,7 +57,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except RegistryError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        self._supervisor.server_added(definition)
+        await self._supervisor.server_added(definition)
         log.info("server registered", server=definition.name, image=definition.image)
         return definition_to_proto(definition)
 
@@ -96,8 +96,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             control_pb2.SessionInfo(
                 id=session.id,
                 server=session.server,
-                identity="",
-                instance=session.instance.id,
+                identity=session.identity,
+                instance=session.instance,
                 started_at=session.started_at,
             )
             for session in self._relay.sessions.values()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -28,12 +30,23 @@ log = get_logger("stockade.relay")
 Context = grpc.aio.ServicerContext[relay_pb2.ClientFrame, relay_pb2.ServerFrame]
 
 
+@dataclass(frozen=True)
+class OpenSessionRecord:
+    """What `stockade` shows about a live session."""
+
+    id: str
+    server: str
+    identity: str
+    instance: str
+    started_at: float = field(default_factory=time.time)
+
+
 class RelayServicer(relay_pb2_grpc.RelayServicer):
     def __init__(self, supervisor: Supervisor, registry: Registry, max_message_bytes: int) -> None:
         self._supervisor = supervisor
         self._registry = registry
         self._max = max_message_bytes
-        self.sessions: dict[str, RelaySession] = {}
+        self.sessions: dict[str, OpenSessionRecord] = {}
 
     # The read/write style (context.read/context.write) lets two tasks share one stream; the
     # stubs only know the generator style, hence the override note.
@@ -54,14 +67,53 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             )
         name = first.open.server
         try:
-            self._registry.get(name)
+            definition = self._registry.get(name)
         except UnknownServer as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         session_id = uuid.uuid4().hex[:16]
-        with log_context(session=session_id, server=name, identity=_identity(context)):
-            await self._run(context, name, session_id)
+        identity = _identity(context)
+        with log_context(session=session_id, server=name, identity=identity):
+            if definition.shared:
+                await self._run_shared(context, name, session_id, identity)
+            else:
+                await self._run(context, name, session_id, identity)
 
-    async def _run(self, context: Context, name: str, session_id: str) -> None:
+    async def _run_shared(
+        self, context: Context, name: str, session_id: str, identity: str
+    ) -> None:
+        """A session on a shared instance: the router rewrites ids; the host ends it."""
+        try:
+            router = self._supervisor.router(name)
+        except SandboxError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        write_lock = asyncio.Lock()
+
+        async def to_host(message: bytes) -> None:
+            async with write_lock:
+                await context.write(relay_pb2.ServerFrame(message=message))
+
+        session = router.join(session_id, to_host)
+        self.sessions[session_id] = OpenSessionRecord(session_id, name, identity, "shared")
+        log.info("session opened on the shared instance")
+        try:
+            async with write_lock:
+                await context.write(
+                    relay_pb2.ServerFrame(
+                        opened=relay_pb2.SessionOpened(session_id=session_id, instance="shared")
+                    )
+                )
+            while (frame := await _read(context)) is not None:
+                if frame.WhichOneof("kind") != "message":
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, "only `message` frames may follow `open`"
+                    )
+                await router.from_host(session, frame.message)
+            log.info("session closed: host ended its stream")
+        finally:
+            router.leave(session)
+            self.sessions.pop(session_id, None)
+
+    async def _run(self, context: Context, name: str, session_id: str, identity: str) -> None:
         try:
             instance = await self._supervisor.acquire(name, session_id)
         except SandboxError as exc:
@@ -74,7 +126,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                 await context.write(relay_pb2.ServerFrame(message=message))
 
         session = RelaySession(session_id, name, instance, to_host, self._max)
-        self.sessions[session_id] = session
+        self.sessions[session_id] = OpenSessionRecord(session_id, name, identity, instance.id)
         log.info("session opened", instance=instance.id)
         host_task: asyncio.Task[None] | None = None
         try:

@@ -10,7 +10,6 @@ JSON-RPC error that says how it ended, so nothing the host waits for hangs.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,7 +36,6 @@ class RelaySession:
         self.id = session_id
         self.server = server
         self.instance = instance
-        self.started_at = time.time()
         self._to_host = to_host
         self._max = max_message_bytes
         self._pending: dict[str, Any] = {}  # id key -> the host's original id

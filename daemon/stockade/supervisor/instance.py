@@ -125,6 +125,34 @@ class Instance:
         instance._reader = asyncio.create_task(instance._read(), name=f"reader-{instance_id}")
         return instance
 
+    @classmethod
+    async def adopt(
+        cls,
+        backend: DockerBackend,
+        container_id: str,
+        server: str,
+        instance_id: str,
+        max_line_bytes: int,
+    ) -> Instance:
+        """Attach again to a running container a previous daemon run started."""
+        attachment = await asyncio.to_thread(backend.attach, container_id)
+        stderr = StderrLog()
+
+        def on_stderr(line: bytes) -> None:
+            stderr.append(line.decode("utf-8", errors="replace"))
+
+        stdio = await AttachedStdio.open(attachment, max_line_bytes, on_stderr)
+        instance = cls(
+            id=instance_id,
+            server=server,
+            container_id=container_id,
+            stdio=stdio,
+            backend=backend,
+            stderr=stderr,
+        )
+        instance._reader = asyncio.create_task(instance._read(), name=f"reader-{instance_id}")
+        return instance
+
     @property
     def age(self) -> float:
         return time.monotonic() - self.started_at

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections import deque
@@ -26,6 +27,7 @@ from typing import Any
 from stockade.config import Settings
 from stockade.logs import get_logger, log_context
 from stockade.registry import Registry, ServerDefinition
+from stockade.relay.shared import HandshakeFailed, SharedRouter
 from stockade.sandbox.docker_backend import DockerBackend, SandboxError
 from stockade.sandbox.spec import (
     LABEL_DAEMON,
@@ -44,6 +46,13 @@ RECONCILE_INTERVAL = 2.0
 # Exit reports kept per server for `stockade server status`.
 EXIT_HISTORY = 20
 DAEMON_ID_FILE = "daemon-id"
+SHARED_DIR = "shared"
+# Restart backoff for crashed shared instances: 0.5 s doubling to 30 s. The cap bounds how
+# long a fixed server waits to come back; the base keeps a crash loop from spinning the
+# engine. A run of STABLE_RUN seconds resets the count: that crash is not part of a loop.
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+STABLE_RUN = 60.0
 
 
 def load_daemon_id(state_dir: Path) -> str:
@@ -70,6 +79,8 @@ class ServerState:
     exits: deque[tuple[float, str, ExitReport]] = field(
         default_factory=lambda: deque(maxlen=EXIT_HISTORY)
     )
+    router: SharedRouter | None = None  # shared servers only
+    runner: asyncio.Task[None] | None = None  # keeps the shared instance running
 
 
 class Supervisor:
@@ -95,11 +106,15 @@ class Supervisor:
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
+        for definition in self._registry.all():
+            self._servers[definition.name] = ServerState(definition)
+        adopted = await self._adopt_shared_instances()
         removed = await self._reap_unaccounted()
         if removed:
             log.info("removed containers left by an earlier run", count=removed)
-        for definition in self._registry.all():
-            self._servers[definition.name] = ServerState(definition)
+        for state in self._servers.values():
+            if state.definition.shared:
+                self._start_shared(state, adopted.get(state.definition.name))
         self._loop_task = asyncio.create_task(self._reconcile_forever(), name="reconcile")
 
     async def shutdown(self) -> None:
@@ -109,29 +124,36 @@ class Supervisor:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        for task in list(self._tasks):
+        runners = [s.runner for s in self._servers.values() if s.runner]
+        for task in [*self._tasks, *runners]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *runners, return_exceptions=True)
         instances = [i for s in self._servers.values() for i in (*s.pool, *s.in_use.values())]
         await asyncio.gather(*(self._stop(i) for i in instances), return_exceptions=True)
         await self._reap_unaccounted()
 
     # -- registry changes ------------------------------------------------------------
 
-    def server_added(self, definition: ServerDefinition) -> None:
+    async def server_added(self, definition: ServerDefinition) -> None:
         state = self._servers.get(definition.name)
         if state is None:
-            self._servers[definition.name] = ServerState(definition)
-            return
-        state.definition = definition
-        # Pooled instances were made from the old definition: recycle them.
-        while state.pool:
-            self._spawn(self._stop(state.pool.popleft()))
+            state = self._servers[definition.name] = ServerState(definition)
+        else:
+            state.definition = definition
+            # Instances were made from the old definition: recycle pooled and shared ones
+            # (sessions in progress keep theirs until they end).
+            await self._stop_shared(state)
+            while state.pool:
+                self._spawn(self._stop(state.pool.popleft()))
+        if definition.shared:
+            self._start_shared(state, None)
 
     async def server_removed(self, name: str) -> None:
         state = self._servers.pop(name, None)
         if state is None:
             return
+        await self._stop_shared(state)
+        (self._settings.state_dir / SHARED_DIR / f"{name}.json").unlink(missing_ok=True)
         instances = [*state.pool, *state.in_use.values()]
         await asyncio.gather(*(self._stop(i) for i in instances), return_exceptions=True)
 
@@ -140,6 +162,8 @@ class Supervisor:
     async def acquire(self, name: str, session_id: str) -> Instance:
         """An instance for a new session: from the warm pool if one is ready, else cold."""
         state = self._state(name)
+        if state.definition.shared:
+            raise SandboxError(f"server {name!r} is shared: sessions join its router")
         instance = None
         while state.pool:
             candidate = state.pool.popleft()
@@ -179,6 +203,129 @@ class Supervisor:
                     oom_killed=report.oom_killed,
                     pids_limit_hits=report.pids_limit_hits,
                 )
+
+    def router(self, name: str) -> SharedRouter:
+        state = self._state(name)
+        if state.router is None:
+            raise SandboxError(f"server {name!r} is not shared")
+        return state.router
+
+    # -- shared instances ------------------------------------------------------------
+
+    def _start_shared(
+        self, state: ServerState, adopted: tuple[Instance, dict[str, Any]] | None
+    ) -> None:
+        if state.router is None:
+            state.router = SharedRouter(state.definition.name, self._settings.max_message_bytes)
+        state.runner = asyncio.create_task(
+            self._run_shared(state, adopted), name=f"shared-{state.definition.name}"
+        )
+
+    async def _stop_shared(self, state: ServerState) -> None:
+        if state.runner is not None:
+            state.runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await state.runner
+            state.runner = None
+        for instance in list(state.in_use.values()):
+            if instance.session_id is None:  # the shared instance has no session of its own
+                state.in_use.pop(instance.id, None)
+                await self._stop(instance)
+
+    async def _run_shared(
+        self, state: ServerState, adopted: tuple[Instance, dict[str, Any]] | None
+    ) -> None:
+        """Keep one instance of a shared server running; restart it with backoff."""
+        router = state.router
+        assert router is not None  # noqa: S101 - set by _start_shared
+        name = state.definition.name
+        failures = 0
+        while not self._closing:
+            began = time.monotonic()
+            instance: Instance | None = None
+            try:
+                if adopted is not None:
+                    instance, init_result = adopted
+                    adopted = None
+                    router.adopt(instance, init_result)
+                else:
+                    instance = await self._start_instance(state)
+                    state.in_use[instance.id] = instance
+                    init_result = await router.attach(instance)
+                    self._save_shared_record(state.definition, instance, init_result)
+                state.in_use[instance.id] = instance
+                with log_context(server=name, instance=instance.id):
+                    log.info("shared instance serving")
+                report = await asyncio.shield(instance.exited)
+                await router.instance_ended(report)
+            except (SandboxError, HandshakeFailed) as exc:
+                with log_context(server=name):
+                    log.error("shared instance failed to start", error=str(exc))
+            finally:
+                if instance is not None:
+                    state.in_use.pop(instance.id, None)
+                    await asyncio.shield(self._stop(instance))
+            if self._closing or state.definition.restart_policy == "never":
+                return
+            failures = 0 if time.monotonic() - began >= STABLE_RUN else failures + 1
+            delay = min(BACKOFF_BASE * 2 ** (failures - 1), BACKOFF_CAP) if failures else 0.0
+            state.restarts += 1
+            with log_context(server=name):
+                log.warning(
+                    "restarting shared instance", delay_seconds=delay, restarts=state.restarts
+                )
+            await asyncio.sleep(delay)
+
+    def _save_shared_record(
+        self, definition: ServerDefinition, instance: Instance, init_result: dict[str, Any]
+    ) -> None:
+        """What a restarted daemon needs to take the instance over: no secret is in it."""
+        folder = self._settings.state_dir / SHARED_DIR
+        folder.mkdir(mode=0o700, exist_ok=True)
+        record = {
+            "instance": instance.id,
+            "container": instance.container_id,
+            "definition": definition.model_dump(mode="json"),
+            "init_result": init_result,
+        }
+        temp = folder / f".{definition.name}.json.tmp"
+        temp.write_text(json.dumps(record))
+        temp.replace(folder / f"{definition.name}.json")
+
+    async def _adopt_shared_instances(self) -> dict[str, tuple[Instance, dict[str, Any]]]:
+        """Re-attach shared instances a previous run left running, if still what is defined."""
+        adopted: dict[str, tuple[Instance, dict[str, Any]]] = {}
+        folder = self._settings.state_dir / SHARED_DIR
+        for state in self._servers.values():
+            definition = state.definition
+            path = folder / f"{definition.name}.json"
+            if not definition.shared or not path.exists():
+                continue
+            try:
+                record = json.loads(path.read_text())
+                if record["definition"] != definition.model_dump(mode="json"):
+                    continue  # redefined since: start a fresh one
+                details = await asyncio.to_thread(self._backend.inspect, record["container"])
+                labels = details["Config"]["Labels"] or {}
+                if not details["State"]["Running"] or labels.get(LABEL_DAEMON) != self.daemon_id:
+                    continue
+                instance = await Instance.adopt(
+                    self._backend,
+                    record["container"],
+                    definition.name,
+                    record["instance"],
+                    self._settings.max_message_bytes,
+                )
+            except (SandboxError, KeyError, ValueError, OSError) as exc:
+                with log_context(server=definition.name):
+                    log.info("shared instance not adoptable; starting a new one", reason=str(exc))
+                continue
+            self._known_containers.add(instance.id)
+            self._spawn(self._watch_exit(instance))
+            adopted[definition.name] = (instance, record["init_result"])
+            with log_context(server=definition.name, instance=instance.id):
+                log.info("adopted the shared instance of the previous run")
+        return adopted
 
     # -- status ----------------------------------------------------------------------
 
@@ -287,7 +434,10 @@ class Supervisor:
                 if instance.age > self._pool_max_age:
                     state.pool.remove(instance)
                     self._spawn(self._stop(instance))
-            if len(state.pool) + state.starting < state.definition.warm_pool:
+            if (
+                not state.definition.shared
+                and len(state.pool) + state.starting < state.definition.warm_pool
+            ):
                 self._spawn(self._refill(state))
             for instance in [*state.pool, *state.in_use.values()]:
                 await instance.sample_pids()

@@ -1,0 +1,244 @@
+"""Many host sessions over one shared instance (servers registered with `shared: true`).
+
+An MCP stdio server expects one client. So the router is that client: it performs the
+`initialize` handshake with the server once, caches the result, and answers each session's
+`initialize` from the cache (each session's `notifications/initialized` is dropped).
+
+Request ids are rewritten to ids unique on the instance (`stk-N`) and restored on the way
+back, so answers never cross between sessions. Progress tokens and cancellations are
+rewritten the same way. Server notifications go to every session, except progress, which
+goes to the session that owns the token. A shared server's own requests to a host
+(sampling, elicitation, roots) cannot be attributed to one session, so they are refused
+with a JSON-RPC error to the server.
+
+While the instance is down (crashed, restarting), pending requests fail with an error that
+says how it ended, and new requests fail at once with SERVER_UNAVAILABLE: no hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from stockade.logs import get_logger
+from stockade.relay import jsonrpc
+from stockade.relay.jsonrpc import InvalidMessage, Kind, Message
+from stockade.relay.session import ToHost
+from stockade.sandbox.stdio import OversizedLine
+from stockade.supervisor.instance import ExitReport, Instance
+
+log = get_logger("stockade.shared")
+
+HANDSHAKE_PROTOCOL_VERSION = "2025-06-18"
+HANDSHAKE_TIMEOUT = 60.0
+
+
+class HandshakeFailed(Exception):
+    """The shared server did not complete `initialize`."""
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(eq=False)
+class SharedSession:
+    id: str
+    to_host: ToHost
+    # original id key -> rewritten id, to translate this session's cancellations
+    outstanding: dict[str, str] = field(default_factory=dict)
+
+
+class SharedRouter:
+    def __init__(self, server: str, max_message_bytes: int) -> None:
+        self.server = server
+        self._max = max_message_bytes
+        self._instance: Instance | None = None
+        self._last_exit: ExitReport | None = None
+        self.init_result: dict[str, Any] | None = None
+        self._sessions: set[SharedSession] = set()
+        self._routes: dict[str, tuple[SharedSession, Any]] = {}  # rewritten id -> owner
+        self._tokens: dict[str, tuple[SharedSession, Any]] = {}  # rewritten token -> owner
+        self._handshake: asyncio.Future[dict[str, Any]] | None = None
+        self._seq = itertools.count(1)
+
+    # -- the instance ----------------------------------------------------------------
+
+    @property
+    def up(self) -> bool:
+        return self._instance is not None and self._instance.alive and self.init_result is not None
+
+    async def attach(self, instance: Instance) -> dict[str, Any]:
+        """Bind a freshly started instance and perform the one `initialize` handshake."""
+        self._instance = instance
+        instance.bind(self._from_server)
+        loop = asyncio.get_running_loop()
+        self._handshake = loop.create_future()
+        request = {
+            "jsonrpc": "2.0",
+            "id": "stk-handshake",
+            "method": "initialize",
+            "params": {
+                "protocolVersion": HANDSHAKE_PROTOCOL_VERSION,
+                "capabilities": {},
+                "clientInfo": {"name": "stockade-shared", "version": "1"},
+            },
+        }
+        await instance.send(_dumps(request))
+        waiting: set[asyncio.Future[Any]] = {self._handshake, instance.exited}
+        await asyncio.wait(waiting, timeout=HANDSHAKE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        if not self._handshake.done():
+            raise HandshakeFailed(f"shared server {self.server!r} did not answer initialize")
+        result = self._handshake.result()
+        await instance.send(_dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        self.init_result = result
+        return result
+
+    def adopt(self, instance: Instance, init_result: dict[str, Any]) -> None:
+        """Take over an instance a previous daemon run initialised (daemon restart)."""
+        self._instance = instance
+        self.init_result = init_result
+        instance.bind(self._from_server)
+
+    async def instance_ended(self, report: ExitReport) -> None:
+        """Fail every pending request of every session with how the server ended."""
+        self._last_exit = report
+        self._instance = None
+        routes, self._routes = self._routes, {}
+        self._tokens.clear()
+        for session, original_id in routes.values():
+            session.outstanding.clear()
+            await session.to_host(
+                jsonrpc.error_response(
+                    original_id,
+                    jsonrpc.SERVER_EXITED,
+                    f"server {self.server!r} {report.describe()}; it is being restarted",
+                    {"exit_code": report.exit_code, "oom_killed": report.oom_killed},
+                )
+            )
+
+    # -- sessions --------------------------------------------------------------------
+
+    def join(self, session_id: str, to_host: ToHost) -> SharedSession:
+        session = SharedSession(session_id, to_host)
+        self._sessions.add(session)
+        return session
+
+    def leave(self, session: SharedSession) -> None:
+        self._sessions.discard(session)
+        for key in [k for k, (owner, _) in self._routes.items() if owner is session]:
+            del self._routes[key]
+        for key in [k for k, (owner, _) in self._tokens.items() if owner is session]:
+            del self._tokens[key]
+
+    async def from_host(self, session: SharedSession, raw: bytes) -> None:
+        try:
+            message = jsonrpc.parse(raw, self._max)
+        except InvalidMessage as exc:
+            await session.to_host(jsonrpc.error_response(exc.request_id, exc.code, str(exc)))
+            return
+        if message.kind is Kind.RESPONSE:
+            return  # answers to server requests: shared servers never get to send those
+        if message.method == "notifications/initialized":
+            return
+        if message.kind is Kind.REQUEST and not self.up:
+            await session.to_host(self._unavailable(message.id))
+            return
+        if message.method == "initialize":
+            body = {"jsonrpc": "2.0", "id": message.id, "result": self.init_result}
+            await session.to_host(_dumps(body))
+            return
+        if self._instance is None:
+            return  # a notification while down has nowhere to go
+        payload = self._rewrite_from_host(session, message)
+        if payload:
+            await self._instance.send(payload)
+
+    def _rewrite_from_host(self, session: SharedSession, message: Message) -> bytes:
+        body = dict(message.body)
+        if message.kind is Kind.REQUEST:
+            rewritten = f"stk-{next(self._seq)}"
+            self._routes[jsonrpc.id_key(rewritten)] = (session, message.id)
+            session.outstanding[message.id_key] = rewritten
+            body["id"] = rewritten
+            params = body.get("params")
+            meta = params.get("_meta") if isinstance(params, dict) else None
+            if isinstance(meta, dict) and "progressToken" in meta:
+                token = f"stk-progress-{next(self._seq)}"
+                self._tokens[jsonrpc.id_key(token)] = (session, meta["progressToken"])
+                assert isinstance(params, dict)  # noqa: S101 - meta was found inside it
+                body["params"] = {**params, "_meta": {**meta, "progressToken": token}}
+        elif message.method == "notifications/cancelled" and message.params is not None:
+            original = jsonrpc.id_key(message.params.get("requestId"))
+            rewritten_id = session.outstanding.get(original)
+            if rewritten_id is None:
+                return b""  # not one of this session's requests: never cancel another's
+            body["params"] = {**message.params, "requestId": rewritten_id}
+        return _dumps(body)
+
+    # -- the server's output ---------------------------------------------------------
+
+    async def _from_server(self, line: bytes | OversizedLine) -> None:
+        if isinstance(line, OversizedLine):
+            log.warning("shared server sent a message over the limit; dropped", bytes=line.seen)
+            return
+        try:
+            message = jsonrpc.parse(line, self._max)
+        except InvalidMessage as exc:
+            log.warning("shared server wrote a non-JSON-RPC line; dropped", reason=str(exc))
+            return
+        if message.kind is Kind.RESPONSE:
+            await self._route_response(message)
+        elif message.kind is Kind.REQUEST:
+            await self._refuse_server_request(message)
+        else:
+            await self._route_notification(message)
+
+    async def _route_response(self, message: Message) -> None:
+        if message.id == "stk-handshake" and self._handshake and not self._handshake.done():
+            if "result" in message.body:
+                self._handshake.set_result(message.body["result"])
+            else:
+                self._handshake.set_exception(HandshakeFailed(str(message.body.get("error"))))
+            return
+        route = self._routes.pop(message.id_key, None)
+        if route is None:
+            return  # its session has left
+        session, original_id = route
+        session.outstanding.pop(jsonrpc.id_key(original_id), None)
+        await session.to_host(_dumps({**message.body, "id": original_id}))
+
+    async def _refuse_server_request(self, message: Message) -> None:
+        if self._instance is None:
+            return
+        error = jsonrpc.error_response(
+            message.id,
+            jsonrpc.METHOD_NOT_FOUND,
+            f"{message.method} is not available to a shared server (it serves many hosts)",
+        )
+        await self._instance.send(error)
+
+    async def _route_notification(self, message: Message) -> None:
+        params = message.params or {}
+        if message.method == "notifications/progress" and "progressToken" in params:
+            owner = self._tokens.get(jsonrpc.id_key(params["progressToken"]))
+            if owner is not None:
+                session, token = owner
+                body = {**message.body, "params": {**params, "progressToken": token}}
+                await session.to_host(_dumps(body))
+            return
+        if message.method == "notifications/cancelled":
+            return  # the server cancelling its own requests: none reached a host
+        for session in list(self._sessions):
+            await session.to_host(message.raw)
+
+    def _unavailable(self, request_id: Any) -> bytes:
+        why = f" (last {self._last_exit.describe()})" if self._last_exit else ""
+        return jsonrpc.error_response(
+            request_id,
+            jsonrpc.SERVER_UNAVAILABLE,
+            f"shared server {self.server!r} is restarting{why}; try again shortly",
+        )
