@@ -42,10 +42,17 @@ class OpenSessionRecord:
 
 
 class RelayServicer(relay_pb2_grpc.RelayServicer):
-    def __init__(self, supervisor: Supervisor, registry: Registry, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        registry: Registry,
+        max_message_bytes: int,
+        drain_seconds: float = 5.0,
+    ) -> None:
         self._supervisor = supervisor
         self._registry = registry
         self._max = max_message_bytes
+        self._drain_seconds = drain_seconds
         self.sessions: dict[str, OpenSessionRecord] = {}
 
     # The read/write style (context.read/context.write) lets two tasks share one stream; the
@@ -108,6 +115,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                         grpc.StatusCode.INVALID_ARGUMENT, "only `message` frames may follow `open`"
                     )
                 await router.from_host(session, frame.message)
+            await router.drain(session, self._drain_seconds)
             log.info("session closed: host ended its stream")
         finally:
             router.leave(session)
@@ -155,6 +163,8 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                     )
             else:
                 host_task.result()  # re-raise a protocol error from the host side
+                # The host sent its last message; deliver the answers it still awaits.
+                await session.drain(self._drain_seconds)
                 log.info("session closed: host ended its stream")
         finally:
             if host_task is not None and not host_task.done():

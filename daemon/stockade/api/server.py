@@ -54,7 +54,9 @@ async def start_server(
             ("grpc.max_send_message_length", limit),
         ],
     )
-    relay = RelayServicer(supervisor, registry, settings.max_message_bytes)
+    relay = RelayServicer(
+        supervisor, registry, settings.max_message_bytes, settings.stop_grace_seconds
+    )
     relay_pb2_grpc.add_RelayServicer_to_server(relay, server)
     control = ControlServicer([address], registry, supervisor, relay)
     control_pb2_grpc.add_ControlServicer_to_server(control, server)

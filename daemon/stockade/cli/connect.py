@@ -8,6 +8,8 @@ A line over the size limit is answered here with a JSON-RPC error and never sent
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,35 +25,70 @@ from stockade.v1 import relay_pb2, relay_pb2_grpc
 READ_CHUNK = 64 * 1024
 
 
-async def _stdin_reader() -> asyncio.StreamReader:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=READ_CHUNK)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    return reader
+def _is_stream(fd: int) -> bool:
+    """Pipes and sockets (what hosts use) get asyncio transports; files, terminals and
+    /dev/null (which epoll refuses) are served by plain I/O in a thread."""
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
-async def _stdout_writer() -> asyncio.StreamWriter:
-    loop = asyncio.get_running_loop()
-    transport, protocol = await loop.connect_write_pipe(
-        asyncio.streams.FlowControlMixin, sys.stdout
-    )
-    return asyncio.StreamWriter(transport, protocol, None, loop)
+class _Input:
+    """stdin as async chunks: a pipe transport for pipes, a thread for redirected files."""
+
+    def __init__(self, reader: asyncio.StreamReader | None) -> None:
+        self._reader = reader
+
+    @classmethod
+    async def open(cls) -> _Input:
+        if not _is_stream(sys.stdin.fileno()):
+            return cls(None)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ_CHUNK)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        return cls(reader)
+
+    async def read(self) -> bytes:
+        if self._reader is not None:
+            return await self._reader.read(READ_CHUNK)
+        return await asyncio.to_thread(os.read, sys.stdin.fileno(), READ_CHUNK)
+
+
+class _Output:
+    """stdout with backpressure for pipes (a slow host slows the session), plain for files."""
+
+    def __init__(self, writer: asyncio.StreamWriter | None) -> None:
+        self._writer = writer
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls) -> _Output:
+        if not _is_stream(sys.stdout.fileno()):
+            return cls(None)
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, sys.stdout
+        )
+        return cls(asyncio.StreamWriter(transport, protocol, None, loop))
+
+    async def line(self, message: bytes) -> None:
+        async with self._lock:
+            if self._writer is not None:
+                self._writer.write(message + b"\n")
+                await self._writer.drain()
+            else:
+                sys.stdout.buffer.write(message + b"\n")
+                sys.stdout.buffer.flush()
 
 
 async def bridge(path: Path, server: str, max_message_bytes: int) -> int:
-    stdin = await _stdin_reader()
-    stdout = await _stdout_writer()
-    write_lock = asyncio.Lock()
-
-    async def emit(message: bytes) -> None:
-        async with write_lock:
-            stdout.write(message + b"\n")
-            await stdout.drain()
+    stdin = await _Input.open()
+    stdout = await _Output.open()
+    emit = stdout.line
 
     async def frames() -> AsyncIterator[relay_pb2.ClientFrame]:
         yield relay_pb2.ClientFrame(open=relay_pb2.OpenSession(server=server))
         splitter = LineSplitter(max_message_bytes)
-        while chunk := await stdin.read(READ_CHUNK):
+        while chunk := await stdin.read():
             for line in splitter.feed(chunk):
                 if isinstance(line, OversizedLine):
                     await emit(

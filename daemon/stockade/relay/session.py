@@ -46,6 +46,14 @@ class RelaySession:
     def pending_count(self) -> int:
         return len(self._pending)
 
+    async def drain(self, timeout: float) -> None:
+        """After the host's last message: wait (bounded) for the answers it is owed."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._pending and not self.instance.exited.done():
+            if asyncio.get_running_loop().time() >= deadline:
+                return
+            await asyncio.sleep(0.01)
+
     async def from_host(self, raw: bytes) -> None:
         """One message from the host: refuse it with a JSON-RPC error, or forward it."""
         try:

@@ -127,6 +127,12 @@ class SharedRouter:
         self._sessions.add(session)
         return session
 
+    async def drain(self, session: SharedSession, timeout: float) -> None:
+        """After a host's last message: wait (bounded) for the answers it is owed."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while session.outstanding and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+
     def leave(self, session: SharedSession) -> None:
         self._sessions.discard(session)
         for key in [k for k, (owner, _) in self._routes.items() if owner is session]:

@@ -1,0 +1,153 @@
+"""`stockade connect` as hosts use it: the official MCP SDK client, pipes, files, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import docker
+import pytest
+from mcp import Client, StdioServerParameters
+
+from tests.daemon_helper import BIN, Daemon
+from tests.test_supervisor import wait_until
+
+pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
+
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "test", "version": "1"},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    running = Daemon(tmp_path_factory.mktemp("connect"))
+    running.start()
+    running.cli(
+        "server",
+        "add",
+        "time",
+        "--image",
+        "stockade/python:latest",
+        "--warm",
+        "1",
+        "--",
+        "mcp-server-time",
+        "--local-timezone",
+        "UTC",
+    )
+    wait_until(lambda: running.status("time").get("pooled") == 1, 60, "a warm time server")
+    yield running
+    running.stop()
+    for summary in running.containers():
+        docker.from_env().api.remove_container(summary["Id"], force=True)
+
+
+def connect(
+    daemon: Daemon, server: str, stdin: bytes, **kwargs: Any
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [str(BIN / "stockade"), "connect", server, "--socket", str(daemon.socket)],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        env=daemon.env,
+        **kwargs,
+    )
+
+
+def lines(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_the_official_sdk_client_uses_a_server_through_the_bridge(daemon: Daemon) -> None:
+    params = StdioServerParameters(
+        command=str(BIN / "stockade"), args=["connect", "time", "--socket", str(daemon.socket)]
+    )
+
+    async def scenario() -> tuple[list[str], dict[str, Any]]:
+        async with Client(params) as client:
+            tools = await client.list_tools()
+            result = await client.call_tool("get_current_time", {"timezone": "Europe/Paris"})
+            return [t.name for t in tools.tools], json.loads(result.content[0].text)
+
+    names, now = anyio.run(scenario)
+    assert sorted(names) == ["convert_time", "get_current_time"]
+    assert now["timezone"] == "Europe/Paris"
+    assert now["datetime"].startswith("20")
+
+
+def test_answers_arrive_even_when_stdin_ends_right_after_the_request(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    request_file = tmp_path / "request.jsonl"
+    request_file.write_text(json.dumps(INITIALIZE) + "\n")
+    with request_file.open("rb") as handle:
+        result = subprocess.run(
+            [str(BIN / "stockade"), "connect", "time", "--socket", str(daemon.socket)],
+            stdin=handle,
+            capture_output=True,
+            timeout=60,
+            env=daemon.env,
+        )
+    assert result.returncode == 0, result.stderr
+    (answer,) = lines(result.stdout)
+    assert answer["id"] == 1
+    assert answer["result"]["serverInfo"]["name"] == "mcp-time"
+
+
+def test_bad_input_gets_errors_and_the_session_survives(daemon: Daemon) -> None:
+    oversized = (
+        b'{"jsonrpc":"2.0","id":9,"method":"ping","params":{"pad":"' + b"x" * (5 << 20) + b'"}}'
+    )
+    stdin = (
+        b"\n".join(
+            [
+                b"{not json",
+                b"\xff\xfe not utf-8",
+                b'[{"jsonrpc":"2.0","id":2,"method":"ping"}]',
+                oversized,
+                json.dumps(INITIALIZE).encode(),
+            ]
+        )
+        + b"\n"
+    )
+    result = connect(daemon, "time", stdin)
+    assert result.returncode == 0, result.stderr
+    answers = lines(result.stdout)
+    codes = [a["error"]["code"] for a in answers if "error" in a]
+    assert codes == [-32700, -32700, -32600, -32003]
+    assert all(a["id"] is None for a in answers if "error" in a)
+    assert answers[-1]["id"] == 1 and "result" in answers[-1]
+
+
+def test_an_unknown_server_is_one_line_and_exit_2(daemon: Daemon) -> None:
+    result = connect(daemon, "nosuch", b"")
+    assert result.returncode == 2
+    assert result.stdout == b""
+    assert result.stderr.decode().strip().splitlines() == [
+        "stockade: no server named 'nosuch' is registered (see `stockade server ls`)"
+    ]
+
+
+def test_an_unreachable_daemon_is_one_line_and_exit_3(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(BIN / "stockade"), "connect", "time", "--socket", str(tmp_path / "none.sock")],
+        input=b"",
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 3
+    assert len(result.stderr.decode().strip().splitlines()) == 1
+    assert "does not answer" in result.stderr.decode()
