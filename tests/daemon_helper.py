@@ -27,6 +27,7 @@ SCRATCH_SERVER = (Path(__file__).parent / "scratch_server.py").read_text()
 class Daemon:
     root: Path
     process: subprocess.Popen[str] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -47,7 +48,13 @@ class Daemon:
         env["STOCKADE_SOCKET_PATH"] = str(self.socket)
         env["STOCKADE_LOG_FORMAT"] = "json"
         env["STOCKADE_STOP_GRACE_SECONDS"] = "1"
+        env["XDG_CONFIG_HOME"] = str(self.root / "config")  # no credentials from the machine
+        env.update(self.extra_env)
         return env
+
+    @property
+    def admin_credentials(self) -> Path:
+        return self.state_dir / "pki" / "admin"
 
     @property
     def daemon_id(self) -> str:
@@ -126,11 +133,32 @@ class Daemon:
         return found
 
 
+def secure_channel(target: str, folder: Path) -> grpc.aio.Channel:
+    """An mTLS channel with the client.crt/client.key/ca.crt in `folder`."""
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=(folder / "ca.crt").read_bytes(),
+        private_key=(folder / "client.key").read_bytes(),
+        certificate_chain=(folder / "client.crt").read_bytes(),
+    )
+    limit = 16 * 1024 * 1024
+    return grpc.aio.secure_channel(
+        target,
+        credentials,
+        options=[
+            ("grpc.ssl_target_name_override", "stockaded"),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ],
+    )
+
+
 class HostSession:
     """A host's side of Relay.Connect: send JSON-RPC, await answers by id, see `closed`."""
 
-    def __init__(self, daemon: Daemon, server: str) -> None:
-        self._channel = grpc.aio.insecure_channel(f"unix:{daemon.socket}")
+    def __init__(self, daemon: Daemon, server: str, credentials: Path | None = None) -> None:
+        self._channel = secure_channel(
+            f"unix:{daemon.socket}", credentials or daemon.admin_credentials
+        )
         self._outgoing: asyncio.Queue[relay_pb2.ClientFrame | None] = asyncio.Queue()
         self._server = server
         self.opened: relay_pb2.SessionOpened | None = None

@@ -48,22 +48,37 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         "UTC",
     )
     wait_until(lambda: running.status("time").get("pooled") == 1, 60, "a warm time server")
+    running.cli("cert", "issue", "--identity", "test-host", "--out", str(running.root / "host"))
     yield running
     running.stop()
     for summary in running.containers():
         docker.from_env().api.remove_container(summary["Id"], force=True)
 
 
-def connect(
-    daemon: Daemon, server: str, stdin: bytes, **kwargs: Any
-) -> subprocess.CompletedProcess[bytes]:
+def host_args(daemon: Daemon, server: str) -> list[str]:
+    """What a host's config holds: the bridge, the server, the socket and its certificate."""
+    folder = daemon.root / "host"
+    return [
+        "connect",
+        server,
+        "--socket",
+        str(daemon.socket),
+        "--cert",
+        str(folder / "client.crt"),
+        "--key",
+        str(folder / "client.key"),
+        "--ca",
+        str(folder / "ca.crt"),
+    ]
+
+
+def connect(daemon: Daemon, server: str, stdin: bytes) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [str(BIN / "stockade"), "connect", server, "--socket", str(daemon.socket)],
+        [str(BIN / "stockade"), *host_args(daemon, server)],
         input=stdin,
         capture_output=True,
         timeout=60,
         env=daemon.env,
-        **kwargs,
     )
 
 
@@ -72,9 +87,7 @@ def lines(data: bytes) -> list[dict[str, Any]]:
 
 
 def test_the_official_sdk_client_uses_a_server_through_the_bridge(daemon: Daemon) -> None:
-    params = StdioServerParameters(
-        command=str(BIN / "stockade"), args=["connect", "time", "--socket", str(daemon.socket)]
-    )
+    params = StdioServerParameters(command=str(BIN / "stockade"), args=host_args(daemon, "time"))
 
     async def scenario() -> tuple[list[str], dict[str, Any]]:
         async with Client(params) as client:
@@ -95,7 +108,7 @@ def test_answers_arrive_even_when_stdin_ends_right_after_the_request(
     request_file.write_text(json.dumps(INITIALIZE) + "\n")
     with request_file.open("rb") as handle:
         result = subprocess.run(
-            [str(BIN / "stockade"), "connect", "time", "--socket", str(daemon.socket)],
+            [str(BIN / "stockade"), *host_args(daemon, "time")],
             stdin=handle,
             capture_output=True,
             timeout=60,
@@ -141,12 +154,11 @@ def test_an_unknown_server_is_one_line_and_exit_2(daemon: Daemon) -> None:
     ]
 
 
-def test_an_unreachable_daemon_is_one_line_and_exit_3(tmp_path: Path) -> None:
+def test_an_unreachable_daemon_is_one_line_and_exit_3(daemon: Daemon, tmp_path: Path) -> None:
+    args = host_args(daemon, "time")
+    args[args.index("--socket") + 1] = str(tmp_path / "none.sock")
     result = subprocess.run(
-        [str(BIN / "stockade"), "connect", "time", "--socket", str(tmp_path / "none.sock")],
-        input=b"",
-        capture_output=True,
-        timeout=60,
+        [str(BIN / "stockade"), *args], input=b"", capture_output=True, timeout=60
     )
     assert result.returncode == 3
     assert len(result.stderr.decode().strip().splitlines()) == 1

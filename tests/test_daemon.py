@@ -29,6 +29,7 @@ def daemon_env(tmp_path: Path) -> dict[str, str]:
     env["STOCKADE_STATE_DIR"] = str(tmp_path / "state")
     env["STOCKADE_SOCKET_PATH"] = str(tmp_path / "run" / "stockaded.sock")
     env["STOCKADE_LOG_FORMAT"] = "json"
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")  # no credentials from the machine
     return env
 
 
@@ -63,14 +64,18 @@ def test_status_over_the_socket(daemon: subprocess.Popen[str], daemon_env: dict[
     assert status["uptime_seconds"] >= 0
 
 
-def test_socket_and_state_dir_are_owner_only(
+def test_socket_state_and_keys_have_tight_permissions(
     daemon: subprocess.Popen[str], daemon_env: dict[str, str]
 ) -> None:
     sock = Path(daemon_env["STOCKADE_SOCKET_PATH"])
+    state = Path(daemon_env["STOCKADE_STATE_DIR"])
     assert stat.S_ISSOCK(sock.stat().st_mode)
-    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
-    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
-    assert stat.S_IMODE(Path(daemon_env["STOCKADE_STATE_DIR"]).stat().st_mode) == 0o700
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o660
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o750
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "pki").stat().st_mode) == 0o700
+    for key in ("ca.key", "server.key", "admin/client.key"):
+        assert stat.S_IMODE((state / "pki" / key).stat().st_mode) == 0o600, key
 
 
 def test_sigterm_stops_cleanly_and_removes_the_socket(

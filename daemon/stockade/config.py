@@ -67,8 +67,15 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
+    # Listeners. The Unix socket is always on; TCP is optional. Both require mTLS: there is
+    # no setting that turns TLS off.
+    tcp_address: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.\-]+:\d{1,5}$")
+    tls_names: list[str] = Field(default_factory=list)  # extra DNS names / IPs for TCP clients
+
     # Relay limits.
     max_message_bytes: int = Field(default=4 * MiB, ge=1024, le=256 * MiB)
+    # After a host's last message, how long its session waits for the answers it is owed.
+    session_drain_seconds: float = Field(default=30.0, ge=0, le=600)
 
     # Hardened container defaults; a server may ask for less, never silently for more.
     container_memory_bytes: int = Field(default=256 * MiB, ge=16 * MiB)

@@ -14,6 +14,7 @@ from stockade.api.server import ListenerError, start_server
 from stockade.cli import exitcodes
 from stockade.config import Settings, SettingsError, load_settings, setting_names
 from stockade.logs import configure_logging, get_logger
+from stockade.pki.authority import CertificateAuthority, PkiError
 from stockade.registry import Registry, RegistryError
 from stockade.sandbox.docker_backend import DockerBackend, EngineUnavailable
 from stockade.supervisor.supervisor import Supervisor, load_daemon_id
@@ -36,34 +37,47 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def _serve(settings: Settings) -> None:
+    # First of all, so that a SIGTERM during start-up is a clean stop, not a kill.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.state_dir, 0o700)
+    authority = CertificateAuthority.load_or_create(settings.state_dir / "pki")
+    authority.ensure_owner_admin()
     backend = await asyncio.to_thread(DockerBackend)
     registry = Registry(settings.state_dir)
     supervisor = Supervisor(settings, backend, registry, load_daemon_id(settings.state_dir))
     await supervisor.start()
     try:
-        server = await start_server(settings, registry, supervisor)
+        server, addresses = await start_server(settings, registry, supervisor, authority)
     except BaseException:
         await supervisor.shutdown()
         raise
     log.info(
         "stockaded started",
         version=__version__,
-        socket=str(settings.socket_path),
+        listeners=addresses,
         daemon_id=supervisor.daemon_id,
         servers=len(registry.all()),
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("stockaded stopping")
     await server.stop(grace=settings.stop_grace_seconds)
     await supervisor.shutdown()
     settings.socket_path.unlink(missing_ok=True)
     log.info("stockaded stopped")
+
+
+# What stops the daemon at start, what it logs, and its exit code (see the README).
+STARTUP_ERRORS: tuple[tuple[type[Exception], str, int], ...] = (
+    (ListenerError, "cannot listen", exitcodes.FAILED),
+    (EngineUnavailable, "cannot start without a container engine", exitcodes.UNREACHABLE),
+    (RegistryError, "cannot load the server registry", exitcodes.CONFIG),
+    (PkiError, "cannot set up the certificate authority", exitcodes.CONFIG),
+)
+STARTUP_FAILURES = tuple(kind for kind, _, _ in STARTUP_ERRORS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,15 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(_serve(settings))
-    except ListenerError as exc:
-        log.error("cannot listen", error=str(exc))
-        return exitcodes.FAILED
-    except EngineUnavailable as exc:
-        log.error("cannot start without a container engine", error=str(exc))
-        return exitcodes.UNREACHABLE
-    except RegistryError as exc:
-        log.error("cannot load the server registry", error=str(exc))
-        return exitcodes.CONFIG
+    except STARTUP_FAILURES as exc:
+        what, code = next((w, c) for kind, w, c in STARTUP_ERRORS if isinstance(exc, kind))
+        log.error(what, error=str(exc))
+        return code
     return exitcodes.OK
 
 

@@ -13,6 +13,8 @@ from stockade import __version__
 from stockade.api.convert import definition_from_proto, definition_to_proto, server_status_to_proto
 from stockade.api.relay import RelayServicer
 from stockade.logs import get_logger
+from stockade.pki.authority import CertificateAuthority, PkiError
+from stockade.pki.identity import Identity, IdentityError
 from stockade.registry import Registry, RegistryError, ServerExists, UnknownServer
 from stockade.supervisor.supervisor import Supervisor
 from stockade.v1 import control_pb2, control_pb2_grpc
@@ -30,7 +32,9 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         registry: Registry,
         supervisor: Supervisor,
         relay: RelayServicer,
+        authority: CertificateAuthority,
     ) -> None:
+        self._authority = authority
         self._started = time.monotonic()
         self._listeners = listeners
         self._registry = registry
@@ -104,6 +108,63 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             if not request.server or session.server == request.server
         ]
         return control_pb2.ListSessionsResponse(sessions=sessions)
+
+    async def IssueCertificate(
+        self, request: control_pb2.IssueCertificateRequest, context: Context
+    ) -> control_pb2.IssuedCertificate:
+        try:
+            identity = Identity.make(request.role or "host", request.name)
+        except IdentityError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        issued = self._authority.issue_client(identity)
+        log.info("certificate issued", subject=issued.identity, serial=str(issued.serial))
+        return control_pb2.IssuedCertificate(
+            identity=issued.identity,
+            serial=str(issued.serial),
+            key_pem=issued.key_pem,
+            cert_pem=issued.cert_pem,
+            ca_pem=issued.ca_pem,
+            not_after=issued.not_after.isoformat(),
+        )
+
+    async def RevokeCertificate(
+        self, request: control_pb2.RevokeCertificateRequest, context: Context
+    ) -> control_pb2.RevokeCertificateResponse:
+        if bool(request.serial) == bool(request.identity):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "give either a serial or an identity"
+            )
+        try:
+            if request.serial:
+                serials = [int(request.serial)]
+            else:
+                uri = request.identity
+                if not uri.startswith("spiffe://"):
+                    role, _, name = uri.partition("/")
+                    uri = Identity.make(role, name).uri
+                serials = self._authority.serials_of(uri)
+                if not serials:
+                    raise PkiError(f"no certificate was issued to {uri}")
+            identities = {self._authority.revoke(serial) for serial in serials}
+        except (PkiError, IdentityError, ValueError) as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        identity = identities.pop() if len(identities) == 1 else ""
+        log.warning("certificate revoked", subject=identity, serials=[str(s) for s in serials])
+        return control_pb2.RevokeCertificateResponse(
+            identity=identity, serials=[str(s) for s in serials]
+        )
+
+    async def ListCertificates(
+        self, request: control_pb2.ListCertificatesRequest, context: Context
+    ) -> control_pb2.ListCertificatesResponse:
+        return control_pb2.ListCertificatesResponse(
+            certificates=[
+                control_pb2.CertificateInfo(
+                    serial=str(serial), identity=identity, not_after=not_after, revoked=revoked
+                )
+                for serial, identity, not_after, revoked in self._authority.issued()
+            ]
+        )
 
     async def GetServerLogs(
         self, request: control_pb2.GetServerLogsRequest, context: Context

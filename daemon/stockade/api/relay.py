@@ -47,7 +47,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         supervisor: Supervisor,
         registry: Registry,
         max_message_bytes: int,
-        drain_seconds: float = 5.0,
+        drain_seconds: float = 30.0,
     ) -> None:
         self._supervisor = supervisor
         self._registry = registry
@@ -62,6 +62,9 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         request_iterator: AsyncIterator[relay_pb2.ClientFrame],
         context: Context,
     ) -> None:
+        # Tell the client it is authenticated before it writes anything: a client write that
+        # races a refusal makes grpc.aio report INTERNAL instead of it (grpc/grpc#36066).
+        await context.send_initial_metadata(())
         first = await _read(context)
         if first is None or first.WhichOneof("kind") != "open":
             await context.abort(

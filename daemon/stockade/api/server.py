@@ -1,19 +1,23 @@
-"""Build the daemon's gRPC server: listeners, message limits, servicers.
+"""Build the daemon's gRPC server: listeners, message limits, authentication, servicers.
 
-The Unix socket lives in a 0700 directory and is itself 0600, so only its owner can connect
-(the relay issue adds mTLS on every listener; permissions stay as a second layer).
+Every listener requires a client certificate from the daemon's CA (mTLS); there is no
+insecure port and no setting for one. The Unix socket is 0660 in a 0750 directory:
+file permissions are a second layer on top of the certificate, not a replacement.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
 import grpc
 
+from stockade.api.auth import AuthInterceptor
 from stockade.api.control import ControlServicer
 from stockade.api.relay import RelayServicer
 from stockade.config import Settings
+from stockade.pki.authority import CertificateAuthority
 from stockade.registry import Registry
 from stockade.supervisor.supervisor import Supervisor
 from stockade.v1 import control_pb2_grpc, relay_pb2_grpc
@@ -26,9 +30,9 @@ class ListenerError(Exception):
 
 
 def prepare_socket_path(path: Path) -> None:
-    """Create the socket's directory (0700) and clear a stale socket file, never anything else."""
+    """Create the socket's directory (0750) and clear a stale socket file, never anything else."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
+    os.chmod(path.parent, 0o750)  # noqa: S103 - group may reach the socket; mTLS still applies
     if path.exists() or path.is_symlink():
         if not path.is_socket():
             raise ListenerError(f"{path} exists and is not a socket; refusing to replace it")
@@ -41,13 +45,42 @@ def grpc_message_limit(max_message_bytes: int) -> int:
     return 2 * max_message_bytes + 1024 * 1024
 
 
+def server_credentials(
+    settings: Settings, authority: CertificateAuthority
+) -> grpc.ServerCredentials:
+    names, ips = list(settings.tls_names), []
+    if settings.tcp_address:
+        host = settings.tcp_address.rsplit(":", 1)[0]
+        names.append(host)
+    for name in list(names):
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            continue
+        names.remove(name)
+        ips.append(name)
+    key_path, cert_path = authority.ensure_server_certificate(names, ips)
+    return grpc.ssl_server_credentials(
+        [(key_path.read_bytes(), cert_path.read_bytes())],
+        root_certificates=authority.ca_pem,
+        require_client_auth=True,
+    )
+
+
 async def start_server(
-    settings: Settings, registry: Registry, supervisor: Supervisor
-) -> grpc.aio.Server:
+    settings: Settings,
+    registry: Registry,
+    supervisor: Supervisor,
+    authority: CertificateAuthority,
+) -> tuple[grpc.aio.Server, list[str]]:
     prepare_socket_path(settings.socket_path)
-    address = f"unix:{settings.socket_path}"
+    addresses = [f"unix:{settings.socket_path}"]
+    if settings.tcp_address:
+        addresses.append(settings.tcp_address)
     limit = grpc_message_limit(settings.max_message_bytes)
+    credentials = server_credentials(settings, authority)
     server = grpc.aio.server(
+        interceptors=[AuthInterceptor(authority)],
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         options=[
             ("grpc.max_receive_message_length", limit),
@@ -55,13 +88,20 @@ async def start_server(
         ],
     )
     relay = RelayServicer(
-        supervisor, registry, settings.max_message_bytes, settings.stop_grace_seconds
+        supervisor, registry, settings.max_message_bytes, settings.session_drain_seconds
     )
     relay_pb2_grpc.add_RelayServicer_to_server(relay, server)
-    control = ControlServicer([address], registry, supervisor, relay)
+    control = ControlServicer(addresses, registry, supervisor, relay, authority)
     control_pb2_grpc.add_ControlServicer_to_server(control, server)
-    if server.add_insecure_port(address) == 0:
-        raise ListenerError(f"could not listen on {address}")
-    await server.start()
-    os.chmod(settings.socket_path, 0o600)
-    return server
+    # gRPC creates the socket with the process umask: bind under a tight one so that the
+    # socket is never, even briefly, reachable by others.
+    previous = os.umask(0o117)
+    try:
+        for address in addresses:
+            if server.add_secure_port(address, credentials) == 0:
+                raise ListenerError(f"could not listen on {address}")
+        await server.start()
+    finally:
+        os.umask(previous)
+    os.chmod(settings.socket_path, 0o660)
+    return server, addresses

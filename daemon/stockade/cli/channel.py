@@ -1,7 +1,16 @@
-"""How the CLI reaches the daemon, and how gRPC failures become one-line errors."""
+"""How the CLI reaches the daemon (always mTLS), and how failures become one-line errors.
+
+Credentials: `--cert/--key/--ca` if given; else the first folder holding client.crt,
+client.key and ca.crt among `$XDG_CONFIG_HOME/stockade` (where `stockade cert issue` and
+`client enroll` write) and the daemon owner's admin folder in the state dir.
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -9,10 +18,13 @@ import grpc
 
 from stockade.cli import exitcodes
 from stockade.config import SettingsError, load_settings
+from stockade.pki.authority import SERVER_NAME
 from stockade.v1 import control_pb2_grpc
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     from stockade.v1.control_pb2_grpc import ControlAsyncStub
+
+CREDENTIAL_FILES = ("client.crt", "client.key", "ca.crt")
 
 
 class CliError(Exception):
@@ -23,33 +35,125 @@ class CliError(Exception):
         self.code = code
 
 
-def socket_path(explicit: str | None) -> Path:
-    if explicit:
-        return Path(explicit)
+@dataclass(frozen=True)
+class Connection:
+    target: str  # "unix:/path" or "host:port"
+    cert: Path
+    key: Path
+    ca: Path
+    max_message_bytes: int
+
+    def channel(self) -> grpc.aio.Channel:
+        try:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=self.ca.read_bytes(),
+                private_key=self.key.read_bytes(),
+                certificate_chain=self.cert.read_bytes(),
+            )
+        except OSError as exc:
+            raise CliError(f"cannot read credentials: {exc}", exitcodes.REFUSED) from None
+        limit = 2 * self.max_message_bytes + 1024 * 1024
+        return grpc.aio.secure_channel(
+            self.target,
+            credentials,
+            options=[
+                # The daemon's certificate always carries this name, also on the Unix socket.
+                ("grpc.ssl_target_name_override", SERVER_NAME),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ],
+        )
+
+
+def user_config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "stockade"
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection (mTLS)")
+    group.add_argument("--socket", help="the daemon's Unix socket (default: from settings)")
+    group.add_argument("--address", help="the daemon's TCP address, HOST:PORT, instead")
+    group.add_argument("--cert", type=Path, help="client certificate (default: see docs)")
+    group.add_argument("--key", type=Path, help="client private key")
+    group.add_argument("--ca", type=Path, help="the daemon's CA certificate")
+
+
+def connection(args: argparse.Namespace) -> Connection:
     try:
-        return load_settings().socket_path
+        settings = load_settings()
     except SettingsError as exc:
         raise CliError(str(exc), exitcodes.CONFIG) from None
-
-
-def open_channel(path: Path) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(f"unix:{path}")
+    socket_path = Path(args.socket) if args.socket else settings.socket_path
+    target = args.address or f"unix:{socket_path}"
+    folder = next(
+        (
+            candidate
+            for candidate in (user_config_dir(), settings.state_dir / "pki" / "admin")
+            if all(os.access(candidate / name, os.R_OK) for name in CREDENTIAL_FILES)
+        ),
+        None,
+    )
+    cert = args.cert or (folder / "client.crt" if folder else None)
+    key = args.key or (folder / "client.key" if folder else None)
+    ca = args.ca or (folder / "ca.crt" if folder else None)
+    if cert is None or key is None or ca is None:
+        if not args.address and not socket_path.exists():  # the more useful of two problems
+            raise CliError(
+                f"the daemon does not answer on {target}; start it with `stockaded`",
+                exitcodes.UNREACHABLE,
+            )
+        raise CliError(
+            f"no client certificate found in {user_config_dir()}; ask an admin for one "
+            "(`stockade cert issue --identity NAME`) or pass --cert/--key/--ca",
+            exitcodes.REFUSED,
+        )
+    return Connection(target, cert, key, ca, settings.max_message_bytes)
 
 
 def control_stub(channel: grpc.aio.Channel) -> ControlAsyncStub:
     return control_pb2_grpc.ControlStub(channel)
 
 
-def rpc_error(exc: grpc.aio.AioRpcError, path: Path) -> CliError:
+def listening(target: str) -> bool:
+    """Whether anything accepts a plain connection at `target` (unix:/path or host:port)."""
+    if target.startswith("unix:"):
+        family, address = socket.AF_UNIX, target[len("unix:") :]
+        probe = socket.socket(family)
+        connect_to: str | tuple[str, int] = address
+    else:
+        host, _, port = target.rpartition(":")
+        probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        connect_to = (host.strip("[]"), int(port))
+    with probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(connect_to)
+        except OSError:
+            return False
+    return True
+
+
+def rpc_error(exc: grpc.aio.AioRpcError, target: str) -> CliError:
     """Map a gRPC failure to the documented exit codes, with what to do next."""
-    code = exc.code()
+    code, details = exc.code(), exc.details() or ""
+    # gRPC reports a refused TLS handshake as UNAVAILABLE, like a daemon that is not running;
+    # the listener answering a plain connection tells the two apart.
+    if code is grpc.StatusCode.UNAVAILABLE and listening(target):
+        return CliError(
+            f"the daemon at {target} refused the TLS handshake: the client certificate is "
+            "missing, expired or from another CA",
+            exitcodes.REFUSED,
+        )
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return CliError(
-            f"the daemon does not answer on {path}; start it with `stockaded`",
+            f"the daemon does not answer on {target}; start it with `stockaded`",
             exitcodes.UNREACHABLE,
         )
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return CliError(f"refused: {details}", exitcodes.REFUSED)
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
-        return CliError(exc.details() or "invalid request", exitcodes.USAGE)
+        return CliError(details or "invalid request", exitcodes.USAGE)
     if code is grpc.StatusCode.NOT_FOUND:
-        return CliError(exc.details() or "not found", exitcodes.REFUSED)
-    return CliError(f"the daemon refused: {exc.details()}", exitcodes.REFUSED)
+        return CliError(details or "not found", exitcodes.REFUSED)
+    return CliError(f"the daemon refused: {details}", exitcodes.REFUSED)

@@ -11,13 +11,12 @@ import asyncio
 import os
 import stat
 import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
+from typing import Any
 
 import grpc
 
 from stockade.cli import exitcodes
-from stockade.cli.channel import CliError, open_channel, rpc_error
+from stockade.cli.channel import CliError, Connection, rpc_error
 from stockade.relay import jsonrpc
 from stockade.sandbox.stdio import LineSplitter, OversizedLine
 from stockade.v1 import relay_pb2, relay_pb2_grpc
@@ -80,46 +79,65 @@ class _Output:
                 sys.stdout.buffer.flush()
 
 
-async def bridge(path: Path, server: str, max_message_bytes: int) -> int:
+async def bridge(target: Connection, server: str) -> int:
+    max_message_bytes = target.max_message_bytes
     stdin = await _Input.open()
     stdout = await _Output.open()
     emit = stdout.line
 
-    async def frames() -> AsyncIterator[relay_pb2.ClientFrame]:
-        yield relay_pb2.ClientFrame(open=relay_pb2.OpenSession(server=server))
+    async def pump_stdin(call: Any) -> None:
+        """stdin lines to the daemon; an oversized line is answered here, never sent."""
         splitter = LineSplitter(max_message_bytes)
-        while chunk := await stdin.read():
-            for line in splitter.feed(chunk):
-                if isinstance(line, OversizedLine):
-                    await emit(
-                        jsonrpc.error_response(
-                            None,
-                            jsonrpc.MESSAGE_TOO_LARGE,
-                            f"message of {line.seen} bytes is over the "
-                            f"{max_message_bytes}-byte limit",
-                        )
-                    )
-                    continue
-                yield relay_pb2.ClientFrame(message=line)
-
-    async with open_channel(path) as channel:
-        call = relay_pb2_grpc.RelayStub(channel).Connect(frames())
         try:
-            async for frame in call:
+            while chunk := await stdin.read():
+                for line in splitter.feed(chunk):
+                    if isinstance(line, OversizedLine):
+                        await emit(
+                            jsonrpc.error_response(
+                                None,
+                                jsonrpc.MESSAGE_TOO_LARGE,
+                                f"message of {line.seen} bytes is over the "
+                                f"{max_message_bytes}-byte limit",
+                            )
+                        )
+                        continue
+                    await call.write(relay_pb2.ClientFrame(message=line))
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return  # the call has ended; the reader reports why
+
+    async with target.channel() as channel:
+        # Write only when no refusal can be in flight: grpc.aio replaces a refusal's status
+        # with INTERNAL when a client write races it (grpc/grpc#36066). The daemon sends
+        # initial metadata once the caller is authenticated, and `opened` once the session
+        # exists; stdin is pumped only after that.
+        call = relay_pb2_grpc.RelayStub(channel).Connect()
+        writer: asyncio.Task[None] | None = None
+        try:
+            await call.initial_metadata()
+            if not call.done():
+                await call.write(relay_pb2.ClientFrame(open=relay_pb2.OpenSession(server=server)))
+            while (frame := await call.read()) is not grpc.aio.EOF:
+                assert isinstance(frame, relay_pb2.ServerFrame)  # noqa: S101 - typed stream
                 kind = frame.WhichOneof("kind")
-                if kind == "message":
+                if kind == "opened" and writer is None:
+                    writer = asyncio.create_task(pump_stdin(call))
+                elif kind == "message":
                     await emit(frame.message)
                 elif kind == "closed":
                     print(f"stockade connect: {frame.closed.reason}", file=sys.stderr)
                     return exitcodes.FAILED
         except grpc.aio.AioRpcError as exc:
-            raise rpc_error(exc, path) from None
+            raise rpc_error(exc, target.target) from None
+        finally:
+            if writer is not None:
+                writer.cancel()
     return exitcodes.OK
 
 
-def run_connect(path: Path, server: str, max_message_bytes: int) -> int:
+def run_connect(target: Connection, server: str) -> int:
     try:
-        return asyncio.run(bridge(path, server, max_message_bytes))
+        return asyncio.run(bridge(target, server))
     except CliError:
         raise
     except (BrokenPipeError, ConnectionResetError):  # the host went away: nothing to report to

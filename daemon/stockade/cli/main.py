@@ -9,6 +9,7 @@ import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -17,11 +18,18 @@ from google.protobuf.json_format import MessageToDict
 
 from stockade import __version__
 from stockade.cli import exitcodes
-from stockade.cli.channel import CliError, control_stub, open_channel, rpc_error, socket_path
+from stockade.cli.channel import (
+    CliError,
+    add_connection_options,
+    connection,
+    control_stub,
+    rpc_error,
+)
 from stockade.cli.connect import run_connect
 from stockade.cli.demo import run_demo
-from stockade.config import SettingsError, load_settings
+from stockade.config import SettingsError
 from stockade.logs import configure_logging
+from stockade.pki.authority import IssuedCertificate, write_credentials
 from stockade.sandbox.docker_backend import DockerBackend, EngineUnavailable, SandboxError
 from stockade.sandbox.images import ImageBuilder
 from stockade.v1 import control_pb2
@@ -44,16 +52,16 @@ def parse_size(text: str) -> int:
 
 def call_control(args: argparse.Namespace, rpc: Callable[[ControlAsyncStub], Awaitable[T]]) -> T:
     """Run one Control RPC against the daemon; gRPC failures become `CliError`."""
-    path = socket_path(args.socket)
+    target = connection(args)
 
     async def run() -> T:
-        async with open_channel(path) as channel:
+        async with target.channel() as channel:
             return await rpc(control_stub(channel))
 
     try:
         return asyncio.run(run())
     except grpc.aio.AioRpcError as exc:
-        raise rpc_error(exc, path) from None
+        raise rpc_error(exc, target.target) from None
 
 
 def as_dict(message: Any) -> dict[str, Any]:
@@ -174,20 +182,71 @@ def cmd_server_status(args: argparse.Namespace) -> int:
 
 
 def cmd_server_logs(args: argparse.Namespace) -> int:
-    path = socket_path(args.socket)
+    target = connection(args)
     request = control_pb2.GetServerLogsRequest(
         server=args.name, session=args.session or "", follow=args.follow
     )
 
     async def run() -> None:
-        async with open_channel(path) as channel:
+        async with target.channel() as channel:
             async for line in control_stub(channel).GetServerLogs(request):
                 print(f"{line.instance} {line.line}", flush=True)
 
     try:
         asyncio.run(run())
     except grpc.aio.AioRpcError as exc:
-        raise rpc_error(exc, path) from None
+        raise rpc_error(exc, target.target) from None
+    return exitcodes.OK
+
+
+# -- certificates ---------------------------------------------------------------------
+
+
+def cmd_cert_issue(args: argparse.Namespace) -> int:
+    out: Path = args.out or Path(f"stockade-{args.identity}")
+    existing = [n for n in ("client.crt", "client.key") if (out / n).exists()]
+    if existing and not args.force:
+        raise CliError(f"{out} already holds credentials; use --force to replace them", 1)
+    request = control_pb2.IssueCertificateRequest(name=args.identity, role=args.role)
+    issued = call_control(args, lambda stub: stub.IssueCertificate(request, timeout=10))
+    write_credentials(
+        out,
+        IssuedCertificate(
+            identity=issued.identity,
+            serial=int(issued.serial),
+            key_pem=issued.key_pem,
+            cert_pem=issued.cert_pem,
+            ca_pem=issued.ca_pem,
+            not_after=datetime.fromisoformat(issued.not_after),
+        ),
+    )
+    if args.json:
+        print(json.dumps({"identity": issued.identity, "serial": issued.serial, "out": str(out)}))
+    else:
+        print(f"issued {issued.identity} (serial {issued.serial}, until {issued.not_after[:10]})")
+        print(f"  {out}/client.crt, {out}/client.key (0600), {out}/ca.crt")
+    return exitcodes.OK
+
+
+def cmd_cert_revoke(args: argparse.Namespace) -> int:
+    request = control_pb2.RevokeCertificateRequest(
+        serial=args.serial or "", identity=args.identity or ""
+    )
+    revoked = call_control(args, lambda stub: stub.RevokeCertificate(request, timeout=10))
+    print(f"revoked {revoked.identity}: serial {', '.join(revoked.serials)}")
+    return exitcodes.OK
+
+
+def cmd_cert_ls(args: argparse.Namespace) -> int:
+    listed = call_control(
+        args, lambda stub: stub.ListCertificates(control_pb2.ListCertificatesRequest(), timeout=10)
+    )
+    if args.json:
+        print(json.dumps([as_dict(c) for c in listed.certificates]))
+        return exitcodes.OK
+    for cert in listed.certificates:
+        state = "REVOKED" if cert.revoked else "valid"
+        print(f"{cert.serial}\t{cert.identity}\t{cert.not_after[:10]}\t{state}")
     return exitcodes.OK
 
 
@@ -195,11 +254,7 @@ def cmd_server_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
-    try:
-        limit = load_settings().max_message_bytes
-    except SettingsError as exc:
-        raise CliError(str(exc), exitcodes.CONFIG) from None
-    return run_connect(socket_path(args.socket), args.name, limit)
+    return run_connect(connection(args), args.name)
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
@@ -225,7 +280,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _with_socket(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
-    parser.add_argument("--socket", help="the daemon's Unix socket (default: from settings)")
+    add_connection_options(parser)
     if json_flag:
         parser.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -304,6 +359,44 @@ def _server_parsers(sub: Any) -> None:
     logs.set_defaults(handler=cmd_server_logs)
 
 
+def _cert_parsers(sub: Any) -> None:
+    cert = sub.add_parser("cert", help="certificates for hosts and operators (mTLS)")
+    actions = cert.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
+    issue = actions.add_parser(
+        "issue",
+        help="issue a client certificate",
+        epilog="example: stockade cert issue --identity claude-desktop --out ~/.config/stockade",
+    )
+    issue.add_argument("--identity", required=True, help="a name, e.g. claude-desktop")
+    issue.add_argument(
+        "--role",
+        choices=["host", "admin"],
+        default="host",
+        help="host: may use the relay; admin: the Control API too",
+    )
+    issue.add_argument("--out", type=Path, help="folder to write to (default: ./stockade-NAME)")
+    issue.add_argument("--force", action="store_true", help="replace existing credentials")
+    _with_socket(issue)
+    issue.set_defaults(handler=cmd_cert_issue)
+
+    revoke = actions.add_parser(
+        "revoke",
+        help="revoke certificates: refused from the next call on",
+        epilog="example: stockade cert revoke --identity host/claude-desktop",
+    )
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--serial", help="one certificate")
+    which.add_argument("--identity", help="every certificate of ROLE/NAME or a spiffe:// URI")
+    _with_socket(revoke, json_flag=False)
+    revoke.set_defaults(handler=cmd_cert_revoke)
+
+    ls = actions.add_parser(
+        "ls", help="certificates issued by this daemon", epilog="example: stockade cert ls --json"
+    )
+    _with_socket(ls)
+    ls.set_defaults(handler=cmd_cert_ls)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stockade",
@@ -320,6 +413,7 @@ def _parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=cmd_status)
 
     _server_parsers(sub)
+    _cert_parsers(sub)
 
     connect = sub.add_parser(
         "connect",

@@ -69,6 +69,21 @@ class ControlStub:
                 request_serializer=stockade_dot_v1_dot_control__pb2.GetServerLogsRequest.SerializeToString,
                 response_deserializer=stockade_dot_v1_dot_control__pb2.LogLine.FromString,
                 _registered_method=True)
+        self.IssueCertificate = channel.unary_unary(
+                '/stockade.v1.Control/IssueCertificate',
+                request_serializer=stockade_dot_v1_dot_control__pb2.IssueCertificateRequest.SerializeToString,
+                response_deserializer=stockade_dot_v1_dot_control__pb2.IssuedCertificate.FromString,
+                _registered_method=True)
+        self.RevokeCertificate = channel.unary_unary(
+                '/stockade.v1.Control/RevokeCertificate',
+                request_serializer=stockade_dot_v1_dot_control__pb2.RevokeCertificateRequest.SerializeToString,
+                response_deserializer=stockade_dot_v1_dot_control__pb2.RevokeCertificateResponse.FromString,
+                _registered_method=True)
+        self.ListCertificates = channel.unary_unary(
+                '/stockade.v1.Control/ListCertificates',
+                request_serializer=stockade_dot_v1_dot_control__pb2.ListCertificatesRequest.SerializeToString,
+                response_deserializer=stockade_dot_v1_dot_control__pb2.ListCertificatesResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -119,6 +134,25 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueCertificate(self, request, context):
+        """The daemon's CA: client certificates for hosts and operators, and their revocation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeCertificate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCertificates(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +190,21 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.GetServerLogs,
                     request_deserializer=stockade_dot_v1_dot_control__pb2.GetServerLogsRequest.FromString,
                     response_serializer=stockade_dot_v1_dot_control__pb2.LogLine.SerializeToString,
+            ),
+            'IssueCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueCertificate,
+                    request_deserializer=stockade_dot_v1_dot_control__pb2.IssueCertificateRequest.FromString,
+                    response_serializer=stockade_dot_v1_dot_control__pb2.IssuedCertificate.SerializeToString,
+            ),
+            'RevokeCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCertificate,
+                    request_deserializer=stockade_dot_v1_dot_control__pb2.RevokeCertificateRequest.FromString,
+                    response_serializer=stockade_dot_v1_dot_control__pb2.RevokeCertificateResponse.SerializeToString,
+            ),
+            'ListCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCertificates,
+                    request_deserializer=stockade_dot_v1_dot_control__pb2.ListCertificatesRequest.FromString,
+                    response_serializer=stockade_dot_v1_dot_control__pb2.ListCertificatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +396,87 @@ class Control:
             '/stockade.v1.Control/GetServerLogs',
             stockade_dot_v1_dot_control__pb2.GetServerLogsRequest.SerializeToString,
             stockade_dot_v1_dot_control__pb2.LogLine.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockade.v1.Control/IssueCertificate',
+            stockade_dot_v1_dot_control__pb2.IssueCertificateRequest.SerializeToString,
+            stockade_dot_v1_dot_control__pb2.IssuedCertificate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockade.v1.Control/RevokeCertificate',
+            stockade_dot_v1_dot_control__pb2.RevokeCertificateRequest.SerializeToString,
+            stockade_dot_v1_dot_control__pb2.RevokeCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockade.v1.Control/ListCertificates',
+            stockade_dot_v1_dot_control__pb2.ListCertificatesRequest.SerializeToString,
+            stockade_dot_v1_dot_control__pb2.ListCertificatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,10 @@ class ControlStub:
     ListSessions: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListSessionsRequest, _control_pb2.ListSessionsResponse]
     GetServerLogs: _grpc.UnaryStreamMultiCallable[_control_pb2.GetServerLogsRequest, _control_pb2.LogLine]
     """The stderr of a server's instances (bounded ring per instance); follow streams new lines."""
+    IssueCertificate: _grpc.UnaryUnaryMultiCallable[_control_pb2.IssueCertificateRequest, _control_pb2.IssuedCertificate]
+    """The daemon's CA: client certificates for hosts and operators, and their revocation."""
+    RevokeCertificate: _grpc.UnaryUnaryMultiCallable[_control_pb2.RevokeCertificateRequest, _control_pb2.RevokeCertificateResponse]
+    ListCertificates: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListCertificatesRequest, _control_pb2.ListCertificatesResponse]
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -60,6 +64,10 @@ class ControlAsyncStub(ControlStub):
     ListSessions: _aio.UnaryUnaryMultiCallable[_control_pb2.ListSessionsRequest, _control_pb2.ListSessionsResponse]  # type: ignore[assignment]
     GetServerLogs: _aio.UnaryStreamMultiCallable[_control_pb2.GetServerLogsRequest, _control_pb2.LogLine]  # type: ignore[assignment]
     """The stderr of a server's instances (bounded ring per instance); follow streams new lines."""
+    IssueCertificate: _aio.UnaryUnaryMultiCallable[_control_pb2.IssueCertificateRequest, _control_pb2.IssuedCertificate]  # type: ignore[assignment]
+    """The daemon's CA: client certificates for hosts and operators, and their revocation."""
+    RevokeCertificate: _aio.UnaryUnaryMultiCallable[_control_pb2.RevokeCertificateRequest, _control_pb2.RevokeCertificateResponse]  # type: ignore[assignment]
+    ListCertificates: _aio.UnaryUnaryMultiCallable[_control_pb2.ListCertificatesRequest, _control_pb2.ListCertificatesResponse]  # type: ignore[assignment]
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -113,5 +121,27 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_control_pb2.LogLine], _abc.AsyncIterator[_control_pb2.LogLine]]:
         """The stderr of a server's instances (bounded ring per instance); follow streams new lines."""
+
+    @_abc_1.abstractmethod
+    def IssueCertificate(
+        self,
+        request: _control_pb2.IssueCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.IssuedCertificate, _abc.Awaitable[_control_pb2.IssuedCertificate]]:
+        """The daemon's CA: client certificates for hosts and operators, and their revocation."""
+
+    @_abc_1.abstractmethod
+    def RevokeCertificate(
+        self,
+        request: _control_pb2.RevokeCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.RevokeCertificateResponse, _abc.Awaitable[_control_pb2.RevokeCertificateResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListCertificates(
+        self,
+        request: _control_pb2.ListCertificatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ListCertificatesResponse, _abc.Awaitable[_control_pb2.ListCertificatesResponse]]: ...
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

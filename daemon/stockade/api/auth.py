@@ -1,0 +1,164 @@
+"""Deny-by-default authentication for every RPC, of all four kinds.
+
+Each RPC method has a rule naming the roles that may call it; a method without a rule is
+refused, whatever servicer exists for it. The caller's identity comes from its client
+certificate (mTLS is required on every listener, so the handshake already proved it holds
+the key to a certificate this CA issued). Revocation is checked here, on every call, against
+the CA's revoked serials (updated in-process when `cert revoke` runs). The identity is bound
+into the log context for everything the call does.
+
+grpc.aio interceptors cannot see the peer certificate, so the interceptor wraps the handler
+it is given and checks inside it, where `context.auth_context()` is available.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, cast
+
+import grpc
+
+from stockade.logs import get_logger, log_context
+from stockade.pki.authority import CertificateAuthority
+from stockade.pki.identity import Identity, IdentityError, Role, peer_from_pem
+
+log = get_logger("stockade.auth")
+
+ADMIN_ONLY: frozenset[Role] = frozenset({"admin"})
+HOSTS_AND_ADMINS: frozenset[Role] = frozenset({"admin", "host"})
+
+# The whole API surface: every method and who may call it. Nothing else answers.
+METHOD_RULES: Mapping[str, frozenset[Role]] = {
+    "/stockade.v1.Relay/Connect": HOSTS_AND_ADMINS,
+    "/stockade.v1.Control/GetStatus": ADMIN_ONLY,
+    "/stockade.v1.Control/AddServer": ADMIN_ONLY,
+    "/stockade.v1.Control/ListServers": ADMIN_ONLY,
+    "/stockade.v1.Control/GetServer": ADMIN_ONLY,
+    "/stockade.v1.Control/RemoveServer": ADMIN_ONLY,
+    "/stockade.v1.Control/ListSessions": ADMIN_ONLY,
+    "/stockade.v1.Control/GetServerLogs": ADMIN_ONLY,
+    "/stockade.v1.Control/IssueCertificate": ADMIN_ONLY,
+    "/stockade.v1.Control/RevokeCertificate": ADMIN_ONLY,
+    "/stockade.v1.Control/ListCertificates": ADMIN_ONLY,
+}
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class Denied(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def caller_identity(context: Context, authority: CertificateAuthority) -> Identity:
+    """The verified identity of the caller, or `Denied` with the reason."""
+    auth = context.auth_context()
+    pems = list(auth.get("x509_pem_cert") or [])
+    if not pems:
+        raise Denied(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+    try:
+        peer = peer_from_pem(bytes(pems[0]))
+    except (IdentityError, ValueError) as exc:
+        raise Denied(
+            grpc.StatusCode.UNAUTHENTICATED, f"unusable client certificate: {exc}"
+        ) from None
+    if peer.serial in authority.revoked:
+        raise Denied(
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"certificate {peer.serial} ({peer.identity.uri}) has been revoked",
+        )
+    return peer.identity
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, authority: CertificateAuthority) -> None:
+        self._authority = authority
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        method = handler_call_details.method
+        roles = METHOD_RULES.get(method)
+        handler = await continuation(handler_call_details)
+        if roles is None or handler is None:
+            log.warning("refused an unknown method", method=method)
+            return _refusal(grpc.StatusCode.UNIMPLEMENTED, f"no such method: {method}")
+        return _wrap(handler, method, roles, self._authority)
+
+
+def _authorize(
+    context: Context, method: str, roles: frozenset[Role], ca: CertificateAuthority
+) -> Identity:
+    identity = caller_identity(context, ca)
+    if identity.role not in roles:
+        raise Denied(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{identity.uri} (role {identity.role}) may not call {method}",
+        )
+    return identity
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    method: str,
+    roles: frozenset[Role],
+    ca: CertificateAuthority,
+) -> grpc.RpcMethodHandler[Any, Any]:
+    # The stubs model sync handlers; ours are coroutines or async generators.
+    factory: Callable[..., grpc.RpcMethodHandler[Any, Any]]
+    if handler.unary_unary is not None:
+        inner = cast(Callable[..., Any], handler.unary_unary)
+        factory = grpc.unary_unary_rpc_method_handler
+    elif handler.unary_stream is not None:
+        inner = cast(Callable[..., Any], handler.unary_stream)
+        factory = grpc.unary_stream_rpc_method_handler
+    elif handler.stream_unary is not None:
+        inner = cast(Callable[..., Any], handler.stream_unary)
+        factory = grpc.stream_unary_rpc_method_handler
+    else:
+        inner = cast(Callable[..., Any], handler.stream_stream)
+        factory = grpc.stream_stream_rpc_method_handler
+
+    async def check(context: Context) -> Identity | None:
+        try:
+            return _authorize(context, method, roles, ca)
+        except Denied as exc:
+            log.warning("refused a call", method=method, reason=str(exc))
+            await context.abort(exc.code, str(exc))
+        return None
+
+    if inspect.isasyncgenfunction(inner):
+
+        async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
+            identity = await check(context)
+            with log_context(identity=identity.uri if identity else None):
+                async for item in inner(request, context):
+                    yield item
+
+        behaviour: Callable[..., Any] = streaming
+    else:
+
+        async def calling(request: Any, context: Context) -> Any:
+            identity = await check(context)
+            with log_context(identity=identity.uri if identity else None):
+                return await inner(request, context)
+
+        behaviour = calling
+    return factory(
+        behaviour,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler[Any, Any]:
+    async def refuse(request: Any, context: Context) -> None:
+        await context.abort(code, message)
+
+    return grpc.unary_unary_rpc_method_handler(refuse)

@@ -1,0 +1,1 @@
+"""The daemon's own certificate authority: identities for hosts and operators (mTLS)."""
