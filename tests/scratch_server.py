@@ -36,6 +36,8 @@ for line in sys.stdin:
     message = json.loads(line)
     method, request_id = message.get("method"), message.get("id")
     params = message.get("params") or {}
+    if method == "notifications/cancelled":
+        print(f"cancelled {params.get('requestId')}", file=sys.stderr, flush=True)
     if request_id is None:
         continue
     if method == "initialize":

@@ -189,6 +189,24 @@ def test_stderr_reaches_server_logs(daemon: Daemon) -> None:
     assert "hello from inside the sandbox" in logs
 
 
+def test_a_cancellation_reaches_the_server(daemon: Daemon) -> None:
+    daemon.add_scratch_server("scratch", "--warm", "0")
+
+    async def scenario() -> str:
+        async with HostSession(daemon, "scratch") as host:
+            hung = await host.send("scratch/hang")
+            cancel = {
+                "jsonrpc": "2.0",
+                "method": "notifications/cancelled",
+                "params": {"requestId": hung, "reason": "user pressed stop"},
+            }
+            await host.send_raw(json.dumps(cancel).encode())
+            await host.request("scratch/read")  # processed after the cancellation
+            return daemon.cli("server", "logs", "scratch").stdout
+
+    assert f"cancelled {1}" in asyncio.run(scenario())
+
+
 def test_gvisor_server_answers_tools_list(daemon: Daemon) -> None:
     daemon.cli(
         "server",

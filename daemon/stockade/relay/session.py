@@ -68,6 +68,9 @@ class RelaySession:
             return
         if message.kind is Kind.REQUEST:
             self._pending[message.id_key] = message.id
+        elif message.method == "notifications/cancelled" and message.params is not None:
+            # A cancelled request gets no answer (MCP): nothing is owed for it any more.
+            self._pending.pop(jsonrpc.id_key(message.params.get("requestId")), None)
         await self.instance.send(message.raw)
 
     async def from_server(self, line: bytes | OversizedLine) -> None:

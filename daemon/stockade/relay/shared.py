@@ -179,9 +179,10 @@ class SharedRouter:
                 body["params"] = {**params, "_meta": {**meta, "progressToken": token}}
         elif message.method == "notifications/cancelled" and message.params is not None:
             original = jsonrpc.id_key(message.params.get("requestId"))
-            rewritten_id = session.outstanding.get(original)
+            rewritten_id = session.outstanding.pop(original, None)
             if rewritten_id is None:
                 return b""  # not one of this session's requests: never cancel another's
+            self._routes.pop(jsonrpc.id_key(rewritten_id), None)  # no answer is owed now
             body["params"] = {**message.params, "requestId": rewritten_id}
         return _dumps(body)
 
