@@ -29,9 +29,22 @@ from tests.daemon_helper import BIN, Daemon
 
 CALL = {"name": "get_current_time", "arguments": {"timezone": "UTC"}}
 HARDENED = [
-    "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges:true",
-    "--user", "10001:10001", "--network", "none", "--memory", "256m", "--pids-limit", "64",
-    "--tmpfs", "/tmp:rw,noexec,nosuid,nodev,size=64m", "--init",
+    "--read-only",
+    "--cap-drop",
+    "ALL",
+    "--security-opt",
+    "no-new-privileges:true",
+    "--user",
+    "10001:10001",
+    "--network",
+    "none",
+    "--memory",
+    "256m",
+    "--pids-limit",
+    "64",
+    "--tmpfs",
+    "/tmp:rw,noexec,nosuid,nodev,size=64m",
+    "--init",
 ]
 
 
@@ -40,8 +53,12 @@ class RawClient:
 
     def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.process = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=env, bufsize=0,
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            bufsize=0,
         )
         self._next = 0
 
@@ -65,8 +82,14 @@ class RawClient:
         return self._read_answer()
 
     def initialize(self) -> None:
-        self.request("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
-                                    "clientInfo": {"name": "bench", "version": "1"}})
+        self.request(
+            "initialize",
+            {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "bench", "version": "1"},
+            },
+        )
         self._write({"jsonrpc": "2.0", "method": "notifications/initialized"})
 
     def round_trips(self, calls: int) -> list[float]:
@@ -85,8 +108,9 @@ class RawClient:
         began = time.perf_counter()
         for _ in range(calls):
             self._next += 1
-            self._write({"jsonrpc": "2.0", "id": self._next, "method": "tools/call",
-                         "params": CALL})
+            self._write(
+                {"jsonrpc": "2.0", "id": self._next, "method": "tools/call", "params": CALL}
+            )
         for _ in range(calls):
             self._read_answer()
         return calls / (time.perf_counter() - began)
@@ -128,8 +152,17 @@ def main(calls: int) -> None:
     server = [sys.executable, "-m", "mcp_server_time", "--local-timezone", "UTC"]
     direct = measure(server, calls)
     docker_cli = shutil.which("docker") or "docker"
-    container = [docker_cli, "run", "--rm", "-i", *HARDENED, "stockade/python:latest",
-                 "mcp-server-time", "--local-timezone", "UTC"]
+    container = [
+        docker_cli,
+        "run",
+        "--rm",
+        "-i",
+        *HARDENED,
+        "stockade/python:latest",
+        "mcp-server-time",
+        "--local-timezone",
+        "UTC",
+    ]
     in_docker = measure(container, calls)
 
     with tempfile.TemporaryDirectory(prefix="stockade-bench-") as root:
@@ -137,11 +170,28 @@ def main(calls: int) -> None:
         daemon = Daemon(Path(root), extra_env={"STOCKADE_TCP_ADDRESS": tcp})
         daemon.start()
         try:
-            daemon.cli("server", "add", "time", "--image", "stockade/python:latest",
-                       "--warm", "2", "--", "mcp-server-time", "--local-timezone", "UTC")
+            daemon.cli(
+                "server",
+                "add",
+                "time",
+                "--image",
+                "stockade/python:latest",
+                "--warm",
+                "2",
+                "--",
+                "mcp-server-time",
+                "--local-timezone",
+                "UTC",
+            )
             creds = daemon.admin_credentials
-            tls = ["--cert", str(creds / "client.crt"), "--key", str(creds / "client.key"),
-                   "--ca", str(creds / "ca.crt")]
+            tls = [
+                "--cert",
+                str(creds / "client.crt"),
+                "--key",
+                str(creds / "client.key"),
+                "--ca",
+                str(creds / "ca.crt"),
+            ]
             bridge = [str(BIN / "stockade"), "connect", "time", *tls]
             via_tcp = measure([*bridge, "--address", tcp], calls, daemon.env)
             via_unix = measure([*bridge, "--socket", str(daemon.socket)], calls, daemon.env)

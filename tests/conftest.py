@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from stockade.sandbox.docker_backend import DockerBackend, EngineUnavailable
+from stockade.sandbox.docker_backend import DockerBackend
+from stockade.sandbox.errors import EngineUnavailable
 from stockade.sandbox.images import ImageBuilder
 from stockade.sandbox.spec import LABEL_DAEMON
 

@@ -1,8 +1,5 @@
 """Stockade: every MCP server in its own restricted container, relayed, policed and audited."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("stockade")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+source"
+# The one place the version is written (pyproject.toml reads it): no importlib.metadata
+# lookup at start-up, which `stockade connect` pays on every session a host opens.
+__version__ = "0.1.0"

@@ -16,7 +16,8 @@ from stockade.config import Settings, SettingsError, load_settings, setting_name
 from stockade.logs import configure_logging, get_logger
 from stockade.pki.authority import CertificateAuthority, PkiError
 from stockade.registry import Registry, RegistryError
-from stockade.sandbox.docker_backend import DockerBackend, EngineUnavailable
+from stockade.sandbox.docker_backend import DockerBackend
+from stockade.sandbox.errors import EngineUnavailable
 from stockade.supervisor.supervisor import Supervisor, load_daemon_id
 
 log = get_logger("stockade.daemon")

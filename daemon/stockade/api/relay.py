@@ -21,7 +21,7 @@ import grpc
 from stockade.logs import get_logger, log_context
 from stockade.registry import Registry, UnknownServer
 from stockade.relay.session import RelaySession
-from stockade.sandbox.docker_backend import SandboxError
+from stockade.sandbox.errors import SandboxError
 from stockade.supervisor.supervisor import Supervisor
 from stockade.v1 import relay_pb2, relay_pb2_grpc
 

@@ -18,7 +18,7 @@ import grpc
 
 from stockade.cli import exitcodes
 from stockade.config import SettingsError, load_settings
-from stockade.pki.authority import SERVER_NAME
+from stockade.pki import SERVER_NAME
 from stockade.v1 import control_pb2_grpc
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi

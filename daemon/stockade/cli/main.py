@@ -26,12 +26,9 @@ from stockade.cli.channel import (
     rpc_error,
 )
 from stockade.cli.connect import run_connect
-from stockade.cli.demo import run_demo
 from stockade.config import SettingsError
 from stockade.logs import configure_logging
-from stockade.pki.authority import IssuedCertificate, write_credentials
-from stockade.sandbox.docker_backend import DockerBackend, EngineUnavailable, SandboxError
-from stockade.sandbox.images import ImageBuilder
+from stockade.sandbox.errors import EngineUnavailable, SandboxError
 from stockade.v1 import control_pb2
 
 if TYPE_CHECKING:
@@ -203,6 +200,8 @@ def cmd_server_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_cert_issue(args: argparse.Namespace) -> int:
+    from stockade.pki.authority import IssuedCertificate, write_credentials  # noqa: PLC0415
+
     out: Path = args.out or Path(f"stockade-{args.identity}")
     existing = [n for n in ("client.crt", "client.key") if (out / n).exists()]
     if existing and not args.force:
@@ -257,7 +256,14 @@ def cmd_connect(args: argparse.Namespace) -> int:
     return run_connect(connection(args), args.name)
 
 
+# Commands that need docker or cryptography import them when they run: `stockade connect`
+# starts once per host session and should not pay for libraries it never uses.
+
+
 def cmd_image_build(args: argparse.Namespace) -> int:
+    from stockade.sandbox.docker_backend import DockerBackend  # noqa: PLC0415
+    from stockade.sandbox.images import ImageBuilder  # noqa: PLC0415
+
     backend = DockerBackend()
     builder = ImageBuilder(
         backend.client,
@@ -273,6 +279,8 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from stockade.cli.demo import run_demo  # noqa: PLC0415
+
     return run_demo(args.ca_bundle)
 
 

@@ -22,13 +22,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from stockade.pki import SERVER_NAME
 from stockade.pki.identity import TRUST_DOMAIN, Identity
 
 CA_DAYS = 3650
 LEAF_DAYS = 365
 SERVER_IDENTITY = f"spiffe://{TRUST_DOMAIN}/daemon"
-# The name clients verify the daemon's certificate against (also on the Unix socket).
-SERVER_NAME = "stockaded"
 ADMIN_NAME = "local-owner"
 
 

@@ -18,29 +18,16 @@ import docker.errors
 from docker.models.containers import Container
 
 from stockade.logs import get_logger
+from stockade.sandbox.errors import (
+    ContainerGone,
+    EngineUnavailable,
+    ImageMissing,
+    RuntimeMissing,
+    SandboxError,
+)
 from stockade.sandbox.spec import LABEL_MANAGED, ContainerSpec
 
 log = get_logger("stockade.sandbox")
-
-
-class SandboxError(Exception):
-    """A sandbox operation failed; the message is safe to show to an operator."""
-
-
-class EngineUnavailable(SandboxError):
-    """The Docker engine does not answer."""
-
-
-class ContainerGone(SandboxError):
-    """The container no longer exists (removed, or never created)."""
-
-
-class RuntimeMissing(SandboxError):
-    """The requested OCI runtime (e.g. runsc) is not registered with the engine."""
-
-
-class ImageMissing(SandboxError):
-    """The image is not present locally (registries are never consulted at run time)."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 import docker
 import docker.errors
 
-from stockade.sandbox.docker_backend import SandboxError
+from stockade.sandbox.errors import SandboxError
 
 LABEL_RECIPE = "io.stockade.recipe-hash"
 REGISTRY_ROOTFS = "debian:bookworm-slim"

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from stockade.logs import get_logger, log_context
 from stockade.sandbox.attached import AttachedStdio
-from stockade.sandbox.docker_backend import ContainerGone, DockerBackend, ExitStatus
+from stockade.sandbox.docker_backend import DockerBackend, ExitStatus
+from stockade.sandbox.errors import ContainerGone
 from stockade.sandbox.spec import ContainerSpec
 from stockade.sandbox.stdio import OversizedLine
 

@@ -28,7 +28,8 @@ from stockade.config import Settings
 from stockade.logs import get_logger, log_context
 from stockade.registry import Registry, ServerDefinition
 from stockade.relay.shared import HandshakeFailed, SharedRouter
-from stockade.sandbox.docker_backend import DockerBackend, SandboxError
+from stockade.sandbox.docker_backend import DockerBackend
+from stockade.sandbox.errors import SandboxError
 from stockade.sandbox.spec import (
     LABEL_DAEMON,
     LABEL_INSTANCE,
