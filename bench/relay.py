@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.daemon_helper import BIN, Daemon
+from tests.daemon_helper import running_daemon
 
 CALL = {"name": "get_current_time", "arguments": {"timezone": "UTC"}}
 HARDENED = [
@@ -167,40 +167,25 @@ def main(calls: int) -> None:
 
     with tempfile.TemporaryDirectory(prefix="stockade-bench-") as root:
         tcp = f"127.0.0.1:{free_port()}"
-        daemon = Daemon(Path(root), extra_env={"STOCKADE_TCP_ADDRESS": tcp})
-        daemon.start()
-        try:
-            daemon.cli(
-                "server",
-                "add",
+        with running_daemon(Path(root), STOCKADE_TCP_ADDRESS=tcp) as daemon:
+            daemon.add_server(
                 "time",
-                "--image",
                 "stockade/python:latest",
-                "--warm",
-                "2",
-                "--",
                 "mcp-server-time",
                 "--local-timezone",
                 "UTC",
+                warm=2,
             )
-            creds = daemon.admin_credentials
-            tls = [
-                "--cert",
-                str(creds / "client.crt"),
-                "--key",
-                str(creds / "client.key"),
-                "--ca",
-                str(creds / "ca.crt"),
-            ]
-            bridge = [str(BIN / "stockade"), "connect", "time", *tls]
-            via_tcp = measure([*bridge, "--address", tcp], calls, daemon.env)
-            via_unix = measure([*bridge, "--socket", str(daemon.socket)], calls, daemon.env)
-            pipe = RawClient([*bridge, "--socket", str(daemon.socket)], daemon.env)
+            over_unix = daemon.bridge("time", daemon.issue_host("bench"))
+            over_tcp = list(over_unix)
+            at = over_tcp.index("--socket")
+            over_tcp[at : at + 2] = ["--address", tcp]
+            via_unix = measure(over_unix, calls, daemon.env)
+            via_tcp = measure(over_tcp, calls, daemon.env)
+            pipe = RawClient(over_unix, daemon.env)
             pipe.initialize()
             throughput = pipe.pipelined(max(calls, 1000))
             pipe.close()
-        finally:
-            daemon.stop()
 
     docker_p50 = statistics.median(in_docker) * 1000
     print(f"| path (mcp-server-time, tools/call, n={calls}) | p50 | p99 | vs docker run -i |")

@@ -10,12 +10,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import docker
 import grpc
 
+from stockade.cli.channel import credential_args
 from stockade.sandbox.spec import LABEL_DAEMON
 from stockade.v1 import relay_pb2, relay_pb2_grpc
 
@@ -102,6 +106,32 @@ class Daemon:
             raise AssertionError(f"stockade {' '.join(args)} failed: {result.stderr}")
         return result
 
+    def add_server(self, name: str, image: str, *command: str, warm: int = 1) -> None:
+        """Register a server and, with a warm pool, wait until the pool is full."""
+        self.cli("server", "add", name, "--image", image, "--warm", str(warm), "--", *command)
+        deadline = time.monotonic() + 120
+        while warm and self.status(name).get("pooled", 0) < warm:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the warm pool of {name} did not fill")
+            time.sleep(0.2)
+
+    def issue_host(self, name: str) -> Path:
+        """A host certificate, written where `stockade cert issue --out` puts it."""
+        folder = self.root / f"creds-{name}"
+        self.cli("cert", "issue", "--identity", name, "--out", str(folder))
+        return folder
+
+    def bridge(self, server: str, credentials: Path) -> list[str]:
+        """The command line a host's config holds: `stockade connect` with its certificate."""
+        return [
+            str(BIN / "stockade"),
+            "connect",
+            server,
+            "--socket",
+            str(self.socket),
+            *credential_args(credentials),
+        ]
+
     def add_scratch_server(self, name: str, *options: str) -> None:
         self.cli(
             "server",
@@ -124,8 +154,6 @@ class Daemon:
 
     def containers(self) -> list[dict[str, Any]]:
         """This daemon's containers as the engine sees them (`docker ps -a` by label)."""
-        import docker
-
         client = docker.from_env()
         found: list[dict[str, Any]] = client.api.containers(
             all=True, filters={"label": f"{LABEL_DAEMON}={self.daemon_id}"}
@@ -150,6 +178,21 @@ def secure_channel(target: str, folder: Path) -> grpc.aio.Channel:
             ("grpc.max_send_message_length", limit),
         ],
     )
+
+
+@contextmanager
+def running_daemon(root: Path, **extra_env: str) -> Iterator[Daemon]:
+    """A started daemon that is always stopped, with nothing of it left in the engine."""
+    daemon = Daemon(root, extra_env=dict(extra_env))
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        if daemon.process and daemon.process.poll() is None:
+            daemon.stop()
+        client = docker.from_env()
+        for summary in daemon.containers():
+            client.api.remove_container(summary["Id"], force=True)
 
 
 class HostSession:

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import docker
 import pytest
 from mcp import Client, StdioServerParameters
 
-from tests.daemon_helper import BIN, Daemon
-from tests.test_supervisor import wait_until
+from tests.daemon_helper import BIN, Daemon, running_daemon
+
+TIME_IMAGE = "stockade/python:latest"
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
@@ -32,44 +32,15 @@ INITIALIZE = {
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    running = Daemon(tmp_path_factory.mktemp("connect"))
-    running.start()
-    running.cli(
-        "server",
-        "add",
-        "time",
-        "--image",
-        "stockade/python:latest",
-        "--warm",
-        "1",
-        "--",
-        "mcp-server-time",
-        "--local-timezone",
-        "UTC",
-    )
-    wait_until(lambda: running.status("time").get("pooled") == 1, 60, "a warm time server")
-    running.cli("cert", "issue", "--identity", "test-host", "--out", str(running.root / "host"))
-    yield running
-    running.stop()
-    for summary in running.containers():
-        docker.from_env().api.remove_container(summary["Id"], force=True)
+    with running_daemon(tmp_path_factory.mktemp("connect")) as running:
+        running.add_server("time", TIME_IMAGE, "mcp-server-time", "--local-timezone", "UTC")
+        running.host = running.issue_host("test-host")  # type: ignore[attr-defined]
+        yield running
 
 
 def host_args(daemon: Daemon, server: str) -> list[str]:
     """What a host's config holds: the bridge, the server, the socket and its certificate."""
-    folder = daemon.root / "host"
-    return [
-        "connect",
-        server,
-        "--socket",
-        str(daemon.socket),
-        "--cert",
-        str(folder / "client.crt"),
-        "--key",
-        str(folder / "client.key"),
-        "--ca",
-        str(folder / "ca.crt"),
-    ]
+    return daemon.bridge(server, daemon.host)[1:]  # type: ignore[attr-defined]
 
 
 def connect(daemon: Daemon, server: str, stdin: bytes) -> subprocess.CompletedProcess[bytes]:

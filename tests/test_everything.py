@@ -13,56 +13,25 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
-import docker
 import pytest
 from mcp import Client, StdioServerParameters, types
 
-from tests.daemon_helper import BIN, Daemon
-from tests.test_supervisor import wait_until
+from tests.daemon_helper import BIN, Daemon, running_daemon
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    running = Daemon(tmp_path_factory.mktemp("everything"))
-    running.start()
-    running.cli(
-        "server",
-        "add",
-        "everything",
-        "--image",
-        "stockade/node:latest",
-        "--warm",
-        "2",
-        "--",
-        "mcp-server-everything",
-    )
-    running.cli("cert", "issue", "--identity", "sdk-host", "--out", str(running.root / "host"))
-    wait_until(lambda: running.status("everything").get("pooled") == 2, 90, "a warm pool")
-    yield running
-    running.stop()
-    for summary in running.containers():
-        docker.from_env().api.remove_container(summary["Id"], force=True)
+    with running_daemon(tmp_path_factory.mktemp("everything")) as running:
+        running.add_server("everything", "stockade/node:latest", "mcp-server-everything", warm=2)
+        running.host = running.issue_host("sdk-host")  # type: ignore[attr-defined]
+        yield running
 
 
-def server_params(daemon: Daemon) -> StdioServerParameters:
-    folder = daemon.root / "host"
-    return StdioServerParameters(
-        command=str(BIN / "stockade"),
-        args=[
-            "connect",
-            "everything",
-            "--socket",
-            str(daemon.socket),
-            "--cert",
-            str(folder / "client.crt"),
-            "--key",
-            str(folder / "client.key"),
-            "--ca",
-            str(folder / "ca.crt"),
-        ],
-    )
+def server_params(daemon: Daemon, server: str = "everything") -> StdioServerParameters:
+    command, *args = daemon.bridge(server, daemon.host)  # type: ignore[attr-defined]
+    return StdioServerParameters(command=command, args=args)
 
 
 def text_of(result: types.CallToolResult) -> str:
@@ -178,8 +147,7 @@ def test_a_2026_07_28_exchange_through_stockade(daemon: Daemon) -> None:
         "python",
         "/opt/mcp/servers/modern_server.py",
     )
-    params = server_params(daemon)
-    params.args[1] = "modern"
+    params = server_params(daemon, "modern")
 
     async def scenario() -> tuple[list[str], Any]:
         async with Client(params, mode="2026-07-28") as client:
@@ -205,8 +173,7 @@ def test_server_discover_passes_through_untouched(daemon: Daemon) -> None:
         "python",
         "/opt/mcp/servers/modern_server.py",
     )
-    args = server_params(daemon).args
-    args[1] = "modern2"
+    args = server_params(daemon, "modern2").args
     meta = {
         "io.modelcontextprotocol/protocolVersion": "2026-07-28",
         "io.modelcontextprotocol/clientCapabilities": {},

@@ -8,11 +8,9 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import docker
 import pytest
 
-from tests.daemon_helper import BIN, Daemon
-from tests.test_supervisor import wait_until
+from tests.daemon_helper import Daemon, running_daemon
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
@@ -23,47 +21,17 @@ NODE_BIN = Path(__file__).resolve().parents[1] / ".tools" / "node" / "node_modul
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     if not (NODE_BIN / "mcp-inspector").exists():
         pytest.fail("the Inspector is not installed: run scripts/node-tools.sh (test.sh does)")
-    running = Daemon(tmp_path_factory.mktemp("inspector"))
-    running.start()
-    running.cli(
-        "server",
-        "add",
-        "everything",
-        "--image",
-        "stockade/node:latest",
-        "--warm",
-        "1",
-        "--",
-        "mcp-server-everything",
-    )
-    running.cli("cert", "issue", "--identity", "inspector", "--out", str(running.root / "host"))
-    wait_until(lambda: running.status("everything").get("pooled") == 1, 90, "a warm pool")
-    yield running
-    running.stop()
-    for summary in running.containers():
-        docker.from_env().api.remove_container(summary["Id"], force=True)
+    with running_daemon(tmp_path_factory.mktemp("inspector")) as running:
+        running.add_server("everything", "stockade/node:latest", "mcp-server-everything")
+        running.host = running.issue_host("inspector")  # type: ignore[attr-defined]
+        yield running
 
 
 def inspector(daemon: Daemon, *method: str) -> subprocess.CompletedProcess[str]:
-    folder = daemon.root / "host"
     env = {**daemon.env, "PATH": f"{NODE_BIN}:{os.environ['PATH']}"}
+    bridge = daemon.bridge("everything", daemon.host)  # type: ignore[attr-defined]
     return subprocess.run(
-        [
-            str(NODE_BIN / "mcp-inspector"),
-            "--cli",
-            str(BIN / "stockade"),
-            "connect",
-            "everything",
-            "--socket",
-            str(daemon.socket),
-            "--cert",
-            str(folder / "client.crt"),
-            "--key",
-            str(folder / "client.key"),
-            "--ca",
-            str(folder / "ca.crt"),
-            *method,
-        ],
+        [str(NODE_BIN / "mcp-inspector"), "--cli", *bridge, *method],
         capture_output=True,
         text=True,
         timeout=180,

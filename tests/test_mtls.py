@@ -15,7 +15,7 @@ import pytest
 from stockade.pki.authority import CertificateAuthority, write_credentials
 from stockade.pki.identity import Identity
 from stockade.v1 import control_pb2, control_pb2_grpc
-from tests.daemon_helper import BIN, Daemon, secure_channel
+from tests.daemon_helper import BIN, Daemon, running_daemon, secure_channel
 
 pytestmark = pytest.mark.docker
 
@@ -45,45 +45,20 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    running = Daemon(tmp_path_factory.mktemp("mtls"))
-    running.tcp = f"127.0.0.1:{free_port()}"  # type: ignore[attr-defined]
-    running.extra_env = {"STOCKADE_TCP_ADDRESS": running.tcp}  # type: ignore[attr-defined]
-    running.start()
-    running.cli(
-        "server",
-        "add",
-        "time",
-        "--image",
-        "stockade/python:latest",
-        "--warm",
-        "0",
-        "--",
-        "mcp-server-time",
-    )
-    yield running
-    running.stop()
+    tcp = f"127.0.0.1:{free_port()}"
+    with running_daemon(tmp_path_factory.mktemp("mtls"), STOCKADE_TCP_ADDRESS=tcp) as running:
+        running.tcp = tcp  # type: ignore[attr-defined]
+        running.add_server("time", "stockade/python:latest", "mcp-server-time", warm=0)
+        yield running
 
 
 def connect(daemon: Daemon, folder: Path, *target: str) -> subprocess.CompletedProcess[str]:
-    where = list(target) or ["--socket", str(daemon.socket)]
+    argv = daemon.bridge("time", folder)
+    if target:  # replace the socket with another target
+        at = argv.index("--socket")
+        argv[at : at + 2] = list(target)
     return subprocess.run(
-        [
-            str(BIN / "stockade"),
-            "connect",
-            "time",
-            *where,
-            "--cert",
-            str(folder / "client.crt"),
-            "--key",
-            str(folder / "client.key"),
-            "--ca",
-            str(folder / "ca.crt"),
-        ],
-        input=INIT.decode(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=daemon.env,
+        argv, input=INIT.decode(), capture_output=True, text=True, timeout=120, env=daemon.env
     )
 
 

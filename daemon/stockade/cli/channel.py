@@ -65,6 +65,18 @@ class Connection:
         )
 
 
+def credential_args(folder: Path) -> list[str]:
+    """`--cert/--key/--ca` for the credentials in `folder` (as `cert issue --out` writes them)."""
+    return [
+        "--cert",
+        str(folder / "client.crt"),
+        "--key",
+        str(folder / "client.key"),
+        "--ca",
+        str(folder / "ca.crt"),
+    ]
+
+
 def user_config_dir() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "stockade"

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from stockade.logs import get_logger
+from stockade.sandbox.stdio import OversizedLine
+
+log = get_logger("stockade.relay")
+
 # Standard JSON-RPC codes.
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -120,3 +125,19 @@ def error_response(request_id: Any, code: int, message: str, data: Any = None) -
     return json.dumps(
         {"jsonrpc": "2.0", "id": request_id, "error": error}, separators=(",", ":")
     ).encode()
+
+
+def parse_server_line(line: bytes | OversizedLine, max_bytes: int) -> Message | None:
+    """A server's stdout line as a message, or None (logged) when it cannot be forwarded.
+
+    A server that writes something other than JSON-RPC to stdout (a stray print, a line over
+    the limit) breaks no session: the line is dropped and said in the daemon's log.
+    """
+    if isinstance(line, OversizedLine):
+        log.warning("server sent a message over the limit; dropped", bytes=line.seen)
+        return None
+    try:
+        return parse(line, max_bytes)
+    except InvalidMessage as exc:
+        log.warning("server wrote a non-JSON-RPC line to stdout; dropped", reason=str(exc))
+        return None

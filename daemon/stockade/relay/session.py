@@ -75,13 +75,8 @@ class RelaySession:
 
     async def from_server(self, line: bytes | OversizedLine) -> None:
         """One stdout line from the server: forward it (not forwarded: garbage, oversized)."""
-        if isinstance(line, OversizedLine):
-            log.warning("server sent a message over the limit; dropped", bytes=line.seen)
-            return
-        try:
-            message = jsonrpc.parse(line, self._max)
-        except InvalidMessage as exc:
-            log.warning("server wrote a non-JSON-RPC line to stdout; dropped", reason=str(exc))
+        message = jsonrpc.parse_server_line(line, self._max)
+        if message is None:
             return
         if message.kind is Kind.RESPONSE:
             self._pending.pop(message.id_key, None)

@@ -189,13 +189,8 @@ class SharedRouter:
     # -- the server's output ---------------------------------------------------------
 
     async def _from_server(self, line: bytes | OversizedLine) -> None:
-        if isinstance(line, OversizedLine):
-            log.warning("shared server sent a message over the limit; dropped", bytes=line.seen)
-            return
-        try:
-            message = jsonrpc.parse(line, self._max)
-        except InvalidMessage as exc:
-            log.warning("shared server wrote a non-JSON-RPC line; dropped", reason=str(exc))
+        message = jsonrpc.parse_server_line(line, self._max)
+        if message is None:
             return
         if message.kind is Kind.RESPONSE:
             await self._route_response(message)

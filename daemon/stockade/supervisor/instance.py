@@ -99,31 +99,17 @@ class Instance:
         instance_id: str,
         max_line_bytes: int,
     ) -> Instance:
+        """Create, attach (before start, or early output is lost), then start."""
         container_id = await asyncio.to_thread(backend.create, spec)
+        instance: Instance | None = None
         try:
-            attachment = await asyncio.to_thread(backend.attach, container_id)
-            stderr = StderrLog()
-
-            def on_stderr(line: bytes) -> None:
-                text = line.decode("utf-8", errors="replace")
-                stderr.append(text)
-                with log_context(server=server, instance=instance_id):
-                    log.info("server stderr", line=text)
-
-            stdio = await AttachedStdio.open(attachment, max_line_bytes, on_stderr)
+            instance = await cls._attach(backend, container_id, server, instance_id, max_line_bytes)
             await asyncio.to_thread(backend.start, container_id)
         except BaseException:
+            if instance is not None and instance._reader is not None:
+                instance._reader.cancel()
             await asyncio.to_thread(backend.stop, container_id, 0)
             raise
-        instance = cls(
-            id=instance_id,
-            server=server,
-            container_id=container_id,
-            stdio=stdio,
-            backend=backend,
-            stderr=stderr,
-        )
-        instance._reader = asyncio.create_task(instance._read(), name=f"reader-{instance_id}")
         return instance
 
     @classmethod
@@ -136,11 +122,25 @@ class Instance:
         max_line_bytes: int,
     ) -> Instance:
         """Attach again to a running container a previous daemon run started."""
+        return await cls._attach(backend, container_id, server, instance_id, max_line_bytes)
+
+    @classmethod
+    async def _attach(
+        cls,
+        backend: DockerBackend,
+        container_id: str,
+        server: str,
+        instance_id: str,
+        max_line_bytes: int,
+    ) -> Instance:
         attachment = await asyncio.to_thread(backend.attach, container_id)
         stderr = StderrLog()
 
         def on_stderr(line: bytes) -> None:
-            stderr.append(line.decode("utf-8", errors="replace"))
+            text = line.decode("utf-8", errors="replace")
+            stderr.append(text)
+            with log_context(server=server, instance=instance_id):
+                log.info("server stderr", line=text)
 
         stdio = await AttachedStdio.open(attachment, max_line_bytes, on_stderr)
         instance = cls(
