@@ -15,7 +15,7 @@ import pytest
 from stockade.pki.authority import CertificateAuthority, write_credentials
 from stockade.pki.identity import Identity
 from stockade.v1 import control_pb2, control_pb2_grpc
-from tests.daemon_helper import BIN, Daemon, running_daemon, secure_channel
+from tests.daemon_helper import BIN, Daemon, HostSession, running_daemon, secure_channel
 
 pytestmark = pytest.mark.docker
 
@@ -187,3 +187,24 @@ def test_tls_cannot_be_turned_off(tmp_path: Path) -> None:
         )
         assert result.returncode == 78
         assert "unknown setting" in result.stderr
+
+
+def test_sessions_are_attributed_to_the_callers_certificate(daemon: Daemon) -> None:
+    folder = issue(daemon, "attributed")
+
+    async def scenario() -> list[dict[str, str]]:
+        async with HostSession(daemon, "time", folder) as host:
+            assert host.opened
+            return json.loads(daemon.cli("session", "ls", "--json").stdout)
+
+    (session,) = asyncio.run(scenario())
+    assert session["identity"] == "spiffe://stockade.local/host/attributed"
+    assert session["server"] == "time"
+    logged = [
+        json.loads(line)
+        for line in daemon.log_path.read_text().splitlines()
+        if line.startswith("{")
+    ]
+    opened = [r for r in logged if r.get("event") == "session opened"]
+    assert opened[-1]["identity"] == "spiffe://stockade.local/host/attributed"
+    assert opened[-1]["session"] == session["id"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from typing import Any, cast
 
 import grpc
@@ -44,6 +45,9 @@ METHOD_RULES: Mapping[str, frozenset[Role]] = {
 }
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+# The verified caller of the RPC being served, for servicers that record who did what.
+current_identity: ContextVar[Identity | None] = ContextVar("stockade_identity", default=None)
 
 
 class Denied(Exception):
@@ -125,29 +129,37 @@ def _wrap(
         inner = cast(Callable[..., Any], handler.stream_stream)
         factory = grpc.stream_stream_rpc_method_handler
 
-    async def check(context: Context) -> Identity | None:
+    async def check(context: Context) -> Identity:
         try:
             return _authorize(context, method, roles, ca)
         except Denied as exc:
             log.warning("refused a call", method=method, reason=str(exc))
             await context.abort(exc.code, str(exc))
-        return None
+            raise  # abort() raises; if it ever did not, the call still never runs
 
     if inspect.isasyncgenfunction(inner):
 
         async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
             identity = await check(context)
-            with log_context(identity=identity.uri if identity else None):
-                async for item in inner(request, context):
-                    yield item
+            token = current_identity.set(identity)
+            try:
+                with log_context(identity=identity.uri):
+                    async for item in inner(request, context):
+                        yield item
+            finally:
+                current_identity.reset(token)
 
         behaviour: Callable[..., Any] = streaming
     else:
 
         async def calling(request: Any, context: Context) -> Any:
             identity = await check(context)
-            with log_context(identity=identity.uri if identity else None):
-                return await inner(request, context)
+            token = current_identity.set(identity)
+            try:
+                with log_context(identity=identity.uri):
+                    return await inner(request, context)
+            finally:
+                current_identity.reset(token)
 
         behaviour = calling
     return factory(

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from stockade.api.auth import current_identity
 from stockade.logs import get_logger, log_context
 from stockade.registry import Registry, UnknownServer
 from stockade.relay.session import RelaySession
@@ -81,8 +82,8 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         except UnknownServer as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         session_id = uuid.uuid4().hex[:16]
-        identity = _identity(context)
-        with log_context(session=session_id, server=name, identity=identity):
+        identity = _identity()
+        with log_context(session=session_id, server=name):
             if definition.shared:
                 await self._run_shared(context, name, session_id, identity)
             else:
@@ -201,6 +202,9 @@ async def _read(context: Context) -> relay_pb2.ClientFrame | None:
     return frame
 
 
-def _identity(context: Context) -> str:
-    """The caller's identity. Until mTLS lands, the owner-only Unix socket is the identity."""
-    return f"local:{context.peer()}"
+def _identity() -> str:
+    """The caller's certificate identity, verified by the auth interceptor for this call."""
+    identity = current_identity.get()
+    if identity is None:  # the interceptor always sets it; never serve an unknown caller
+        raise RuntimeError("Relay.Connect reached without an authenticated caller")
+    return identity.uri

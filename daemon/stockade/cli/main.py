@@ -196,6 +196,20 @@ def cmd_server_logs(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+def cmd_session_ls(args: argparse.Namespace) -> int:
+    request = control_pb2.ListSessionsRequest(server=args.server or "")
+    listed = call_control(args, lambda stub: stub.ListSessions(request, timeout=10))
+    if args.json:
+        print(json.dumps([as_dict(s) for s in listed.sessions]))
+        return exitcodes.OK
+    if not listed.sessions:
+        print("no open sessions")
+    for session in listed.sessions:
+        since = time.strftime("%H:%M:%S", time.localtime(session.started_at))
+        print(f"{session.id}\t{session.server}\t{session.identity}\t{session.instance}\t{since}")
+    return exitcodes.OK
+
+
 # -- certificates ---------------------------------------------------------------------
 
 
@@ -422,6 +436,19 @@ def _parser() -> argparse.ArgumentParser:
 
     _server_parsers(sub)
     _cert_parsers(sub)
+
+    session = sub.add_parser("session", help="open host sessions")
+    session_actions = session.add_subparsers(
+        dest="session_command", required=True, metavar="ACTION"
+    )
+    session_ls = session_actions.add_parser(
+        "ls",
+        help="open sessions: server, caller identity, instance",
+        epilog="example: stockade session ls --server time",
+    )
+    session_ls.add_argument("--server", help="only this server's sessions")
+    _with_socket(session_ls)
+    session_ls.set_defaults(handler=cmd_session_ls)
 
     connect = sub.add_parser(
         "connect",
