@@ -11,7 +11,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from tests.daemon_helper import Daemon, HostSession
+from tests.daemon_helper import Daemon, HostSession, running_daemon
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
@@ -259,3 +259,24 @@ def test_unknown_server_is_refused_clearly(daemon: Daemon) -> None:
     assert asyncio.run(scenario()) == (
         "NOT_FOUND: no server named 'missing' is registered (see `stockade server ls`)"
     )
+
+
+def test_old_pooled_containers_are_recycled(tmp_path: Path) -> None:
+    with running_daemon(tmp_path, STOCKADE_POOL_MAX_AGE_SECONDS="3") as daemon:
+        daemon.add_scratch_server("scratch", "--warm", "1")
+        wait_until(lambda: daemon.status("scratch").get("pooled") == 1, 60, "a warm pool")
+        (first,) = [c["Id"] for c in daemon.containers()]
+        wait_until(
+            lambda: (
+                [c["Id"] for c in daemon.containers() if c["State"] == "running"]
+                not in ([], [first])
+            ),
+            30,
+            "the pooled container to be replaced",
+        )
+        wait_until(
+            lambda: first not in {c["Id"] for c in daemon.containers()},
+            30,
+            "the old container to be removed",
+        )
+        assert daemon.status("scratch").get("pooled") == 1

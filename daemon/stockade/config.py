@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     container_tmpfs_bytes: int = Field(default=64 * MiB, ge=MiB, le=1024 * MiB)
     container_user: str = "10001:10001"
     stop_grace_seconds: float = Field(default=5.0, ge=0, le=300)
+    # Pooled containers older than this are replaced: a long-idle server gets a fresh start.
+    pool_max_age_seconds: float = Field(default=3600.0, ge=1, le=7 * 86400)
 
     @field_validator("state_dir", "socket_path")
     @classmethod

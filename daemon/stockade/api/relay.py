@@ -97,28 +97,18 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             router = self._supervisor.router(name)
         except SandboxError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        write_lock = asyncio.Lock()
-
-        async def to_host(message: bytes) -> None:
-            async with write_lock:
-                await context.write(relay_pb2.ServerFrame(message=message))
-
-        session = router.join(session_id, to_host)
+        host = _HostStream(context)
+        session = router.join(session_id, host.message)
         self.sessions[session_id] = OpenSessionRecord(session_id, name, identity, "shared")
         log.info("session opened on the shared instance")
         try:
-            async with write_lock:
-                await context.write(
-                    relay_pb2.ServerFrame(
-                        opened=relay_pb2.SessionOpened(session_id=session_id, instance="shared")
-                    )
+            await host.frame(
+                relay_pb2.ServerFrame(
+                    opened=relay_pb2.SessionOpened(session_id=session_id, instance="shared")
                 )
-            while (frame := await _read(context)) is not None:
-                if frame.WhichOneof("kind") != "message":
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, "only `message` frames may follow `open`"
-                    )
-                await router.from_host(session, frame.message)
+            )
+            async for raw in _host_messages(context):
+                await router.from_host(session, raw)
             await router.drain(session, self._drain_seconds)
             log.info("session closed: host ended its stream")
         finally:
@@ -131,23 +121,17 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         except SandboxError as exc:
             log.error("could not start an instance", error=str(exc))
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"could not start {name!r}: {exc}")
-        write_lock = asyncio.Lock()
-
-        async def to_host(message: bytes) -> None:
-            async with write_lock:
-                await context.write(relay_pb2.ServerFrame(message=message))
-
-        session = RelaySession(session_id, name, instance, to_host, self._max)
+        host = _HostStream(context)
+        session = RelaySession(session_id, name, instance, host.message, self._max)
         self.sessions[session_id] = OpenSessionRecord(session_id, name, identity, instance.id)
         log.info("session opened", instance=instance.id)
         host_task: asyncio.Task[None] | None = None
         try:
-            async with write_lock:
-                await context.write(
-                    relay_pb2.ServerFrame(
-                        opened=relay_pb2.SessionOpened(session_id=session_id, instance=instance.id)
-                    )
+            await host.frame(
+                relay_pb2.ServerFrame(
+                    opened=relay_pb2.SessionOpened(session_id=session_id, instance=instance.id)
                 )
+            )
             instance.bind(session.from_server)
             host_task = asyncio.create_task(_pump_host(context, session))
             waiting: set[asyncio.Future[Any]] = {host_task, instance.exited}
@@ -156,15 +140,14 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                 report = instance.exited.result()
                 await session.server_ended(report)
                 log.info("session closed: server ended", exit_code=report.exit_code)
-                async with write_lock:
-                    await context.write(
-                        relay_pb2.ServerFrame(
-                            closed=relay_pb2.SessionClosed(
-                                reason=f"server {name!r} {report.describe()}",
-                                exit_code=report.exit_code,
-                            )
+                await host.frame(
+                    relay_pb2.ServerFrame(
+                        closed=relay_pb2.SessionClosed(
+                            reason=f"server {name!r} {report.describe()}",
+                            exit_code=report.exit_code,
                         )
                     )
+                )
             else:
                 host_task.result()  # re-raise a protocol error from the host side
                 # The host sent its last message; deliver the answers it still awaits.
@@ -179,17 +162,38 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             self._supervisor.release_later(instance)
 
 
-async def _pump_host(context: Context, session: RelaySession) -> None:
-    """Host frames to the server, one at a time: a slow server slows the host (backpressure)."""
-    while True:
-        frame = await _read(context)
-        if frame is None:
-            return
+class _HostStream:
+    """Writes to the host's side of the stream; one writer at a time (grpc.aio requires it)."""
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+        self._lock = asyncio.Lock()
+
+    async def frame(self, frame: relay_pb2.ServerFrame) -> None:
+        async with self._lock:
+            await self._context.write(frame)
+
+    async def message(self, raw: bytes) -> None:
+        await self.frame(relay_pb2.ServerFrame(message=raw))
+
+
+async def _host_messages(context: Context) -> AsyncIterator[bytes]:
+    """The host's messages after `open`, one at a time, until it ends its stream.
+
+    Pulled, not queued: while the consumer is busy (a slow server), no frame is read and
+    gRPC flow control slows the host down.
+    """
+    while (frame := await _read(context)) is not None:
         if frame.WhichOneof("kind") != "message":
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "only `message` frames may follow `open`"
             )
-        await session.from_host(frame.message)
+        yield frame.message
+
+
+async def _pump_host(context: Context, session: RelaySession) -> None:
+    async for raw in _host_messages(context):
+        await session.from_host(raw)
 
 
 async def _read(context: Context) -> relay_pb2.ClientFrame | None:

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 from stockade.logs import get_logger, log_context
 from stockade.sandbox.attached import AttachedStdio
-from stockade.sandbox.docker_backend import DockerBackend, ExitStatus
+from stockade.sandbox.docker_backend import ExitStatus
 from stockade.sandbox.errors import ContainerGone
+from stockade.sandbox.runtime import SandboxRuntime
 from stockade.sandbox.spec import ContainerSpec
 from stockade.sandbox.stdio import OversizedLine
 
@@ -77,7 +78,7 @@ class Instance:
     server: str
     container_id: str
     stdio: AttachedStdio
-    backend: DockerBackend
+    backend: SandboxRuntime
     started_at: float = field(default_factory=time.monotonic)
     stderr: StderrLog = field(default_factory=StderrLog)
     session_id: str | None = None
@@ -93,7 +94,7 @@ class Instance:
     @classmethod
     async def start(
         cls,
-        backend: DockerBackend,
+        backend: SandboxRuntime,
         spec: ContainerSpec,
         server: str,
         instance_id: str,
@@ -115,7 +116,7 @@ class Instance:
     @classmethod
     async def adopt(
         cls,
-        backend: DockerBackend,
+        backend: SandboxRuntime,
         container_id: str,
         server: str,
         instance_id: str,
@@ -127,7 +128,7 @@ class Instance:
     @classmethod
     async def _attach(
         cls,
-        backend: DockerBackend,
+        backend: SandboxRuntime,
         container_id: str,
         server: str,
         instance_id: str,

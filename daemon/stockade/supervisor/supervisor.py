@@ -28,8 +28,8 @@ from stockade.config import Settings
 from stockade.logs import get_logger, log_context
 from stockade.registry import Registry, ServerDefinition
 from stockade.relay.shared import HandshakeFailed, SharedRouter
-from stockade.sandbox.docker_backend import DockerBackend
 from stockade.sandbox.errors import SandboxError
+from stockade.sandbox.runtime import SandboxRuntime
 from stockade.sandbox.spec import (
     LABEL_DAEMON,
     LABEL_INSTANCE,
@@ -88,16 +88,15 @@ class Supervisor:
     def __init__(
         self,
         settings: Settings,
-        backend: DockerBackend,
+        backend: SandboxRuntime,
         registry: Registry,
         daemon_id: str,
-        pool_max_age: float = 3600.0,
     ) -> None:
         self._settings = settings
         self._backend = backend
         self._registry = registry
         self.daemon_id = daemon_id
-        self._pool_max_age = pool_max_age
+        self._pool_max_age = settings.pool_max_age_seconds
         self._servers: dict[str, ServerState] = {}
         self._known_containers: set[str] = set()  # instance ids this run owns (incl. starting)
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -1,0 +1,39 @@
+"""The runtime interface the supervisor needs from a container engine.
+
+`DockerBackend` implements it; nothing above this interface knows Docker. Calls are
+synchronous (the supervisor runs them with `asyncio.to_thread`) and raise the typed
+errors of `stockade.sandbox.errors`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from stockade.sandbox.docker_backend import Attachment, ExitStatus
+from stockade.sandbox.spec import ContainerSpec
+
+
+class SandboxRuntime(Protocol):
+    def create(self, spec: ContainerSpec) -> str:
+        """Create (not start) a hardened container; return its id."""
+
+    def attach(self, container_id: str) -> Attachment:
+        """stdin/stdout/stderr as one socket; call before `start`."""
+
+    def start(self, container_id: str) -> None: ...
+
+    def wait(self, container_id: str, timeout: int | None = None) -> ExitStatus: ...
+
+    def kill_gracefully(self, container_id: str, grace_seconds: float) -> None:
+        """SIGTERM, a grace period, then SIGKILL."""
+
+    def remove(self, container_id: str) -> None: ...
+
+    def stop(self, container_id: str, grace_seconds: float) -> ExitStatus | None:
+        """`kill_gracefully`, then `remove`; always."""
+
+    def inspect(self, container_id: str) -> dict[str, Any]: ...
+
+    def list_by_label(self, labels: dict[str, str]) -> list[dict[str, Any]]: ...
+
+    def pids_limit_hits(self, container_id: str) -> int: ...
