@@ -53,6 +53,14 @@ def default_socket_path() -> Path:
     return Path(runtime) / "stockade" / "stockaded.sock"
 
 
+def default_policy_dir() -> Path:
+    """`/etc/stockade/policies` for root, `$XDG_CONFIG_HOME/stockade/policies` otherwise."""
+    if _is_root():
+        return Path("/etc/stockade/policies")
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(xdg) / "stockade" / "policies"
+
+
 class Settings(BaseSettings):
     """Everything the daemon can be told. Field names map to `STOCKADE_<NAME>` and TOML keys."""
 
@@ -64,6 +72,7 @@ class Settings(BaseSettings):
 
     state_dir: Path = Field(default_factory=default_state_dir)
     socket_path: Path = Field(default_factory=default_socket_path)
+    policy_dir: Path = Field(default_factory=default_policy_dir)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -87,7 +96,7 @@ class Settings(BaseSettings):
     # Pooled containers older than this are replaced: a long-idle server gets a fresh start.
     pool_max_age_seconds: float = Field(default=3600.0, ge=1, le=7 * 86400)
 
-    @field_validator("state_dir", "socket_path")
+    @field_validator("state_dir", "socket_path", "policy_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         if not value.is_absolute():

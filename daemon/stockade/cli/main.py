@@ -26,7 +26,7 @@ from stockade.cli.channel import (
     rpc_error,
 )
 from stockade.cli.connect import run_connect
-from stockade.config import SettingsError
+from stockade.config import SettingsError, load_settings
 from stockade.logs import configure_logging
 from stockade.sandbox.errors import EngineUnavailable, SandboxError
 from stockade.v1 import control_pb2
@@ -207,6 +207,99 @@ def cmd_session_ls(args: argparse.Namespace) -> int:
     for session in listed.sessions:
         since = time.strftime("%H:%M:%S", time.localtime(session.started_at))
         print(f"{session.id}\t{session.server}\t{session.identity}\t{session.instance}\t{since}")
+    return exitcodes.OK
+
+
+# -- policies (offline: these read the files, they start nothing) ----------------------
+
+
+def _policy_paths(args: argparse.Namespace) -> list[Path]:
+    if args.policies:
+        return list(args.policies)
+    try:
+        return [load_settings().policy_dir]
+    except SettingsError as exc:
+        raise CliError(str(exc), exitcodes.CONFIG) from None
+
+
+def _load_policy(paths: list[Path]) -> Any:
+    from stockade.policy.loader import PolicyError, load_policy  # noqa: PLC0415
+
+    try:
+        return load_policy(paths)
+    except PolicyError as exc:
+        raise CliError(str(exc), exitcodes.USAGE) from None
+
+
+def cmd_policy_lint(args: argparse.Namespace) -> int:
+    from stockade.policy.loader import PolicyError, load_file  # noqa: PLC0415
+
+    failed = False
+    for path in args.files:
+        try:
+            loaded = load_file(path)
+        except PolicyError as exc:
+            print(f"stockade: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        print(f"{path}: ok ({len(loaded.rules)} rules)")
+    return exitcodes.USAGE if failed else exitcodes.OK
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from stockade.pki.identity import Identity, IdentityError  # noqa: PLC0415
+    from stockade.policy.evaluator import Evaluator, Request  # noqa: PLC0415
+
+    identity = args.identity
+    if not identity.startswith("spiffe://"):
+        role, _, name = identity.partition("/")
+        try:
+            identity = Identity.make(role, name).uri
+        except IdentityError as exc:
+            raise CliError(
+                f"--identity: {exc} (e.g. host/claude-desktop)", exitcodes.USAGE
+            ) from None
+    try:
+        arguments = json.loads(args.args) if args.args else {}
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--args is not JSON: {exc}", exitcodes.USAGE) from None
+    if not isinstance(arguments, dict):
+        raise CliError("--args must be a JSON object", exitcodes.USAGE)
+    evaluator = Evaluator(_load_policy(_policy_paths(args)))
+    decision = evaluator.decide(Request(identity, args.server, args.method, args.name, arguments))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "allowed": decision.allowed,
+                    "rule": decision.rule,
+                    "source": decision.source,
+                    "reason": decision.reason,
+                }
+            )
+        )
+    else:
+        print("ALLOW" if decision.allowed else "DENY")
+        print(
+            f"  rule:   {decision.rule or '(default deny)'}"
+            + (f"  [{decision.source}]" if decision.source else "")
+        )
+        print(f"  reason: {decision.reason}")
+    return exitcodes.OK if decision.allowed else exitcodes.REFUSED
+
+
+def cmd_policy_show(args: argparse.Namespace) -> int:
+    policy = _load_policy(_policy_paths(args))
+    shown = {
+        "files": list(policy.files),
+        "combining": "deny overrides; allow needs a matching rule; default deny",
+        "rules": [
+            {"source": r.source, **r.model_dump(mode="json", by_alias=True, exclude_defaults=False)}
+            for r in policy.rules
+        ],
+        "server_requests": {s: sorted(m) for s, m in policy.server_requests.items()},
+    }
+    print(json.dumps(shown, indent=None if args.json else 2))
     return exitcodes.OK
 
 
@@ -419,6 +512,52 @@ def _cert_parsers(sub: Any) -> None:
     ls.set_defaults(handler=cmd_cert_ls)
 
 
+def _policy_parsers(sub: Any) -> None:
+    policy = sub.add_parser("policy", help="read and test access policies (offline)")
+    actions = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    lint = actions.add_parser(
+        "lint",
+        help="validate policy files; errors name file and line",
+        epilog="example: stockade policy lint policies/*.yaml",
+    )
+    lint.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    lint.set_defaults(handler=cmd_policy_lint)
+
+    check = actions.add_parser(
+        "check",
+        help="would this request be allowed, by which rule, and why",
+        epilog="example: stockade policy check --policies policies --identity host/laptop "
+        '--server time --method tools/call --name get_current_time --args \'{"timezone":"UTC"}\'',
+    )
+    check.add_argument("--identity", required=True, help="host/NAME, admin/NAME or a spiffe:// URI")
+    check.add_argument("--server", required=True)
+    check.add_argument("--method", required=True, help="e.g. tools/call, resources/read")
+    check.add_argument("--name", help="tool or prompt name, or resource URI")
+    check.add_argument("--args", help="the call's arguments as a JSON object")
+    check.add_argument(
+        "--policies",
+        type=Path,
+        nargs="+",
+        help="policy files or folders (default: the policy_dir setting)",
+    )
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(handler=cmd_policy_check)
+
+    show = actions.add_parser(
+        "show",
+        help="the effective policy: every rule, in order",
+        epilog="example: stockade policy show --policies policies",
+    )
+    show.add_argument(
+        "--policies",
+        type=Path,
+        nargs="+",
+        help="policy files or folders (default: the policy_dir setting)",
+    )
+    show.add_argument("--json", action="store_true", help="one line of JSON")
+    show.set_defaults(handler=cmd_policy_show)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stockade",
@@ -436,6 +575,8 @@ def _parser() -> argparse.ArgumentParser:
 
     _server_parsers(sub)
     _cert_parsers(sub)
+
+    _policy_parsers(sub)
 
     session = sub.add_parser("session", help="open host sessions")
     session_actions = session.add_subparsers(

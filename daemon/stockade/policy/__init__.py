@@ -1,0 +1,1 @@
+"""Access policy: who may do what on which server, decided before anything is forwarded."""

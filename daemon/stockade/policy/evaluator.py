@@ -1,0 +1,212 @@
+"""Decide one request: allowed or not, by which rule, and why. Pure and fast (no I/O).
+
+Combining rule (also in the README):
+1. **Deny overrides.** A matching `deny` rule refuses the request, whatever else allows it.
+   A deny rule's argument constraints narrow it: it applies when they all hold.
+2. **Allow** needs a matching `allow` rule whose argument constraints all hold.
+3. **Session methods** (initialize, ping, list calls, notifications…) are allowed to a
+   caller that some allow rule lets use the server at all; list answers are then filtered
+   to what it may use.
+4. **Default deny**: anything else is refused.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from stockade.policy.loader import Policy
+from stockade.policy.model import NAMED_METHODS, ArgumentConstraint, Rule
+
+SERVER_CACHE_LIMIT = 1024
+SESSION_METHODS = frozenset(
+    {
+        "initialize",
+        "ping",
+        "server/discover",
+        "logging/setLevel",
+        "completion/complete",
+        "tools/list",
+        "resources/list",
+        "resources/templates/list",
+        "prompts/list",
+        "subscriptions/listen",
+        "notifications/initialized",
+        "notifications/cancelled",
+        "notifications/progress",
+        "notifications/roots/list_changed",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Request:
+    identity: str
+    server: str
+    method: str
+    name: str | None = None
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    rule: str | None  # the deciding rule's name; None for the default
+    source: str | None  # file:line of that rule
+    reason: str
+
+
+def _glob(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+@dataclass(frozen=True)
+class _CompiledRule:
+    rule: Rule
+    identities: re.Pattern[str]
+    servers: re.Pattern[str]
+    names: re.Pattern[str]
+    any_method: bool
+    validators: dict[str, Draft202012Validator | re.Pattern[str]]
+
+    @classmethod
+    def of(cls, rule: Rule) -> _CompiledRule:
+        checks: dict[str, Draft202012Validator | re.Pattern[str]] = {}
+        for argument, constraint in rule.arguments.items():
+            checks[argument] = _compile_constraint(constraint)
+        return cls(
+            rule=rule,
+            identities=_glob(rule.identities),
+            servers=_glob(rule.servers),
+            names=_glob(rule.names),
+            any_method="*" in rule.methods,
+            validators=checks,
+        )
+
+    def covers(self, identity: str, server: str) -> bool:
+        return bool(self.identities.match(identity) and self.servers.match(server))
+
+    def matches(self, request: Request) -> bool:
+        if not self.covers(request.identity, request.server):
+            return False
+        if not self.any_method and request.method not in self.rule.methods:
+            return False
+        if request.method in NAMED_METHODS:
+            return request.name is not None and bool(self.names.match(request.name))
+        return True
+
+    def argument_problem(self, arguments: Mapping[str, Any]) -> str | None:
+        """Why the arguments fail this rule's constraints, or None when they all hold."""
+        for argument, check in self.validators.items():
+            if argument not in arguments:
+                return f"argument {argument!r} is required by rule {self.rule.name!r}"
+            value = arguments[argument]
+            if isinstance(check, re.Pattern):
+                if not isinstance(value, str) or not check.search(value):
+                    return (
+                        f"argument {argument!r} does not match {check.pattern!r} "
+                        f"(rule {self.rule.name!r})"
+                    )
+            else:
+                error = next(iter(check.iter_errors(value)), None)
+                if error is not None:
+                    return f"argument {argument!r}: {error.message} (rule {self.rule.name!r})"
+        return None
+
+
+def _compile_constraint(constraint: ArgumentConstraint) -> Draft202012Validator | re.Pattern[str]:
+    if constraint.pattern is not None:
+        return re.compile(constraint.pattern)
+    return Draft202012Validator(constraint.schema_ or {})
+
+
+class Evaluator:
+    """Decisions for one loaded policy. Build once per policy load; `decide` is hot."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._rules = [_CompiledRule.of(rule) for rule in policy.rules]
+        self._by_server: dict[str, tuple[list[_CompiledRule], list[_CompiledRule]]] = {}
+
+    def _rules_for(self, server: str) -> tuple[list[_CompiledRule], list[_CompiledRule]]:
+        """(denies, allows) whose server globs match `server`, in file order; cached.
+
+        Most rules name one server, so this turns a scan of the whole policy into a scan of
+        the few rules that can apply. The cache is bounded (servers are few; a flood of
+        made-up names from `policy check` must not grow it without end).
+        """
+        cached = self._by_server.get(server)
+        if cached is None:
+            fitting = [c for c in self._rules if c.servers.match(server)]
+            cached = (
+                [c for c in fitting if c.rule.effect == "deny"],
+                [c for c in fitting if c.rule.effect == "allow"],
+            )
+            if len(self._by_server) >= SERVER_CACHE_LIMIT:
+                self._by_server.clear()
+            self._by_server[server] = cached
+        return cached
+
+    def decide(self, request: Request) -> Decision:
+        denies, allows = self._rules_for(request.server)
+        for deny in denies:
+            if deny.matches(request) and deny.argument_problem(request.arguments) is None:
+                return _said(deny, False, f"denied by rule {deny.rule.name!r}")
+        near_miss: tuple[_CompiledRule, str] | None = None
+        for allow in allows:
+            if allow.matches(request):
+                problem = allow.argument_problem(request.arguments)
+                if problem is None:
+                    return _said(allow, True, f"allowed by rule {allow.rule.name!r}")
+                near_miss = near_miss or (allow, problem)
+        if near_miss is not None:  # the rule that would allow it refuses these arguments
+            return _said(near_miss[0], False, f"denied: {near_miss[1]}")
+        if request.method in SESSION_METHODS:
+            user = next((a for a in allows if a.covers(request.identity, request.server)), None)
+            if user is not None:
+                return _said(
+                    user,
+                    True,
+                    f"session method; rule {user.rule.name!r} lets the caller use this server",
+                )
+        what = f"{request.method} {request.name}" if request.name else request.method
+        return Decision(
+            False,
+            None,
+            None,
+            f"denied by default: no rule allows {request.identity} to call {what} "
+            f"on {request.server}",
+        )
+
+    def may_see(self, identity: str, server: str, method: str, name: str) -> bool:
+        """Whether a list answer should show `name` (a tool, prompt or resource) to the caller.
+
+        Shown when some allow rule could admit a call to it (argument constraints are
+        checked at call time) and no unconditional deny rule refuses it.
+        """
+        probe = Request(identity, server, method, name)
+        denies, allows = self._rules_for(server)
+        for deny in denies:
+            if deny.matches(probe) and not deny.validators:
+                return False
+        return any(allow.matches(probe) for allow in allows)
+
+    def server_request(self, server: str, method: str) -> Decision:
+        """May this server send `method` (sampling, elicitation, roots) to the host?"""
+        if method in self.policy.server_requests.get(server, frozenset()):
+            return Decision(True, None, None, f"server_requests allows {method} for {server}")
+        return Decision(
+            False,
+            None,
+            None,
+            f"denied by default: server {server!r} may not send {method} to hosts",
+        )
+
+
+def _said(compiled: _CompiledRule, allowed: bool, reason: str) -> Decision:
+    return Decision(allowed, compiled.rule.name, compiled.rule.source or None, reason)

@@ -1,0 +1,114 @@
+"""Load policy files; every error names the file, the line and the field.
+
+YAML is parsed into nodes first (they carry line numbers), converted to plain data while
+remembering which path came from which line, then validated with pydantic. A pydantic error
+location is mapped back to the closest line. A directory's `*.yaml` files are one policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from stockade.policy.model import PolicyFile, Rule
+
+PathKey = tuple[str | int, ...]
+
+
+class PolicyError(Exception):
+    """A policy file is invalid: `file:line: field: problem`."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Every rule of every file, in file order, and the server requests allowed."""
+
+    rules: tuple[Rule, ...] = ()
+    server_requests: dict[str, frozenset[str]] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+
+
+def _to_data(node: yaml.Node, path: PathKey, lines: dict[PathKey, int]) -> Any:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        result: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            if key in result:
+                raise PolicyError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            result[key] = _to_data(value_node, (*path, key), lines)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_data(item, (*path, index), lines) for index, item in enumerate(node.value)]
+    return yaml.safe_load(yaml.serialize(node))  # a scalar, typed as safe_load would type it
+
+
+def _line_of(loc: PathKey, lines: dict[PathKey, int]) -> int:
+    for cut in range(len(loc), -1, -1):
+        if loc[:cut] in lines:
+            return lines[loc[:cut]]
+    return 1
+
+
+def load_file(path: Path) -> PolicyFile:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(f"{path}: {exc.strerror}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else 1
+        raise PolicyError(f"{path}:{line}: YAML syntax: {exc.problem}") from None
+    if node is None:
+        raise PolicyError(f"{path}:1: the file is empty (write `version: 1` and rules)")
+    lines: dict[PathKey, int] = {}
+    try:
+        data = _to_data(node, (), lines)
+    except PolicyError as exc:
+        raise PolicyError(f"{path}:{str(exc)[len('line ') :]}") from None
+    try:
+        parsed = PolicyFile.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc: PathKey = tuple(first["loc"])
+        where = ".".join(str(p) for p in loc) or "(file)"
+        message = first["msg"].removeprefix("Value error, ")
+        raise PolicyError(f"{path}:{_line_of(loc, lines)}: {where}: {message}") from None
+    rules = tuple(
+        rule.model_copy(update={"source": f"{path}:{lines.get(('rules', index), 1)}"})
+        for index, rule in enumerate(parsed.rules)
+    )
+    return parsed.model_copy(update={"rules": rules})
+
+
+def load_policy(paths: list[Path]) -> Policy:
+    """Load files and directories (their *.yaml, sorted) into one policy."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(path.glob("*.yaml")))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise PolicyError(f"{path}: no such file or directory")
+    rules: list[Rule] = []
+    requests: dict[str, set[str]] = {}
+    for path in files:
+        loaded = load_file(path)
+        rules.extend(loaded.rules)
+        for server, methods in loaded.server_requests.items():
+            requests.setdefault(server, set()).update(methods)
+    names = [rule.name for rule in rules]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise PolicyError(f"rule names must be unique across files: {', '.join(duplicates)}")
+    return Policy(
+        rules=tuple(rules),
+        server_requests={s: frozenset(m) for s, m in requests.items()},
+        files=tuple(str(f) for f in files),
+    )
