@@ -24,6 +24,19 @@ from stockade.sandbox.spec import LABEL_DAEMON
 from stockade.v1 import relay_pb2, relay_pb2_grpc
 
 BIN = Path(sys.executable).parent
+
+# Tests that are not about policy run under this one; policy tests write their own.
+ALLOW_ALL_POLICY = """\
+version: 1
+rules:
+  - name: tests-allow-everything
+    effect: allow
+    identities: ["*"]
+    servers: ["*"]
+    methods: ["*"]
+server_requests:
+  everything: ["sampling/createMessage", "elicitation/create", "roots/list"]
+"""
 SCRATCH_SERVER = (Path(__file__).parent / "scratch_server.py").read_text()
 
 
@@ -32,10 +45,23 @@ class Daemon:
     root: Path
     process: subprocess.Popen[str] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    policy: str | None = ALLOW_ALL_POLICY
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.log_path = self.root / "stockaded.log"
+        if self.policy is not None:
+            self.write_policy(self.policy)
+
+    @property
+    def policy_dir(self) -> Path:
+        return self.root / "policies"
+
+    def write_policy(self, text: str, name: str = "test.yaml") -> Path:
+        self.policy_dir.mkdir(parents=True, exist_ok=True)
+        path = self.policy_dir / name
+        path.write_text(text)
+        return path
 
     @property
     def socket(self) -> Path:
@@ -52,6 +78,7 @@ class Daemon:
         env["STOCKADE_SOCKET_PATH"] = str(self.socket)
         env["STOCKADE_LOG_FORMAT"] = "json"
         env["STOCKADE_STOP_GRACE_SECONDS"] = "1"
+        env["STOCKADE_POLICY_DIR"] = str(self.policy_dir)
         env["XDG_CONFIG_HOME"] = str(self.root / "config")  # no credentials from the machine
         env.update(self.extra_env)
         return env
@@ -181,9 +208,11 @@ def secure_channel(target: str, folder: Path) -> grpc.aio.Channel:
 
 
 @contextmanager
-def running_daemon(root: Path, **extra_env: str) -> Iterator[Daemon]:
+def running_daemon(
+    root: Path, policy: str | None = ALLOW_ALL_POLICY, **extra_env: str
+) -> Iterator[Daemon]:
     """A started daemon that is always stopped, with nothing of it left in the engine."""
-    daemon = Daemon(root, extra_env=dict(extra_env))
+    daemon = Daemon(root, extra_env=dict(extra_env), policy=policy)
     daemon.start()
     try:
         yield daemon

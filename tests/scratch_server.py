@@ -40,6 +40,7 @@ for line in sys.stdin:
         print(f"cancelled {params.get('requestId')}", file=sys.stderr, flush=True)
     if request_id is None:
         continue
+    print(f"got {method}", file=sys.stderr, flush=True)
     if method == "initialize":
         answer(
             request_id,

@@ -15,6 +15,7 @@ from stockade.cli import exitcodes
 from stockade.config import Settings, SettingsError, load_settings, setting_names
 from stockade.logs import configure_logging, get_logger
 from stockade.pki.authority import CertificateAuthority, PkiError
+from stockade.policy.store import PolicyError, PolicyStore
 from stockade.registry import Registry, RegistryError
 from stockade.sandbox.docker_backend import DockerBackend
 from stockade.sandbox.errors import EngineUnavailable
@@ -45,6 +46,8 @@ async def _serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, stop.set)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.state_dir, 0o700)
+    policy = PolicyStore(settings.policy_dir)  # a broken policy stops the start here
+    loop.add_signal_handler(signal.SIGHUP, policy.reload)
     authority = CertificateAuthority.load_or_create(settings.state_dir / "pki")
     authority.ensure_owner_admin()
     backend = await asyncio.to_thread(DockerBackend)
@@ -52,7 +55,7 @@ async def _serve(settings: Settings) -> None:
     supervisor = Supervisor(settings, backend, registry, load_daemon_id(settings.state_dir))
     await supervisor.start()
     try:
-        server, addresses = await start_server(settings, registry, supervisor, authority)
+        server, addresses = await start_server(settings, registry, supervisor, authority, policy)
     except BaseException:
         await supervisor.shutdown()
         raise
@@ -63,7 +66,9 @@ async def _serve(settings: Settings) -> None:
         daemon_id=supervisor.daemon_id,
         servers=len(registry.all()),
     )
+    watcher = asyncio.create_task(_watch_policy(policy))
     await stop.wait()
+    watcher.cancel()
     log.info("stockaded stopping")
     await server.stop(grace=settings.stop_grace_seconds)
     await supervisor.shutdown()
@@ -77,8 +82,17 @@ STARTUP_ERRORS: tuple[tuple[type[Exception], str, int], ...] = (
     (EngineUnavailable, "cannot start without a container engine", exitcodes.UNREACHABLE),
     (RegistryError, "cannot load the server registry", exitcodes.CONFIG),
     (PkiError, "cannot set up the certificate authority", exitcodes.CONFIG),
+    (PolicyError, "the policy is invalid", exitcodes.CONFIG),
 )
+POLICY_POLL_SECONDS = 2.0
 STARTUP_FAILURES = tuple(kind for kind, _, _ in STARTUP_ERRORS)
+
+
+async def _watch_policy(policy: PolicyStore) -> None:
+    """Reload the policy when a file in its folder changes (SIGHUP reloads at once)."""
+    while True:
+        await asyncio.sleep(POLICY_POLL_SECONDS)
+        policy.reload_if_changed()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,9 @@ import grpc
 
 from stockade.api.auth import current_identity
 from stockade.logs import get_logger, log_context
+from stockade.policy.store import PolicyStore
 from stockade.registry import Registry, UnknownServer
+from stockade.relay.guard import PolicyGuard
 from stockade.relay.session import RelaySession
 from stockade.sandbox.errors import SandboxError
 from stockade.supervisor.supervisor import Supervisor
@@ -47,9 +49,11 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         self,
         supervisor: Supervisor,
         registry: Registry,
+        policy: PolicyStore,
         max_message_bytes: int,
         drain_seconds: float = 30.0,
     ) -> None:
+        self._policy = policy
         self._supervisor = supervisor
         self._registry = registry
         self._max = max_message_bytes
@@ -98,7 +102,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         except SandboxError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         host = _HostStream(context)
-        session = router.join(session_id, host.message)
+        session = router.join(session_id, host.message, PolicyGuard(self._policy, name, identity))
         self.sessions[session_id] = OpenSessionRecord(session_id, name, identity, "shared")
         log.info("session opened on the shared instance")
         try:
@@ -122,7 +126,10 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             log.error("could not start an instance", error=str(exc))
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"could not start {name!r}: {exc}")
         host = _HostStream(context)
-        session = RelaySession(session_id, name, instance, host.message, self._max)
+        guard = PolicyGuard(self._policy, name, identity)
+        session = RelaySession(
+            session_id, name, instance, host.message, max_message_bytes=self._max, guard=guard
+        )
         self.sessions[session_id] = OpenSessionRecord(session_id, name, identity, instance.id)
         log.info("session opened", instance=instance.id)
         host_task: asyncio.Task[None] | None = None

@@ -18,6 +18,7 @@ from stockade.api.control import ControlServicer
 from stockade.api.relay import RelayServicer
 from stockade.config import Settings
 from stockade.pki.authority import CertificateAuthority
+from stockade.policy.store import PolicyStore
 from stockade.registry import Registry
 from stockade.supervisor.supervisor import Supervisor
 from stockade.v1 import control_pb2_grpc, relay_pb2_grpc
@@ -72,6 +73,7 @@ async def start_server(
     registry: Registry,
     supervisor: Supervisor,
     authority: CertificateAuthority,
+    policy: PolicyStore,
 ) -> tuple[grpc.aio.Server, list[str]]:
     prepare_socket_path(settings.socket_path)
     addresses = [f"unix:{settings.socket_path}"]
@@ -88,7 +90,7 @@ async def start_server(
         ],
     )
     relay = RelayServicer(
-        supervisor, registry, settings.max_message_bytes, settings.session_drain_seconds
+        supervisor, registry, policy, settings.max_message_bytes, settings.session_drain_seconds
     )
     relay_pb2_grpc.add_RelayServicer_to_server(relay, server)
     control = ControlServicer(addresses, registry, supervisor, relay, authority)

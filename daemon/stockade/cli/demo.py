@@ -26,6 +26,17 @@ from stockade.sandbox.docker_backend import DockerBackend
 from stockade.sandbox.images import ImageBuilder
 
 TIME_COMMAND = ("mcp-server-time", "--local-timezone", "UTC")
+# The demo host may ask the time; nothing else (default deny does the rest).
+DEMO_POLICY = """\
+version: 1
+rules:
+  - name: demo-host-asks-the-time
+    effect: allow
+    identities: ["spiffe://stockade.local/host/demo-host"]
+    servers: ["time"]
+    methods: ["tools/call"]
+    names: ["get_current_time"]
+"""
 
 
 def _say(text: str) -> None:
@@ -52,8 +63,11 @@ class _ScratchDaemon:
             "STOCKADE_STATE_DIR": str(root / "state"),
             "STOCKADE_SOCKET_PATH": str(self.socket),
             "STOCKADE_LOG_FORMAT": "json",
+            "STOCKADE_POLICY_DIR": str(root / "policies"),
             "XDG_CONFIG_HOME": str(root / "config"),
         }
+        (root / "policies").mkdir()
+        (root / "policies" / "demo.yaml").write_text(DEMO_POLICY)
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> _ScratchDaemon:
@@ -147,7 +161,10 @@ def run_demo(ca_bundle: Path | None) -> int:
         root = Path(scratch)
         _say(f"2/4 starting stockaded (state in {root}; its own CA; mTLS on its socket)")
         with _ScratchDaemon(root) as daemon:
-            _say("3/4 registering `time` and issuing a certificate for the demo host")
+            _say(
+                "3/4 registering `time`, issuing a certificate for the demo host,"
+                " and a policy: it may call get_current_time, nothing else"
+            )
             daemon.cli(
                 "server",
                 "add",
@@ -168,7 +185,10 @@ def run_demo(ca_bundle: Path | None) -> int:
                 f" {settings.container_pids_limit} pids"
             )
             tools, now, took = _run_client(daemon, root / "host")
-            _say(f"    tools: {', '.join(tools)}")
+            _say(
+                f"    tools: {', '.join(tools)}  (the policy lets this host call only that;"
+                " mcp-server-time also has convert_time)"
+            )
             _say(f"    get_current_time(Europe/Paris) -> {now['datetime']} ({now['day_of_week']})")
             _say(
                 f"    {took * 1000:.0f} ms from launching the bridge to the answer"

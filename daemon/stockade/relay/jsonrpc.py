@@ -27,6 +27,7 @@ METHOD_NOT_FOUND = -32601
 SERVER_EXITED = -32000  # the sandboxed server ended while the request was pending
 SERVER_UNAVAILABLE = -32002  # the server is restarting or could not be started
 MESSAGE_TOO_LARGE = -32003  # over the configured size limit
+POLICY_DENIED = -32010  # refused by the access policy; never forwarded
 
 
 class Kind(Enum):

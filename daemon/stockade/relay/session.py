@@ -15,6 +15,7 @@ from typing import Any
 
 from stockade.logs import get_logger
 from stockade.relay import jsonrpc
+from stockade.relay.guard import PolicyGuard, dumps
 from stockade.relay.jsonrpc import InvalidMessage, Kind
 from stockade.sandbox.stdio import OversizedLine
 from stockade.supervisor.instance import ExitReport, Instance
@@ -31,14 +32,17 @@ class RelaySession:
         server: str,
         instance: Instance,
         to_host: ToHost,
+        *,
         max_message_bytes: int,
+        guard: PolicyGuard,
     ) -> None:
         self.id = session_id
         self.server = server
         self.instance = instance
         self._to_host = to_host
         self._max = max_message_bytes
-        self._pending: dict[str, Any] = {}  # id key -> the host's original id
+        self._guard = guard
+        self._pending: dict[str, tuple[Any, str]] = {}  # id key -> (host's id, method)
         self._ended = False
         self._end_lock = asyncio.Lock()
 
@@ -66,8 +70,13 @@ class RelaySession:
             if message.kind is Kind.REQUEST:
                 await self._to_host(self._ended_error(message.id))
             return
+        refusal = self._guard.check_host(message)
+        if refusal is not None:  # never forwarded
+            if refusal:
+                await self._to_host(refusal)
+            return
         if message.kind is Kind.REQUEST:
-            self._pending[message.id_key] = message.id
+            self._pending[message.id_key] = (message.id, message.method or "")
         elif message.method == "notifications/cancelled" and message.params is not None:
             # A cancelled request gets no answer (MCP): nothing is owed for it any more.
             self._pending.pop(jsonrpc.id_key(message.params.get("requestId")), None)
@@ -78,8 +87,17 @@ class RelaySession:
         message = jsonrpc.parse_server_line(line, self._max)
         if message is None:
             return
-        if message.kind is Kind.RESPONSE:
-            self._pending.pop(message.id_key, None)
+        if message.kind is Kind.REQUEST:  # the server asks the host (sampling, roots, ...)
+            refusal = self._guard.check_server_request(message)
+            if refusal is not None:
+                await self.instance.send(refusal)
+                return
+        elif message.kind is Kind.RESPONSE:
+            _, method = self._pending.pop(message.id_key, (None, ""))
+            filtered = self._guard.filter_list(method, message.body)
+            if filtered is not None:
+                await self._to_host(dumps(filtered))
+                return
         await self._to_host(message.raw)
 
     async def server_ended(self, report: ExitReport) -> None:
@@ -87,7 +105,7 @@ class RelaySession:
         async with self._end_lock:
             self._ended = True
             self._report = report
-            pending, self._pending = list(self._pending.values()), {}
+            pending, self._pending = [i for i, _ in self._pending.values()], {}
         for request_id in pending:
             await self._to_host(self._ended_error(request_id))
 

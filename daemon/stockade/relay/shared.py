@@ -25,6 +25,7 @@ from typing import Any
 
 from stockade.logs import get_logger
 from stockade.relay import jsonrpc
+from stockade.relay.guard import PolicyGuard
 from stockade.relay.jsonrpc import InvalidMessage, Kind, Message
 from stockade.relay.session import ToHost
 from stockade.sandbox.stdio import OversizedLine
@@ -48,6 +49,7 @@ def _dumps(body: dict[str, Any]) -> bytes:
 class SharedSession:
     id: str
     to_host: ToHost
+    guard: PolicyGuard
     # original id key -> rewritten id, to translate this session's cancellations
     outstanding: dict[str, str] = field(default_factory=dict)
 
@@ -60,7 +62,8 @@ class SharedRouter:
         self._last_exit: ExitReport | None = None
         self.init_result: dict[str, Any] | None = None
         self._sessions: set[SharedSession] = set()
-        self._routes: dict[str, tuple[SharedSession, Any]] = {}  # rewritten id -> owner
+        # rewritten id -> (owner, the host's original id, method)
+        self._routes: dict[str, tuple[SharedSession, Any, str]] = {}
         self._tokens: dict[str, tuple[SharedSession, Any]] = {}  # rewritten token -> owner
         self._handshake: asyncio.Future[dict[str, Any]] | None = None
         self._seq = itertools.count(1)
@@ -109,7 +112,7 @@ class SharedRouter:
         self._instance = None
         routes, self._routes = self._routes, {}
         self._tokens.clear()
-        for session, original_id in routes.values():
+        for session, original_id, _ in routes.values():
             session.outstanding.clear()
             await session.to_host(
                 jsonrpc.error_response(
@@ -122,8 +125,8 @@ class SharedRouter:
 
     # -- sessions --------------------------------------------------------------------
 
-    def join(self, session_id: str, to_host: ToHost) -> SharedSession:
-        session = SharedSession(session_id, to_host)
+    def join(self, session_id: str, to_host: ToHost, guard: PolicyGuard) -> SharedSession:
+        session = SharedSession(session_id, to_host, guard)
         self._sessions.add(session)
         return session
 
@@ -135,39 +138,46 @@ class SharedRouter:
 
     def leave(self, session: SharedSession) -> None:
         self._sessions.discard(session)
-        for key in [k for k, (owner, _) in self._routes.items() if owner is session]:
+        for key in [k for k, (owner, _, _) in self._routes.items() if owner is session]:
             del self._routes[key]
         for key in [k for k, (owner, _) in self._tokens.items() if owner is session]:
             del self._tokens[key]
 
     async def from_host(self, session: SharedSession, raw: bytes) -> None:
+        message = await self._screen(session, raw)
+        if message is None or message.method == "notifications/initialized":
+            return  # refused, answered, or the host's half of a handshake done once already
+        if message.kind is Kind.REQUEST and not self.up:
+            await session.to_host(self._unavailable(message.id))
+        elif message.method == "initialize":
+            body = {"jsonrpc": "2.0", "id": message.id, "result": self.init_result}
+            await session.to_host(_dumps(body))
+        elif self._instance is not None:  # (a notification while down has nowhere to go)
+            payload = self._rewrite_from_host(session, message)
+            if payload:
+                await self._instance.send(payload)
+
+    async def _screen(self, session: SharedSession, raw: bytes) -> Message | None:
+        """The message if it may go on; None when it was refused (and answered) or is moot."""
         try:
             message = jsonrpc.parse(raw, self._max)
         except InvalidMessage as exc:
             await session.to_host(jsonrpc.error_response(exc.request_id, exc.code, str(exc)))
-            return
+            return None
         if message.kind is Kind.RESPONSE:
-            return  # answers to server requests: shared servers never get to send those
-        if message.method == "notifications/initialized":
-            return
-        if message.kind is Kind.REQUEST and not self.up:
-            await session.to_host(self._unavailable(message.id))
-            return
-        if message.method == "initialize":
-            body = {"jsonrpc": "2.0", "id": message.id, "result": self.init_result}
-            await session.to_host(_dumps(body))
-            return
-        if self._instance is None:
-            return  # a notification while down has nowhere to go
-        payload = self._rewrite_from_host(session, message)
-        if payload:
-            await self._instance.send(payload)
+            return None  # answers to server requests: shared servers never get to send those
+        refusal = session.guard.check_host(message)
+        if refusal is not None:  # never forwarded
+            if refusal:
+                await session.to_host(refusal)
+            return None
+        return message
 
     def _rewrite_from_host(self, session: SharedSession, message: Message) -> bytes:
         body = dict(message.body)
         if message.kind is Kind.REQUEST:
             rewritten = f"stk-{next(self._seq)}"
-            self._routes[jsonrpc.id_key(rewritten)] = (session, message.id)
+            self._routes[jsonrpc.id_key(rewritten)] = (session, message.id, message.method or "")
             session.outstanding[message.id_key] = rewritten
             body["id"] = rewritten
             params = body.get("params")
@@ -209,9 +219,10 @@ class SharedRouter:
         route = self._routes.pop(message.id_key, None)
         if route is None:
             return  # its session has left
-        session, original_id = route
+        session, original_id, method = route
         session.outstanding.pop(jsonrpc.id_key(original_id), None)
-        await session.to_host(_dumps({**message.body, "id": original_id}))
+        body = {**message.body, "id": original_id}
+        await session.to_host(_dumps(session.guard.filter_list(method, body) or body))
 
     async def _refuse_server_request(self, message: Message) -> None:
         if self._instance is None:

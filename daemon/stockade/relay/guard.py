@@ -1,0 +1,116 @@
+"""The access policy applied to one session's traffic, both directions.
+
+- host -> server: every request and notification is decided; a refused request is answered
+  with POLICY_DENIED (naming the rule and why) and never reaches the server;
+- server -> host: a server's own request (sampling, elicitation, roots) is refused unless
+  the policy lists it for that server; the server gets the error, the host never sees it;
+- list answers (tools, prompts, resources, templates) are filtered to what the caller may
+  use, so a host is never shown a tool it could not call.
+
+Reasons never contain argument values: they name the rule and the constraint only.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from stockade.logs import get_logger
+from stockade.policy.evaluator import Request
+from stockade.policy.model import NAMED_METHODS
+from stockade.policy.store import PolicyStore
+from stockade.relay import jsonrpc
+from stockade.relay.jsonrpc import Kind, Message
+
+log = get_logger("stockade.policy")
+
+# list method -> (result key, item field, the method that uses an item)
+LIST_ITEMS: dict[str, tuple[str, str, str]] = {
+    "tools/list": ("tools", "name", "tools/call"),
+    "prompts/list": ("prompts", "name", "prompts/get"),
+    "resources/list": ("resources", "uri", "resources/read"),
+    "resources/templates/list": ("resourceTemplates", "uriTemplate", "resources/read"),
+}
+
+
+def _target(message: Message) -> tuple[str | None, dict[str, Any]]:
+    """The name (tool, prompt, URI) and arguments a request acts on."""
+    params = message.params or {}
+    key = NAMED_METHODS.get(message.method or "")
+    name = params.get(key) if key else None
+    arguments = params.get("arguments") if message.method in ("tools/call", "prompts/get") else None
+    return (
+        name if isinstance(name, str) else None,
+        arguments if isinstance(arguments, dict) else {},
+    )
+
+
+class PolicyGuard:
+    def __init__(self, store: PolicyStore, server: str, identity: str) -> None:
+        self._store = store
+        self.server = server
+        self.identity = identity
+
+    def check_host(self, message: Message) -> bytes | None:
+        """None: forward it. Otherwise what to answer the host (b"" for a notification)."""
+        if message.kind is Kind.RESPONSE:
+            return None  # the host answering a server request the guard let through
+        assert message.method is not None  # noqa: S101 - requests and notifications have one
+        name, arguments = _target(message)
+        decision = self._store.evaluator.decide(
+            Request(self.identity, self.server, message.method, name, arguments)
+        )
+        if decision.allowed:
+            return None
+        log.warning(
+            "policy denied a request",
+            method=message.method,
+            name=name,
+            rule=decision.rule,
+            reason=decision.reason,
+        )
+        if message.kind is Kind.NOTIFICATION:
+            return b""
+        return jsonrpc.error_response(
+            message.id,
+            jsonrpc.POLICY_DENIED,
+            f"denied by policy: {decision.reason}",
+            {"rule": decision.rule, "source": decision.source},
+        )
+
+    def check_server_request(self, message: Message) -> bytes | None:
+        """None: forward it to the host. Otherwise the error to answer the server with."""
+        assert message.method is not None  # noqa: S101 - a request has one
+        decision = self._store.evaluator.server_request(self.server, message.method)
+        if decision.allowed:
+            return None
+        log.warning("policy denied a server request", method=message.method, reason=decision.reason)
+        return jsonrpc.error_response(
+            message.id, jsonrpc.POLICY_DENIED, f"denied by policy: {decision.reason}"
+        )
+
+    def filter_list(self, method: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The answer to a list request with only what the caller may use (None: unchanged)."""
+        shape = LIST_ITEMS.get(method)
+        result = body.get("result")
+        if shape is None or not isinstance(result, dict):
+            return None
+        key, field, using = shape
+        items = result.get(key)
+        if not isinstance(items, list):
+            return None
+        evaluator = self._store.evaluator
+        kept = [
+            item
+            for item in items
+            if isinstance(item, dict)
+            and isinstance(item.get(field), str)
+            and evaluator.may_see(self.identity, self.server, using, item[field])
+        ]
+        if len(kept) == len(items):
+            return None
+        return {**body, "result": {**result, key: kept}}
+
+
+def dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()

@@ -1,0 +1,191 @@
+"""The access policy enforced by the relay, with real servers and the real SDK client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client, StdioServerParameters, types
+
+from tests.daemon_helper import Daemon, HostSession, running_daemon
+from tests.test_supervisor import wait_until
+
+pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
+
+POLICY_DENIED = -32010
+POLICY = """\
+version: 1
+rules:
+  - name: alice-asks-european-time
+    effect: allow
+    identities: ["spiffe://stockade.local/host/alice"]
+    servers: ["time"]
+    methods: ["tools/call"]
+    names: ["get_current_time"]
+    arguments:
+      timezone: {pattern: "^Europe/"}
+  - name: alice-echoes
+    effect: allow
+    identities: ["spiffe://stockade.local/host/alice"]
+    servers: ["scratch"]
+    methods: ["scratch/echo"]
+  - name: alice-uses-everything
+    effect: allow
+    identities: ["spiffe://stockade.local/host/alice"]
+    servers: ["everything"]
+    methods: ["tools/call"]
+    names: ["trigger-sampling-request", "get-sum"]
+"""
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    with running_daemon(tmp_path_factory.mktemp("policy"), policy=POLICY) as running:
+        running.add_server("time", "stockade/python:latest", "mcp-server-time", warm=1)
+        running.add_server("everything", "stockade/node:latest", "mcp-server-everything")
+        running.add_scratch_server("scratch", "--warm", "0")
+        running.alice = running.issue_host("alice")  # type: ignore[attr-defined]
+        running.bob = running.issue_host("bob")  # type: ignore[attr-defined]
+        yield running
+
+
+def client(daemon: Daemon, server: str, who: Path, **callbacks: Any) -> Client:
+    command, *args = daemon.bridge(server, who)
+    return Client(StdioServerParameters(command=command, args=args), mode="legacy", **callbacks)
+
+
+def test_a_denied_tool_is_hidden_and_refused(daemon: Daemon) -> None:
+    async def scenario() -> tuple[list[str], str]:
+        async with client(daemon, "time", daemon.alice) as alice:  # type: ignore[attr-defined]
+            names = [t.name for t in (await alice.list_tools()).tools]
+            allowed = await alice.call_tool("get_current_time", {"timezone": "Europe/Oslo"})
+            text = "".join(c.text for c in allowed.content if isinstance(c, types.TextContent))
+            return names, text
+
+    names, allowed = anyio.run(scenario)
+    assert names == ["get_current_time"]
+    assert json.loads(allowed)["timezone"] == "Europe/Oslo"
+
+    async def refused() -> tuple[dict[str, Any], dict[str, Any]]:
+        init = {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        }
+        async with HostSession(daemon, "time", daemon.alice) as host:  # type: ignore[attr-defined]
+            await host.request("initialize", init)
+            hidden = await host.request(
+                "tools/call",
+                {
+                    "name": "convert_time",
+                    "arguments": {
+                        "source_timezone": "UTC",
+                        "time": "12:00",
+                        "target_timezone": "UTC",
+                    },
+                },
+            )
+            outside = await host.request(
+                "tools/call", {"name": "get_current_time", "arguments": {"timezone": "Asia/Tokyo"}}
+            )
+            return hidden, outside
+
+    hidden, outside = asyncio.run(refused())
+    assert hidden["error"]["code"] == POLICY_DENIED
+    assert "no rule allows" in hidden["error"]["message"]
+    assert outside["error"]["code"] == POLICY_DENIED
+    assert "'timezone' does not match" in outside["error"]["message"]
+    assert outside["error"]["data"]["rule"] == "alice-asks-european-time"
+    assert "Asia/Tokyo" not in outside["error"]["message"]  # reasons never echo values
+
+
+def test_a_refused_request_never_reaches_the_server(daemon: Daemon) -> None:
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], str]:
+        async with HostSession(daemon, "scratch", daemon.alice) as host:  # type: ignore[attr-defined]
+            echoed = await host.request("scratch/echo", {"x": 1})
+            written = await host.request("scratch/write", {"text": "not allowed"})
+            return echoed, written, daemon.cli("server", "logs", "scratch").stdout
+
+    echoed, written, logs = asyncio.run(scenario())
+    assert echoed["result"]["echo"] == {"x": 1}
+    assert written["error"]["code"] == POLICY_DENIED
+    assert "got scratch/echo" in logs
+    assert "got scratch/write" not in logs
+
+
+def test_an_identity_without_rules_cannot_even_initialize(daemon: Daemon) -> None:
+    async def scenario() -> dict[str, Any]:
+        init = {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        }
+        async with HostSession(daemon, "time", daemon.bob) as host:  # type: ignore[attr-defined]
+            return await host.request("initialize", init)
+
+    answer = asyncio.run(scenario())
+    assert answer["error"]["code"] == POLICY_DENIED
+    assert "spiffe://stockade.local/host/bob" in answer["error"]["message"]
+
+
+def test_sampling_is_refused_unless_the_policy_lists_it(daemon: Daemon) -> None:
+    asked: list[str] = []
+
+    async def sampling(context: Any, params: types.CreateMessageRequestParams) -> Any:
+        asked.append("sampling")
+        return types.CreateMessageResult(
+            role="assistant",
+            content=types.TextContent(type="text", text="x"),
+            model="m",
+            stopReason="endTurn",
+        )
+
+    async def scenario() -> types.CallToolResult:
+        async with client(
+            daemon,
+            "everything",
+            daemon.alice,  # type: ignore[attr-defined]
+            sampling_callback=sampling,
+        ) as alice:
+            return await alice.call_tool("trigger-sampling-request", {"prompt": "hi"})
+
+    result = anyio.run(scenario)
+    assert asked == []  # the host never saw the request
+    text = " ".join(c.text for c in result.content if isinstance(c, types.TextContent))
+    assert result.is_error or "denied by policy" in text
+    logged = daemon.log_path.read_text()
+    assert "policy denied a server request" in logged
+
+
+def test_a_broken_policy_is_refused_and_the_old_one_applies(daemon: Daemon) -> None:
+    good = (daemon.policy_dir / "test.yaml").read_text()
+    broken = daemon.write_policy(good.replace("effect: allow", "effect: perhaps", 1))
+    assert daemon.process is not None
+    os.kill(daemon.process.pid, signal.SIGHUP)
+    wait_until(lambda: "policy refused" in daemon.log_path.read_text(), 10, "the refusal")
+    refusal = next(
+        json.loads(line)
+        for line in daemon.log_path.read_text().splitlines()
+        if '"policy refused' in line
+    )
+    assert f"{broken}:4: rules.0.effect" in refusal["error"]
+
+    async def still_allowed() -> dict[str, Any]:
+        async with HostSession(daemon, "scratch", daemon.alice) as host:  # type: ignore[attr-defined]
+            return await host.request("scratch/echo", {"old": "policy"})
+
+    assert asyncio.run(still_allowed())["result"]["echo"] == {"old": "policy"}
+    # A fixed file is picked up without a signal (the folder is watched): here the fix
+    # takes echo away, and the next echo is refused.
+    daemon.write_policy(good.replace('methods: ["scratch/echo"]', 'methods: ["scratch/read"]'))
+    wait_until(lambda: daemon.log_path.read_text().count('"policy loaded"') >= 2, 10, "the reload")
+    answer = asyncio.run(still_allowed())
+    assert answer["error"]["code"] == POLICY_DENIED
+    daemon.write_policy(good)
