@@ -208,3 +208,31 @@ def test_sessions_are_attributed_to_the_callers_certificate(daemon: Daemon) -> N
     opened = [r for r in logged if r.get("event") == "session opened"]
     assert opened[-1]["identity"] == "spiffe://stockade.local/host/attributed"
     assert opened[-1]["session"] == session["id"]
+
+
+def test_a_host_certificate_in_the_config_dir_does_not_shadow_the_admin(daemon: Daemon) -> None:
+    """`connect` prefers the user's host certificate; operator commands prefer the admin's."""
+    config = Path(daemon.env["XDG_CONFIG_HOME"]) / "stockade"
+    daemon.cli("cert", "issue", "--identity", "in-config", "--out", str(config), "--force")
+    try:
+        assert daemon.cli("server", "ls").returncode == 0  # as the owner's admin
+        result = subprocess.run(
+            [str(BIN / "stockade"), "connect", "time", "--socket", str(daemon.socket)],
+            input=INIT.decode(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=daemon.env,
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["result"]["serverInfo"]["name"] == "mcp-time"
+        logged = [
+            json.loads(line)
+            for line in daemon.log_path.read_text().splitlines()
+            if line.startswith("{")
+        ]
+        opened = [r for r in logged if r.get("event") == "session opened"]
+        assert opened[-1]["identity"] == "spiffe://stockade.local/host/in-config"
+    finally:
+        for name in ("client.crt", "client.key", "ca.crt"):
+            (config / name).unlink(missing_ok=True)

@@ -1,8 +1,10 @@
 """How the CLI reaches the daemon (always mTLS), and how failures become one-line errors.
 
 Credentials: `--cert/--key/--ca` if given; else the first folder holding client.crt,
-client.key and ca.crt among `$XDG_CONFIG_HOME/stockade` (where `stockade cert issue` and
-`client enroll` write) and the daemon owner's admin folder in the state dir.
+client.key and ca.crt among two places, in an order that depends on the command:
+`stockade connect` (a host) looks in `$XDG_CONFIG_HOME/stockade` first, where a host's
+certificate is written; the operator's commands look first in the daemon owner's admin
+folder in the state dir, so that a host certificate in the same account never shadows it.
 """
 
 from __future__ import annotations
@@ -91,17 +93,20 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ca", type=Path, help="the daemon's CA certificate")
 
 
-def connection(args: argparse.Namespace) -> Connection:
+def connection(args: argparse.Namespace, as_host: bool = False) -> Connection:
     try:
         settings = load_settings()
     except SettingsError as exc:
         raise CliError(str(exc), exitcodes.CONFIG) from None
     socket_path = Path(args.socket) if args.socket else settings.socket_path
     target = args.address or f"unix:{socket_path}"
+    places = [user_config_dir(), settings.state_dir / "pki" / "admin"]
+    if not as_host:
+        places.reverse()
     folder = next(
         (
             candidate
-            for candidate in (user_config_dir(), settings.state_dir / "pki" / "admin")
+            for candidate in places
             if all(os.access(candidate / name, os.R_OK) for name in CREDENTIAL_FILES)
         ),
         None,

@@ -360,7 +360,7 @@ def cmd_cert_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
-    return run_connect(connection(args), args.name)
+    return run_connect(connection(args, as_host=True), args.name)
 
 
 # Commands that need docker or cryptography import them when they run: `stockade connect`
