@@ -21,7 +21,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 from stockade.policy.loader import Policy
-from stockade.policy.model import NAMED_METHODS, ArgumentConstraint, Rule
+from stockade.policy.model import NAMED_METHODS, ArgumentConstraint, RateLimit, Rule
 
 SERVER_CACHE_LIMIT = 1024
 SESSION_METHODS = frozenset(
@@ -125,12 +125,35 @@ def _compile_constraint(constraint: ArgumentConstraint) -> Draft202012Validator 
     return Draft202012Validator(constraint.schema_ or {})
 
 
+@dataclass(frozen=True)
+class _CompiledLimit:
+    limit: RateLimit
+    identities: re.Pattern[str]
+    servers: re.Pattern[str]
+    names: re.Pattern[str]
+
+    def covers(self, request: Request) -> bool:
+        limit = self.limit
+        if "*" not in limit.methods and request.method not in limit.methods:
+            return False
+        name = request.name or request.method
+        return bool(
+            self.identities.match(request.identity)
+            and self.servers.match(request.server)
+            and self.names.match(name)
+        )
+
+
 class Evaluator:
     """Decisions for one loaded policy. Build once per policy load; `decide` is hot."""
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self._rules = [_CompiledRule.of(rule) for rule in policy.rules]
+        self._limits = [
+            _CompiledLimit(limit, _glob(limit.identities), _glob(limit.servers), _glob(limit.names))
+            for limit in policy.rate_limits
+        ]
         self._by_server: dict[str, tuple[list[_CompiledRule], list[_CompiledRule]]] = {}
 
     def _rules_for(self, server: str) -> tuple[list[_CompiledRule], list[_CompiledRule]]:
@@ -182,6 +205,10 @@ class Evaluator:
             f"denied by default: no rule allows {request.identity} to call {what} "
             f"on {request.server}",
         )
+
+    def limits_for(self, request: Request) -> list[RateLimit]:
+        """The rate limits that cover an (allowed) request; each has its own bucket."""
+        return [c.limit for c in self._limits if c.covers(request)]
 
     def may_see(self, identity: str, server: str, method: str, name: str) -> bool:
         """Whether a list answer should show `name` (a tool, prompt or resource) to the caller.

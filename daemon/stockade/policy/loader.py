@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from stockade.policy.model import PolicyFile, Rule
+from stockade.policy.model import PolicyFile, RateLimit, Rule
 
 PathKey = tuple[str | int, ...]
 
@@ -28,6 +28,7 @@ class Policy:
     """Every rule of every file, in file order, and the server requests allowed."""
 
     rules: tuple[Rule, ...] = ()
+    rate_limits: tuple[RateLimit, ...] = ()
     server_requests: dict[str, frozenset[str]] = field(default_factory=dict)
     files: tuple[str, ...] = ()
 
@@ -97,18 +98,23 @@ def load_policy(paths: list[Path]) -> Policy:
         else:
             raise PolicyError(f"{path}: no such file or directory")
     rules: list[Rule] = []
+    limits: list[RateLimit] = []
     requests: dict[str, set[str]] = {}
     for path in files:
         loaded = load_file(path)
         rules.extend(loaded.rules)
+        limits.extend(loaded.rate_limits)
         for server, methods in loaded.server_requests.items():
             requests.setdefault(server, set()).update(methods)
-    names = [rule.name for rule in rules]
+    names = [rule.name for rule in rules] + [limit.name for limit in limits]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise PolicyError(f"rule names must be unique across files: {', '.join(duplicates)}")
+        raise PolicyError(
+            f"rule and limit names must be unique across files: {', '.join(duplicates)}"
+        )
     return Policy(
         rules=tuple(rules),
+        rate_limits=tuple(limits),
         server_requests={s: frozenset(m) for s, m in requests.items()},
         files=tuple(str(f) for f in files),
     )

@@ -14,6 +14,12 @@ rules:
       limit: {schema: {type: integer, maximum: 100}}   # or a JSON-schema fragment
 server_requests:                       # what a server may ask the host (default: nothing)
   everything: ["sampling/createMessage", "roots/list"]
+rate_limits:                           # token buckets, one per caller x server x name
+  - name: ten-a-minute
+    identities: ["spiffe://stockade.local/host/*"]
+    servers: ["*"]
+    per_minute: 10
+    burst: 3
 ```
 """
 
@@ -93,11 +99,27 @@ class Rule(BaseModel):
         return self
 
 
+class RateLimit(BaseModel):
+    """At most `per_minute` calls a minute, in bursts of up to `burst`, for each caller x
+    server x name that the limit covers (each has its own bucket)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100)
+    identities: tuple[str, ...] = Field(min_length=1)
+    servers: tuple[str, ...] = Field(min_length=1)
+    methods: tuple[str, ...] = ("tools/call",)
+    names: tuple[str, ...] = ("*",)
+    per_minute: int = Field(ge=1, le=1_000_000)
+    burst: int = Field(ge=1, le=1_000_000)
+
+
 class PolicyFile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     version: Literal[1]
     rules: tuple[Rule, ...] = ()
+    rate_limits: tuple[RateLimit, ...] = ()
     server_requests: dict[str, tuple[str, ...]] = Field(default_factory=dict)
 
     @field_validator("server_requests")

@@ -12,6 +12,7 @@ from pathlib import Path
 from stockade.logs import get_logger
 from stockade.policy.evaluator import Evaluator
 from stockade.policy.loader import Policy, PolicyError, load_policy
+from stockade.policy.ratelimit import RateLimiter
 
 log = get_logger("stockade.policy")
 
@@ -21,6 +22,7 @@ class PolicyStore:
         self._directory = directory
         self._fingerprint = self._scan()
         self.evaluator = Evaluator(self._load())
+        self.limiter = RateLimiter()  # outlives reloads: a reload is no fresh burst
         self.last_error: str | None = None
 
     @property

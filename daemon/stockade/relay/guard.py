@@ -57,11 +57,10 @@ class PolicyGuard:
             return None  # the host answering a server request the guard let through
         assert message.method is not None  # noqa: S101 - requests and notifications have one
         name, arguments = _target(message)
-        decision = self._store.evaluator.decide(
-            Request(self.identity, self.server, message.method, name, arguments)
-        )
+        request = Request(self.identity, self.server, message.method, name, arguments)
+        decision = self._store.evaluator.decide(request)
         if decision.allowed:
-            return None
+            return self._rate_limit(message, request)
         log.warning(
             "policy denied a request",
             method=message.method,
@@ -77,6 +76,29 @@ class PolicyGuard:
             f"denied by policy: {decision.reason}",
             {"rule": decision.rule, "source": decision.source},
         )
+
+    def _rate_limit(self, message: Message, request: Request) -> bytes | None:
+        if message.kind is not Kind.REQUEST:
+            return None
+        for limit in self._store.evaluator.limits_for(request):
+            key = (limit.name, self.identity, self.server, request.name or request.method)
+            wait = self._store.limiter.take(key, limit.per_minute, limit.burst)
+            if wait > 0:
+                log.warning(
+                    "rate limit reached",
+                    limit=limit.name,
+                    method=request.method,
+                    name=request.name,
+                    retry_after=round(wait, 2),
+                )
+                return jsonrpc.error_response(
+                    message.id,
+                    jsonrpc.RATE_LIMITED,
+                    f"rate limit {limit.name!r} ({limit.per_minute}/min, burst {limit.burst})"
+                    f" reached; retry in {wait:.1f} s",
+                    {"limit": limit.name, "retry_after_seconds": round(wait, 3)},
+                )
+        return None
 
     def check_server_request(self, message: Message) -> bytes | None:
         """None: forward it to the host. Otherwise the error to answer the server with."""

@@ -28,6 +28,7 @@ SERVER_EXITED = -32000  # the sandboxed server ended while the request was pendi
 SERVER_UNAVAILABLE = -32002  # the server is restarting or could not be started
 MESSAGE_TOO_LARGE = -32003  # over the configured size limit
 POLICY_DENIED = -32010  # refused by the access policy; never forwarded
+RATE_LIMITED = -32011  # a rate limit of the policy is reached; data.retry_after_seconds
 
 
 class Kind(Enum):
