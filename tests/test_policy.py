@@ -268,13 +268,13 @@ def stockade(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_check_explains_without_starting_anything() -> None:
-    policies = str(ROOT / "policies")
-    allowed = stockade(
+def check_filesystem(tool: str, path: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`stockade policy check` for host/laptop calling `tool` on the example filesystem policy."""
+    return stockade(
         "policy",
         "check",
         "--policies",
-        policies,
+        str(ROOT / "policies"),
         "--identity",
         "host/laptop",
         "--server",
@@ -282,29 +282,18 @@ def test_cli_check_explains_without_starting_anything() -> None:
         "--method",
         "tools/call",
         "--name",
-        "read_text_file",
+        tool,
         "--args",
-        '{"path": "/data/notes.md"}',
-        "--json",
+        json.dumps({"path": path}),
+        *extra,
     )
+
+
+def test_cli_check_explains_without_starting_anything() -> None:
+    allowed = check_filesystem("read_text_file", "/data/notes.md", "--json")
     assert allowed.returncode == 0, allowed.stderr
     assert json.loads(allowed.stdout)["rule"] == "filesystem-read-under-data"
-    denied = stockade(
-        "policy",
-        "check",
-        "--policies",
-        policies,
-        "--identity",
-        "host/laptop",
-        "--server",
-        "filesystem",
-        "--method",
-        "tools/call",
-        "--name",
-        "write_file",
-        "--args",
-        '{"path": "/data/x"}',
-    )
+    denied = check_filesystem("write_file", "/data/x")
     assert denied.returncode == 2
     assert denied.stdout.splitlines()[0] == "DENY"
     assert "filesystem-never-write" in denied.stdout
