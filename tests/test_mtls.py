@@ -6,7 +6,7 @@ import asyncio
 import json
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -90,38 +90,40 @@ def test_a_certificate_from_another_ca_is_refused_at_the_handshake(
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_no_client_certificate_is_refused_at_the_handshake(daemon: Daemon) -> None:
+def status_code_of(make_channel: Callable[[], grpc.aio.Channel]) -> grpc.StatusCode:
+    """The status of one GetStatus call on a fresh channel (OK if it went through)."""
+
     async def call() -> grpc.StatusCode:
-        ca = (daemon.state_dir / "pki" / "ca.crt").read_bytes()
-        channel = grpc.aio.secure_channel(
+        async with make_channel() as channel:
+            try:
+                await control_pb2_grpc.ControlStub(channel).GetStatus(
+                    control_pb2.GetStatusRequest(), timeout=10
+                )
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    return asyncio.run(call())
+
+
+def test_no_client_certificate_is_refused_at_the_handshake(daemon: Daemon) -> None:
+    ca = (daemon.state_dir / "pki" / "ca.crt").read_bytes()
+
+    def without_certificate() -> grpc.aio.Channel:  # created inside the call's event loop
+        return grpc.aio.secure_channel(
             f"unix:{daemon.socket}",
             grpc.ssl_channel_credentials(root_certificates=ca),
             options=[("grpc.ssl_target_name_override", "stockaded")],
         )
-        async with channel:
-            try:
-                await control_pb2_grpc.ControlStub(channel).GetStatus(
-                    control_pb2.GetStatusRequest(), timeout=10
-                )
-            except grpc.aio.AioRpcError as exc:
-                return exc.code()
-        return grpc.StatusCode.OK
 
-    assert asyncio.run(call()) is grpc.StatusCode.UNAVAILABLE
+    assert status_code_of(without_certificate) is grpc.StatusCode.UNAVAILABLE
 
 
 def test_plaintext_to_the_tcp_listener_gets_nothing(daemon: Daemon) -> None:
-    async def call() -> grpc.StatusCode:
-        async with grpc.aio.insecure_channel(daemon.tcp) as channel:  # type: ignore[attr-defined]
-            try:
-                await control_pb2_grpc.ControlStub(channel).GetStatus(
-                    control_pb2.GetStatusRequest(), timeout=10
-                )
-            except grpc.aio.AioRpcError as exc:
-                return exc.code()
-        return grpc.StatusCode.OK
+    def plaintext() -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(daemon.tcp)  # type: ignore[attr-defined]
 
-    assert asyncio.run(call()) is grpc.StatusCode.UNAVAILABLE
+    assert status_code_of(plaintext) is grpc.StatusCode.UNAVAILABLE
 
 
 def test_a_revoked_certificate_is_refused_from_the_next_call(daemon: Daemon) -> None:
