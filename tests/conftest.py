@@ -10,7 +10,7 @@ import pytest
 
 from stockade.sandbox.docker_backend import DockerBackend
 from stockade.sandbox.errors import EngineUnavailable
-from stockade.sandbox.images import ImageBuilder
+from stockade.sandbox.images import RECIPES, ImageBuilder
 from stockade.sandbox.spec import LABEL_DAEMON
 
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -37,7 +37,7 @@ def backend() -> DockerBackend:
 def images(backend: DockerBackend) -> ImageBuilder:
     """Build (or confirm) every sandbox image once per test run."""
     builder = ImageBuilder(backend.client, ca_bundle=ca_bundle(), progress=print)
-    builder.ensure(["base", "python", "node"])
+    builder.ensure(list(RECIPES))
     return builder
 
 

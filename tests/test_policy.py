@@ -317,3 +317,14 @@ def test_cli_lint_reports_the_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "time.yaml: ok (1 rules)" in result.stdout
     assert f"{broken}:5: rules.0.identities" in result.stderr
+
+
+def test_cli_show_prints_rules_and_sandboxes() -> None:
+    shown = stockade("policy", "show", "--policies", str(ROOT / "policies"), "--json")
+    assert shown.returncode == 0, shown.stderr
+    effective = json.loads(shown.stdout)
+    assert {r["name"] for r in effective["rules"]} >= {"hosts-use-time", "ci-reads-github"}
+    github = effective["sandboxes"]["github"]
+    assert github["network"]["egress"] == ["api.github.com:443"]
+    assert github["source"].endswith("github.yaml:15")
+    assert effective["sandboxes"]["filesystem"]["mounts"][0]["rw"] is False

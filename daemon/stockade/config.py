@@ -93,6 +93,17 @@ class Settings(BaseSettings):
     container_tmpfs_bytes: int = Field(default=64 * MiB, ge=MiB, le=1024 * MiB)
     container_user: str = "10001:10001"
     stop_grace_seconds: float = Field(default=5.0, ge=0, le=300)
+    # Audit log (state_dir/audit): group commit for allowed traffic (denials are fsynced
+    # before the caller hears), a signed checkpoint every N records or T seconds, and
+    # rotation by size (the chain continues across files).
+    audit_fsync_interval_ms: float = Field(default=10.0, ge=0, le=1000)
+    audit_checkpoint_records: int = Field(default=1000, ge=1, le=1_000_000)
+    audit_checkpoint_seconds: float = Field(default=10.0, gt=0, le=3600)
+    audit_max_file_bytes: int = Field(default=64 * MiB, ge=4096)
+
+    # The routed network egress forwarders reach destinations through ("bridge": Docker's
+    # default). Servers themselves never join it.
+    egress_network: str = Field(default="bridge", pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
     # Pooled containers older than this are replaced: a long-idle server gets a fresh start.
     pool_max_age_seconds: float = Field(default=3600.0, ge=1, le=7 * 86400)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 
 from stockade import __version__
 from stockade.api.server import ListenerError, start_server
+from stockade.audit.chain import AUDIT_KEY_FILE, load_or_create_key
+from stockade.audit.log import AuditLog, AuditStartError, AuditUnavailable
 from stockade.cli import exitcodes
 from stockade.config import Settings, SettingsError, load_settings, setting_names
 from stockade.logs import configure_logging, get_logger
@@ -46,19 +49,38 @@ async def _serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, stop.set)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.state_dir, 0o700)
-    policy = PolicyStore(settings.policy_dir)  # a broken policy stops the start here
+    daemon_id = load_daemon_id(settings.state_dir)
+    audit = open_audit_log(settings, daemon_id)
+    audit_task = asyncio.create_task(audit.run(), name="audit")
+    try:
+        await _serve_audited(settings, audit, daemon_id, stop)
+    finally:
+        audit_task.cancel()
+        await audit.close()
+
+
+async def _serve_audited(
+    settings: Settings, audit: AuditLog, daemon_id: str, stop: asyncio.Event
+) -> None:
+    loop = asyncio.get_running_loop()
+    policy = PolicyStore(settings.policy_dir, audit)  # a broken policy stops the start here
     loop.add_signal_handler(signal.SIGHUP, policy.reload)
     authority = CertificateAuthority.load_or_create(settings.state_dir / "pki")
     authority.ensure_owner_admin()
     backend = await asyncio.to_thread(DockerBackend)
     registry = Registry(settings.state_dir)
-    supervisor = Supervisor(settings, backend, registry, load_daemon_id(settings.state_dir))
+    supervisor = Supervisor(
+        settings, backend, registry, daemon_id, sandbox_policy=policy.sandbox, audit=audit
+    )
     await supervisor.start()
     try:
-        server, addresses = await start_server(settings, registry, supervisor, authority, policy)
+        server, addresses = await start_server(
+            settings, registry, supervisor, authority, policy, audit=audit
+        )
     except BaseException:
         await supervisor.shutdown()
         raise
+    await audit.record("daemon.start", durable=True, outcome="ok", detail={"version": __version__})
     log.info(
         "stockaded started",
         version=__version__,
@@ -73,7 +95,28 @@ async def _serve(settings: Settings) -> None:
     await server.stop(grace=settings.stop_grace_seconds)
     await supervisor.shutdown()
     settings.socket_path.unlink(missing_ok=True)
+    with contextlib.suppress(AuditUnavailable):
+        await audit.record("daemon.stop", durable=True, outcome="ok")
     log.info("stockaded stopped")
+
+
+def open_audit_log(settings: Settings, daemon_id: str) -> AuditLog:
+    """The audit log, continued from where the last run left it."""
+    try:
+        key = load_or_create_key(settings.state_dir / "pki" / AUDIT_KEY_FILE)
+        audit = AuditLog(
+            settings.state_dir / "audit",
+            key,
+            daemon_id=daemon_id,
+            fsync_interval=settings.audit_fsync_interval_ms / 1000,
+            checkpoint_records=settings.audit_checkpoint_records,
+            checkpoint_seconds=settings.audit_checkpoint_seconds,
+            max_file_bytes=settings.audit_max_file_bytes,
+        )
+        audit.open()
+    except (OSError, ValueError) as exc:
+        raise AuditStartError(f"cannot open the audit log: {exc}") from None
+    return audit
 
 
 # What stops the daemon at start, what it logs, and its exit code (see the README).
@@ -83,6 +126,7 @@ STARTUP_ERRORS: tuple[tuple[type[Exception], str, int], ...] = (
     (RegistryError, "cannot load the server registry", exitcodes.CONFIG),
     (PkiError, "cannot set up the certificate authority", exitcodes.CONFIG),
     (PolicyError, "the policy is invalid", exitcodes.CONFIG),
+    (AuditStartError, "the audit log is unusable", exitcodes.FAILED),
 )
 POLICY_POLL_SECONDS = 2.0
 STARTUP_FAILURES = tuple(kind for kind, _, _ in STARTUP_ERRORS)

@@ -13,6 +13,7 @@ it is given and checks inside it, where `context.auth_context()` is available.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
@@ -20,6 +21,7 @@ from typing import Any, cast
 
 import grpc
 
+from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.logs import get_logger, log_context
 from stockade.pki.authority import CertificateAuthority
 from stockade.pki.identity import Identity, IdentityError, Role, peer_from_pem
@@ -77,8 +79,9 @@ def caller_identity(context: Context, authority: CertificateAuthority) -> Identi
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, authority: CertificateAuthority) -> None:
+    def __init__(self, authority: CertificateAuthority, audit: AuditLog) -> None:
         self._authority = authority
+        self._audit = audit
 
     async def intercept_service(
         self,
@@ -93,7 +96,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if roles is None or handler is None:
             log.warning("refused an unknown method", method=method)
             return _refusal(grpc.StatusCode.UNIMPLEMENTED, f"no such method: {method}")
-        return _wrap(handler, method, roles, self._authority)
+        return _wrap(handler, method, roles, self._authority, self._audit)
 
 
 def _authorize(
@@ -113,6 +116,7 @@ def _wrap(
     method: str,
     roles: frozenset[Role],
     ca: CertificateAuthority,
+    audit: AuditLog,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     # The stubs model sync handlers; ours are coroutines or async generators.
     factory: Callable[..., grpc.RpcMethodHandler[Any, Any]]
@@ -134,6 +138,15 @@ def _wrap(
             return _authorize(context, method, roles, ca)
         except Denied as exc:
             log.warning("refused a call", method=method, reason=str(exc))
+            with contextlib.suppress(AuditUnavailable):  # refused either way
+                await audit.record(
+                    "access",
+                    durable=True,
+                    outcome="deny",
+                    action=method,
+                    reason=str(exc),
+                    peer=context.peer(),
+                )
             await context.abort(exc.code, str(exc))
             raise  # abort() raises; if it ever did not, the call still never runs
 
@@ -154,12 +167,20 @@ def _wrap(
 
         async def calling(request: Any, context: Context) -> Any:
             identity = await check(context)
+            if method.startswith(CONTROL_PREFIX):
+                await _admin_record(audit, context, method, identity, "requested")
             token = current_identity.set(identity)
+            outcome = "error"
             try:
                 with log_context(identity=identity.uri):
-                    return await inner(request, context)
+                    answer = await inner(request, context)
+                outcome = "ok"
+                return answer
             finally:
                 current_identity.reset(token)
+                if method.startswith(CONTROL_PREFIX) and method not in READ_ONLY:
+                    with contextlib.suppress(AuditUnavailable):
+                        audit.write("admin", outcome=outcome, action=method, identity=identity.uri)
 
         behaviour = calling
     return factory(
@@ -167,6 +188,32 @@ def _wrap(
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+CONTROL_PREFIX = "/stockade.v1.Control/"
+READ_ONLY = frozenset(
+    CONTROL_PREFIX + name
+    for name in ("GetStatus", "ListServers", "GetServer", "ListSessions", "ListCertificates")
+)
+
+
+async def _admin_record(
+    audit: AuditLog, context: Context, method: str, identity: Identity, outcome: str
+) -> None:
+    """Admin actions are recorded before they run; if that fails, they do not run."""
+    if method in READ_ONLY:
+        return
+    try:
+        await audit.record(
+            "admin",
+            durable=True,
+            outcome=outcome,
+            action=method,
+            identity=identity.uri,
+            peer=context.peer(),
+        )
+    except AuditUnavailable as exc:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"refused: {exc}")
 
 
 def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler[Any, Any]:

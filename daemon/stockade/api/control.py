@@ -12,6 +12,7 @@ import grpc
 from stockade import __version__
 from stockade.api.convert import definition_from_proto, definition_to_proto, server_status_to_proto
 from stockade.api.relay import RelayServicer
+from stockade.audit.log import AuditLog
 from stockade.logs import get_logger
 from stockade.pki.authority import CertificateAuthority, PkiError
 from stockade.pki.identity import Identity, IdentityError
@@ -33,8 +34,11 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         supervisor: Supervisor,
         relay: RelayServicer,
         authority: CertificateAuthority,
+        *,
+        audit: AuditLog,
     ) -> None:
         self._authority = authority
+        self._audit = audit
         self._started = time.monotonic()
         self._listeners = listeners
         self._registry = registry
@@ -49,6 +53,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             uptime_seconds=time.monotonic() - self._started,
             listeners=self._listeners,
             servers=[server_status_to_proto(s) for s in self._supervisor.servers().values()],
+            audit_state=self._audit.state,
+            audit_records=self._audit.seq,
         )
 
     async def AddServer(

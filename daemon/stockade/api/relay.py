@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from stockade.api.auth import current_identity
+from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.logs import get_logger, log_context
 from stockade.policy.store import PolicyStore
 from stockade.registry import Registry, UnknownServer
@@ -50,10 +51,13 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         supervisor: Supervisor,
         registry: Registry,
         policy: PolicyStore,
+        *,
+        audit: AuditLog,
         max_message_bytes: int,
         drain_seconds: float = 30.0,
     ) -> None:
         self._policy = policy
+        self._audit = audit
         self._supervisor = supervisor
         self._registry = registry
         self._max = max_message_bytes
@@ -81,12 +85,14 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, f"unknown session options: {unknown}"
             )
         name = first.open.server
+        session_id = uuid.uuid4().hex[:16]
+        identity = _identity()
+        where = {"identity": identity, "server": name, "session": session_id}
         try:
             definition = self._registry.get(name)
         except UnknownServer as exc:
+            await self._record(context, "session.open", outcome="deny", reason=str(exc), **where)
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        session_id = uuid.uuid4().hex[:16]
-        identity = _identity()
         with log_context(session=session_id, server=name):
             if definition.shared:
                 await self._run_shared(context, name, session_id, identity)
@@ -102,7 +108,12 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         except SandboxError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         host = _HostStream(context)
-        session = router.join(session_id, host.message, PolicyGuard(self._policy, name, identity))
+        guard = PolicyGuard(
+            self._policy, name, identity, self._audit, session=session_id, instance="shared"
+        )
+        where = {"identity": identity, "server": name, "session": session_id}
+        await self._record(context, "session.open", outcome="ok", instance="shared", **where)
+        session = router.join(session_id, host.message, guard)
         self.sessions[session_id] = OpenSessionRecord(session_id, name, identity, "shared")
         log.info("session opened on the shared instance")
         try:
@@ -118,6 +129,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         finally:
             router.leave(session)
             self.sessions.pop(session_id, None)
+            self._closed(where, "shared")
 
     async def _run(self, context: Context, name: str, session_id: str, identity: str) -> None:
         try:
@@ -125,8 +137,16 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         except SandboxError as exc:
             log.error("could not start an instance", error=str(exc))
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"could not start {name!r}: {exc}")
+        where = {"identity": identity, "server": name, "session": session_id}
+        try:
+            await self._record(context, "session.open", outcome="ok", instance=instance.id, **where)
+        except BaseException:  # refused (audit unavailable) or cancelled: give it back
+            self._supervisor.release_later(instance)
+            raise
         host = _HostStream(context)
-        guard = PolicyGuard(self._policy, name, identity)
+        guard = PolicyGuard(
+            self._policy, name, identity, self._audit, session=session_id, instance=instance.id
+        )
         session = RelaySession(
             session_id, name, instance, host.message, max_message_bytes=self._max, guard=guard
         )
@@ -167,6 +187,20 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                     await host_task
             self.sessions.pop(session_id, None)
             self._supervisor.release_later(instance)
+            self._closed(where, instance.id)
+
+    async def _record(self, context: Context, event: str, **fields: Any) -> None:
+        """A durable session record; if it cannot be written, the session is refused."""
+        try:
+            await self._audit.record(
+                event, durable=True, transport="grpc", peer=context.peer(), **fields
+            )
+        except AuditUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"refused: {exc}")
+
+    def _closed(self, where: dict[str, str], instance: str) -> None:
+        with contextlib.suppress(AuditUnavailable):  # the failure is already said and shown
+            self._audit.write("session.close", outcome="ok", instance=instance, **where)
 
 
 class _HostStream:

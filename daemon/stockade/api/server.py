@@ -16,6 +16,7 @@ import grpc
 from stockade.api.auth import AuthInterceptor
 from stockade.api.control import ControlServicer
 from stockade.api.relay import RelayServicer
+from stockade.audit.log import AuditLog
 from stockade.config import Settings
 from stockade.pki.authority import CertificateAuthority
 from stockade.policy.store import PolicyStore
@@ -74,6 +75,8 @@ async def start_server(
     supervisor: Supervisor,
     authority: CertificateAuthority,
     policy: PolicyStore,
+    *,
+    audit: AuditLog,
 ) -> tuple[grpc.aio.Server, list[str]]:
     prepare_socket_path(settings.socket_path)
     addresses = [f"unix:{settings.socket_path}"]
@@ -82,7 +85,7 @@ async def start_server(
     limit = grpc_message_limit(settings.max_message_bytes)
     credentials = server_credentials(settings, authority)
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(authority)],
+        interceptors=[AuthInterceptor(authority, audit)],
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         options=[
             ("grpc.max_receive_message_length", limit),
@@ -90,10 +93,15 @@ async def start_server(
         ],
     )
     relay = RelayServicer(
-        supervisor, registry, policy, settings.max_message_bytes, settings.session_drain_seconds
+        supervisor,
+        registry,
+        policy,
+        audit=audit,
+        max_message_bytes=settings.max_message_bytes,
+        drain_seconds=settings.session_drain_seconds,
     )
     relay_pb2_grpc.add_RelayServicer_to_server(relay, server)
-    control = ControlServicer(addresses, registry, supervisor, relay, authority)
+    control = ControlServicer(addresses, registry, supervisor, relay, authority, audit=audit)
     control_pb2_grpc.add_ControlServicer_to_server(control, server)
     # gRPC creates the socket with the process umask: bind under a tight one so that the
     # socket is never, even briefly, reachable by others.

@@ -79,6 +79,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"stockaded {status.version}, up {status.uptime_seconds:.0f}s")
     for listener in status.listeners:
         print(f"  listening on {listener}")
+    print(f"  audit: {status.audit_state} ({status.audit_records} records)")
     for server in status.servers:
         print(
             f"  {server.name}: {server.instances} in use, {server.pooled}/{server.warm_pool} warm"
@@ -298,6 +299,11 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
             for r in policy.rules
         ],
         "server_requests": {s: sorted(m) for s, m in policy.server_requests.items()},
+        "sandboxes": {
+            server: {"source": sandbox.source, **sandbox.model_dump(mode="json")}
+            for server, sandbox in sorted(policy.sandboxes.items())
+        },
+        "sandbox_default": "hardened defaults and no network for any server not listed",
     }
     print(json.dumps(shown, indent=None if args.json else 2))
     return exitcodes.OK

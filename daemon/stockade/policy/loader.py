@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from stockade.policy.model import PolicyFile, RateLimit, Rule
+from stockade.policy.sandbox import DEFAULT_SANDBOX, SandboxPolicy
 
 PathKey = tuple[str | int, ...]
 
@@ -30,7 +31,12 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     rate_limits: tuple[RateLimit, ...] = ()
     server_requests: dict[str, frozenset[str]] = field(default_factory=dict)
+    sandboxes: dict[str, SandboxPolicy] = field(default_factory=dict)
     files: tuple[str, ...] = ()
+
+    def sandbox(self, server: str) -> SandboxPolicy:
+        """The server's sandbox policy; the hardened default when no file names it."""
+        return self.sandboxes.get(server, DEFAULT_SANDBOX)
 
 
 def _to_data(node: yaml.Node, path: PathKey, lines: dict[PathKey, int]) -> Any:
@@ -84,7 +90,13 @@ def load_file(path: Path) -> PolicyFile:
         rule.model_copy(update={"source": f"{path}:{lines.get(('rules', index), 1)}"})
         for index, rule in enumerate(parsed.rules)
     )
-    return parsed.model_copy(update={"rules": rules})
+    sandboxes = {
+        server: sandbox.model_copy(
+            update={"source": f"{path}:{lines.get(('sandboxes', server), 1)}"}
+        )
+        for server, sandbox in parsed.sandboxes.items()
+    }
+    return parsed.model_copy(update={"rules": rules, "sandboxes": sandboxes})
 
 
 def load_policy(paths: list[Path]) -> Policy:
@@ -100,12 +112,20 @@ def load_policy(paths: list[Path]) -> Policy:
     rules: list[Rule] = []
     limits: list[RateLimit] = []
     requests: dict[str, set[str]] = {}
+    sandboxes: dict[str, SandboxPolicy] = {}
     for path in files:
         loaded = load_file(path)
         rules.extend(loaded.rules)
         limits.extend(loaded.rate_limits)
         for server, methods in loaded.server_requests.items():
             requests.setdefault(server, set()).update(methods)
+        for server, sandbox in loaded.sandboxes.items():
+            if server in sandboxes:
+                raise PolicyError(
+                    f"{sandbox.source}: sandboxes.{server}: already defined at "
+                    f"{sandboxes[server].source} (one sandbox per server)"
+                )
+            sandboxes[server] = sandbox
     names = [rule.name for rule in rules] + [limit.name for limit in limits]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -116,5 +136,6 @@ def load_policy(paths: list[Path]) -> Policy:
         rules=tuple(rules),
         rate_limits=tuple(limits),
         server_requests={s: frozenset(m) for s, m in requests.items()},
+        sandboxes=sandboxes,
         files=tuple(str(f) for f in files),
     )

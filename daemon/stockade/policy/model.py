@@ -20,6 +20,8 @@ rate_limits:                           # token buckets, one per caller x server 
     servers: ["*"]
     per_minute: 10
     burst: 3
+sandboxes:                             # how each server's container runs (policy/sandbox.py)
+  time: {memory_mb: 128}
 ```
 """
 
@@ -31,6 +33,8 @@ from typing import Any, Literal
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from stockade.policy.sandbox import SandboxPolicy
 
 # Methods whose target has a name (tool, prompt, resource URI) that rules can match.
 NAMED_METHODS: dict[str, str] = {
@@ -121,6 +125,7 @@ class PolicyFile(BaseModel):
     rules: tuple[Rule, ...] = ()
     rate_limits: tuple[RateLimit, ...] = ()
     server_requests: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    sandboxes: dict[str, SandboxPolicy] = Field(default_factory=dict)
 
     @field_validator("server_requests")
     @classmethod

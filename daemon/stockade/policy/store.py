@@ -7,21 +7,26 @@ keeps applying. With no policy file at all, everything is denied (and the log sa
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.logs import get_logger
 from stockade.policy.evaluator import Evaluator
 from stockade.policy.loader import Policy, PolicyError, load_policy
 from stockade.policy.ratelimit import RateLimiter
+from stockade.policy.sandbox import SandboxPolicy
 
 log = get_logger("stockade.policy")
 
 
 class PolicyStore:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, audit: AuditLog | None = None) -> None:
         self._directory = directory
+        self._audit = audit  # None only for offline use (the CLI); the daemon always audits
         self._fingerprint = self._scan()
         self.evaluator = Evaluator(self._load())
+        self._record("policy.load", "ok", None, self.evaluator.policy)
         self.limiter = RateLimiter()  # outlives reloads: a reload is no fresh burst
         self.last_error: str | None = None
 
@@ -43,8 +48,25 @@ class PolicyStore:
             log.warning("no policy files: every request is denied", directory=str(self._directory))
             return Policy()
         policy = load_policy([self._directory])
-        log.info("policy loaded", files=list(policy.files), rules=len(policy.rules))
+        log.info(
+            "policy loaded",
+            files=list(policy.files),
+            rules=len(policy.rules),
+            sandboxes=sorted(policy.sandboxes),
+        )
+        for server, sandbox in sorted(policy.sandboxes.items()):
+            if sandbox.capabilities:  # loud on purpose: each one widens the sandbox
+                log.warning(
+                    "policy grants Linux capabilities",
+                    server=server,
+                    capabilities=list(sandbox.capabilities),
+                    source=sandbox.source,
+                )
         return policy
+
+    def sandbox(self, server: str) -> SandboxPolicy:
+        """How `server`'s containers must run under the policy in force."""
+        return self.evaluator.policy.sandbox(server)
 
     def reload(self) -> bool:
         """Load the files again; on error keep the policy in force. True when it changed."""
@@ -54,10 +76,23 @@ class PolicyStore:
         except PolicyError as exc:
             self.last_error = str(exc)
             log.error("policy refused; the last good policy still applies", error=str(exc))
+            self._record("policy.refused", "error", str(exc))
             return False
         self.evaluator = Evaluator(policy)
         self.last_error = None
+        self._record("policy.load", "ok", None, policy)
         return True
+
+    def _record(
+        self, event: str, outcome: str, reason: str | None, policy: Policy | None = None
+    ) -> None:
+        if self._audit is None:
+            return
+        detail = None
+        if policy is not None:
+            detail = {"files": list(policy.files), "rules": len(policy.rules)}
+        with contextlib.suppress(AuditUnavailable):  # the failure is said and refuses traffic
+            self._audit.write(event, outcome=outcome, reason=reason, detail=detail)
 
     def reload_if_changed(self) -> bool:
         if self._scan() == self._fingerprint:

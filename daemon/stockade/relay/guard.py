@@ -8,13 +8,21 @@
   use, so a host is never shown a tool it could not call.
 
 Reasons never contain argument values: they name the rule and the constraint only.
+
+Every decision is an audit record (`request`, `server_request`): a denial is on disk before
+the caller hears of it; an allowed request is written before it is forwarded (fsynced in a
+group). If the audit log cannot be written, requests are refused with AUDIT_UNAVAILABLE.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import time
 from typing import Any
 
+from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.logs import get_logger
 from stockade.policy.evaluator import Request
 from stockade.policy.model import NAMED_METHODS
@@ -45,22 +53,77 @@ def _target(message: Message) -> tuple[str | None, dict[str, Any]]:
     )
 
 
+def arguments_digest(arguments: dict[str, Any]) -> str | None:
+    """SHA-256 of the canonical JSON arguments: proves what was sent, shows nothing."""
+    if not arguments:
+        return None
+    text = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 class PolicyGuard:
-    def __init__(self, store: PolicyStore, server: str, identity: str) -> None:
+    def __init__(
+        self,
+        store: PolicyStore,
+        server: str,
+        identity: str,
+        audit: AuditLog,
+        *,
+        session: str | None = None,
+        instance: str | None = None,
+    ) -> None:
         self._store = store
         self.server = server
         self.identity = identity
+        self._audit = audit
+        self._where = {"server": server, "identity": identity, "session": session}
+        self.instance = instance
 
-    def check_host(self, message: Message) -> bytes | None:
+    async def _record(self, event: str, *, durable: bool, **fields: Any) -> None:
+        await self._audit.record(
+            event, durable=durable, instance=self.instance, **self._where, **fields
+        )
+
+    async def check_host(self, message: Message) -> bytes | None:
         """None: forward it. Otherwise what to answer the host (b"" for a notification)."""
         if message.kind is Kind.RESPONSE:
             return None  # the host answering a server request the guard let through
         assert message.method is not None  # noqa: S101 - requests and notifications have one
+        try:
+            return await self._decide_host(message)
+        except AuditUnavailable as exc:
+            if message.kind is Kind.NOTIFICATION:
+                return b""
+            return jsonrpc.error_response(
+                message.id,
+                jsonrpc.AUDIT_UNAVAILABLE,
+                f"refused: {exc}; Stockade does not relay what it cannot audit",
+            )
+
+    async def _decide_host(self, message: Message) -> bytes | None:
+        assert message.method is not None  # noqa: S101 - checked by the caller
         name, arguments = _target(message)
         request = Request(self.identity, self.server, message.method, name, arguments)
         decision = self._store.evaluator.decide(request)
+        fields = {
+            "action": message.method,
+            "target": name,
+            "args_sha256": arguments_digest(arguments),
+            "rule": decision.rule,
+            "rule_source": decision.source,
+        }
         if decision.allowed:
-            return self._rate_limit(message, request)
+            refusal = self._rate_limit(message, request)
+            if refusal is not None:
+                await self._record(
+                    "request", durable=True, outcome="deny", **fields, reason="rate limit reached"
+                )
+                return refusal
+            await self._record("request", durable=False, outcome="allow", **fields)
+            return None
+        await self._record(
+            "request", durable=True, outcome="deny", **fields, reason=decision.reason
+        )
         log.warning(
             "policy denied a request",
             method=message.method,
@@ -100,16 +163,43 @@ class PolicyGuard:
                 )
         return None
 
-    def check_server_request(self, message: Message) -> bytes | None:
+    async def check_server_request(self, message: Message) -> bytes | None:
         """None: forward it to the host. Otherwise the error to answer the server with."""
         assert message.method is not None  # noqa: S101 - a request has one
         decision = self._store.evaluator.server_request(self.server, message.method)
+        outcome = "allow" if decision.allowed else "deny"
+        try:
+            await self._record(
+                "server_request",
+                durable=not decision.allowed,
+                outcome=outcome,
+                action=message.method,
+                rule=decision.rule,
+                reason=None if decision.allowed else decision.reason,
+            )
+        except AuditUnavailable as exc:
+            return jsonrpc.error_response(message.id, jsonrpc.AUDIT_UNAVAILABLE, f"refused: {exc}")
         if decision.allowed:
             return None
         log.warning("policy denied a server request", method=message.method, reason=decision.reason)
         return jsonrpc.error_response(
             message.id, jsonrpc.POLICY_DENIED, f"denied by policy: {decision.reason}"
         )
+
+    def answered(self, method: str, started: float, body: dict[str, Any]) -> None:
+        """Record how an allowed request ended: its latency and outcome."""
+        error = body.get("error")
+        code = error.get("code") if isinstance(error, dict) else None
+        with contextlib.suppress(AuditUnavailable):  # refused from the next request on
+            self._audit.write(
+                "response",
+                instance=self.instance,
+                **self._where,
+                action=method,
+                outcome="error" if error is not None else "ok",
+                error_code=code,
+                latency_ms=round((time.monotonic() - started) * 1000, 3),
+            )
 
     def filter_list(self, method: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """The answer to a list request with only what the caller may use (None: unchanged)."""

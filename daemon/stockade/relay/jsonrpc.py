@@ -29,6 +29,7 @@ SERVER_UNAVAILABLE = -32002  # the server is restarting or could not be started
 MESSAGE_TOO_LARGE = -32003  # over the configured size limit
 POLICY_DENIED = -32010  # refused by the access policy; never forwarded
 RATE_LIMITED = -32011  # a rate limit of the policy is reached; data.retry_after_seconds
+AUDIT_UNAVAILABLE = -32020  # the audit log cannot be written: nothing is relayed until it can
 
 
 class Kind(Enum):

@@ -10,6 +10,7 @@ JSON-RPC error that says how it ended, so nothing the host waits for hangs.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -42,7 +43,8 @@ class RelaySession:
         self._to_host = to_host
         self._max = max_message_bytes
         self._guard = guard
-        self._pending: dict[str, tuple[Any, str]] = {}  # id key -> (host's id, method)
+        # id key -> (host's id, method, when it was forwarded)
+        self._pending: dict[str, tuple[Any, str, float]] = {}
         self._ended = False
         self._end_lock = asyncio.Lock()
 
@@ -70,13 +72,13 @@ class RelaySession:
             if message.kind is Kind.REQUEST:
                 await self._to_host(self._ended_error(message.id))
             return
-        refusal = self._guard.check_host(message)
+        refusal = await self._guard.check_host(message)
         if refusal is not None:  # never forwarded
             if refusal:
                 await self._to_host(refusal)
             return
         if message.kind is Kind.REQUEST:
-            self._pending[message.id_key] = (message.id, message.method or "")
+            self._pending[message.id_key] = (message.id, message.method or "", time.monotonic())
         elif message.method == "notifications/cancelled" and message.params is not None:
             # A cancelled request gets no answer (MCP): nothing is owed for it any more.
             self._pending.pop(jsonrpc.id_key(message.params.get("requestId")), None)
@@ -88,12 +90,14 @@ class RelaySession:
         if message is None:
             return
         if message.kind is Kind.REQUEST:  # the server asks the host (sampling, roots, ...)
-            refusal = self._guard.check_server_request(message)
+            refusal = await self._guard.check_server_request(message)
             if refusal is not None:
                 await self.instance.send(refusal)
                 return
         elif message.kind is Kind.RESPONSE:
-            _, method = self._pending.pop(message.id_key, (None, ""))
+            _, method, started = self._pending.pop(message.id_key, (None, "", 0.0))
+            if method:
+                self._guard.answered(method, started, message.body)
             filtered = self._guard.filter_list(method, message.body)
             if filtered is not None:
                 await self._to_host(dumps(filtered))
@@ -105,7 +109,7 @@ class RelaySession:
         async with self._end_lock:
             self._ended = True
             self._report = report
-            pending, self._pending = [i for i, _ in self._pending.values()], {}
+            pending, self._pending = [i for i, _, _ in self._pending.values()], {}
         for request_id in pending:
             await self._to_host(self._ended_error(request_id))
 

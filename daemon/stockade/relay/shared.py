@@ -166,7 +166,7 @@ class SharedRouter:
             return None
         if message.kind is Kind.RESPONSE:
             return None  # answers to server requests: shared servers never get to send those
-        refusal = session.guard.check_host(message)
+        refusal = await session.guard.check_host(message)
         if refusal is not None:  # never forwarded
             if refusal:
                 await session.to_host(refusal)

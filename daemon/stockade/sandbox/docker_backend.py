@@ -16,6 +16,7 @@ from typing import Any
 import docker
 import docker.errors
 from docker.models.containers import Container
+from docker.types import Mount
 
 from stockade.logs import get_logger
 from stockade.sandbox.errors import (
@@ -57,7 +58,7 @@ class Attachment:
 
 def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
     """Docker create arguments for `spec`. Every hardened default is set here, explicitly."""
-    return {
+    kwargs: dict[str, Any] = {
         "image": spec.image,
         "command": list(spec.command) or None,
         "working_dir": spec.working_dir,
@@ -80,6 +81,21 @@ def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         "tty": False,
         "detach": True,
     }
+    if spec.cap_add:
+        kwargs["cap_add"] = list(spec.cap_add)
+    if spec.extra_hosts:
+        kwargs["extra_hosts"] = dict(spec.extra_hosts)
+    if spec.dns:
+        kwargs["dns"] = list(spec.dns)
+    if spec.mounts:
+        kwargs["mounts"] = [
+            Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
+            for m in spec.mounts
+        ]
+    if spec.bind_low_ports:
+        # Namespaced to the container's network: lets a non-root process listen on 443.
+        kwargs["sysctls"] = {"net.ipv4.ip_unprivileged_port_start": "0"}
+    return kwargs
 
 
 class DockerBackend:
@@ -209,4 +225,73 @@ class DockerBackend:
         """Containers (running or not) that carry all of `labels`, as `docker ps -a` summaries."""
         filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
         result: list[dict[str, Any]] = self._client.api.containers(all=True, filters=filters)
+        return result
+
+    # -- networks (the egress gateway's) ---------------------------------------------
+
+    def ensure_network(self, name: str, *, internal: bool, labels: dict[str, str]) -> str:
+        """Create the network unless it exists; return its IPv4 subnet (CIDR)."""
+        try:
+            network = self._client.networks.get(name)
+        except docker.errors.NotFound:
+            try:
+                network = self._client.networks.create(
+                    name, driver="bridge", internal=internal, labels=labels, check_duplicate=True
+                )
+            except docker.errors.APIError as exc:
+                raise SandboxError(f"could not create network {name!r}: {exc}") from None
+            network.reload()
+        if bool(network.attrs.get("Internal")) != internal:
+            raise SandboxError(
+                f"network {name!r} exists but is not {'internal' if internal else 'routed'}"
+            )
+        configs = network.attrs.get("IPAM", {}).get("Config") or []
+        subnets = [c["Subnet"] for c in configs if "." in c.get("Subnet", "")]
+        if not subnets:
+            raise SandboxError(f"network {name!r} has no IPv4 subnet")
+        return str(subnets[0])
+
+    def connect_network(self, container_id: str, network: str) -> None:
+        """Attach a created container to one more network (before it starts)."""
+        try:
+            self._client.api.connect_container_to_network(container_id, network)
+        except docker.errors.NotFound as exc:
+            raise SandboxError(
+                f"cannot connect {container_id[:12]} to {network!r}: {exc}"
+            ) from None
+
+    def address_on(self, container_id: str, network: str) -> str:
+        """The container's IPv4 address on `network` (it must be running)."""
+        networks = self.inspect(container_id).get("NetworkSettings", {}).get("Networks", {})
+        address = (networks.get(network) or {}).get("IPAddress")
+        if not address:
+            raise SandboxError(f"container {container_id[:12]} has no address on {network!r}")
+        return str(address)
+
+    def remove_network(self, name: str) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            try:
+                self._client.api.remove_network(name)
+            except docker.errors.APIError as exc:
+                if exc.status_code != 404:
+                    raise SandboxError(f"could not remove network {name!r}: {exc}") from None
+
+    def networks_by_label(self, labels: dict[str, str]) -> list[str]:
+        filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
+        return [str(n["Name"]) for n in self._client.api.networks(filters=filters)]
+
+    def containers_on(self, network: str) -> list[str]:
+        """Ids of the containers attached to `network` (empty if it is gone)."""
+        try:
+            attrs = self._client.api.inspect_network(network)
+        except docker.errors.NotFound:
+            return []
+        return list((attrs.get("Containers") or {}).keys())
+
+    def output(self, container_id: str) -> bytes:
+        """What the container wrote to stdout so far (for readiness lines)."""
+        try:
+            result: bytes = self._client.api.logs(container_id, stdout=True, stderr=False)
+        except docker.errors.NotFound:
+            raise ContainerGone(f"container {container_id[:12]} is gone") from None
         return result

@@ -53,6 +53,7 @@ RECIPES: dict[str, Recipe] = {
     "base": Recipe("base", None),
     "python": Recipe("python", "base"),
     "node": Recipe("node", "base"),
+    "egress": Recipe("egress", "base"),
 }
 
 

@@ -21,6 +21,18 @@ LABEL_INSTANCE = f"{LABEL_PREFIX}.instance"
 LABEL_SESSION = f"{LABEL_PREFIX}.session"
 
 Runtime = Literal["runc", "runsc"]
+NETWORK_NAME = r"^(none|[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127})$"
+
+
+class BindMount(BaseModel):
+    """A host path in the container. The policy layer decides which paths are allowed;
+    this only guarantees the shape (absolute paths, read-only unless said otherwise)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str = Field(pattern=r"^/.+")
+    target: str = Field(pattern=r"^/.+")
+    read_only: bool = True
 
 
 class ContainerSpec(BaseModel):
@@ -33,7 +45,13 @@ class ContainerSpec(BaseModel):
     working_dir: str | None = None
     user: str = "10001:10001"
     runtime: Runtime = "runc"
-    network: Literal["none"] = "none"  # egress allowlists arrive with the policy issue
+    # "none", or the server's internal egress network (no route out but the gateway)
+    network: str = Field(default="none", pattern=NETWORK_NAME)
+    extra_hosts: dict[str, str] = Field(default_factory=dict)  # allowed name -> gateway IP
+    dns: tuple[str, ...] = ()
+    cap_add: tuple[str, ...] = ()  # only what a sandbox policy granted, by name
+    mounts: tuple[BindMount, ...] = ()
+    bind_low_ports: bool = False  # egress forwarders listen on 443 etc. without a capability
     memory_bytes: int = Field(default=256 * MiB, ge=16 * MiB)
     cpus: float = Field(default=1.0, gt=0, le=64)
     pids_limit: int = Field(default=64, ge=8, le=65536)

@@ -82,6 +82,7 @@ class Instance:
     started_at: float = field(default_factory=time.monotonic)
     stderr: StderrLog = field(default_factory=StderrLog)
     session_id: str | None = None
+    sandbox_fingerprint: str = ""  # what it was built from; a pool hands out only current ones
     exited: asyncio.Future[ExitReport] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )

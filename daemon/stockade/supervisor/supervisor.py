@@ -19,15 +19,18 @@ import json
 import time
 import uuid
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.config import Settings
 from stockade.logs import get_logger, log_context
+from stockade.policy.sandbox import DEFAULT_SANDBOX, SandboxPolicy
 from stockade.registry import Registry, ServerDefinition
 from stockade.relay.shared import HandshakeFailed, SharedRouter
+from stockade.sandbox.egress import EgressAttachment, EgressGateways, gateway_key
 from stockade.sandbox.errors import SandboxError
 from stockade.sandbox.runtime import SandboxRuntime
 from stockade.sandbox.spec import (
@@ -38,6 +41,7 @@ from stockade.sandbox.spec import (
     ContainerSpec,
 )
 from stockade.supervisor.instance import ExitReport, Instance, new_instance_id
+from stockade.supervisor.sandboxing import build_spec, sandbox_fingerprint
 
 log = get_logger("stockade.supervisor")
 
@@ -91,8 +95,15 @@ class Supervisor:
         backend: SandboxRuntime,
         registry: Registry,
         daemon_id: str,
+        *,
+        sandbox_policy: Callable[[str], SandboxPolicy] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
+        self._audit = audit  # None only in tests of the supervisor alone
         self._settings = settings
+        # The policy in force for a server's sandbox, asked at every container start.
+        self._sandbox_policy = sandbox_policy or (lambda _name: DEFAULT_SANDBOX)
+        self._egress = EgressGateways(backend, settings, daemon_id)
         self._backend = backend
         self._registry = registry
         self.daemon_id = daemon_id
@@ -131,6 +142,7 @@ class Supervisor:
         instances = [i for s in self._servers.values() for i in (*s.pool, *s.in_use.values())]
         await asyncio.gather(*(self._stop(i) for i in instances), return_exceptions=True)
         await self._reap_unaccounted()
+        await asyncio.to_thread(self._egress.prune, set())
 
     # -- registry changes ------------------------------------------------------------
 
@@ -165,12 +177,13 @@ class Supervisor:
         if state.definition.shared:
             raise SandboxError(f"server {name!r} is shared: sessions join its router")
         instance = None
+        wanted = self._fingerprint(state.definition)
         while state.pool:
             candidate = state.pool.popleft()
-            if candidate.alive:
+            if candidate.alive and candidate.sandbox_fingerprint == wanted:
                 instance = candidate
                 break
-            self._spawn(self._stop(candidate))
+            self._spawn(self._stop(candidate))  # dead, or made under an older policy
         if instance is None:
             instance = await self._start_instance(state)
         instance.session_id = session_id
@@ -190,7 +203,27 @@ class Supervisor:
         """`release` in the background (the caller may be a cancelled RPC); shutdown waits."""
         self._spawn(self.release(instance))
 
+    def _record(self, event: str, outcome: str, instance: Instance, **fields: object) -> None:
+        if self._audit is None:
+            return
+        with contextlib.suppress(AuditUnavailable):  # said once by the log; traffic stops
+            self._audit.write(
+                event, outcome=outcome, server=instance.server, instance=instance.id, **fields
+            )
+
     def record_exit(self, instance: Instance, report: ExitReport) -> None:
+        if report.oom_killed:
+            event, outcome = "container.oom", "error"
+        elif report.stopped_by_daemon:
+            event, outcome = "container.stop", "ok"
+        else:
+            event, outcome = "container.crash", "error"
+        self._record(
+            event,
+            outcome,
+            instance,
+            detail={"exit_code": report.exit_code, "pids_limit_hits": report.pids_limit_hits},
+        )
         state = self._servers.get(instance.server)
         if state is None:
             return
@@ -350,36 +383,45 @@ class Supervisor:
             raise SandboxError(f"server {name!r} is not loaded")
         return state
 
-    def _spec(self, definition: ServerDefinition, instance_id: str) -> ContainerSpec:
-        sandbox = definition.sandbox
-        overrides: dict[str, object] = {
-            "image": definition.image,
-            "command": definition.argv,
-            "working_dir": definition.working_dir,
-            "runtime": sandbox.runtime,
-            "labels": {
-                LABEL_DAEMON: self.daemon_id,
-                LABEL_SERVER: definition.name,
-                LABEL_INSTANCE: instance_id,
-            },
+    def _fingerprint(self, definition: ServerDefinition) -> str:
+        return sandbox_fingerprint(definition, self._sandbox_policy(definition.name))
+
+    async def _spec(self, definition: ServerDefinition, instance_id: str) -> ContainerSpec:
+        policy = self._sandbox_policy(definition.name)
+        egress: EgressAttachment | None = None
+        if policy.egress is not None:
+            egress = await asyncio.to_thread(self._egress.ensure, definition.name, policy.egress)
+        labels = {
+            LABEL_DAEMON: self.daemon_id,
+            LABEL_SERVER: definition.name,
+            LABEL_INSTANCE: instance_id,
         }
-        for name in ("memory_bytes", "cpus", "pids_limit"):
-            value = getattr(sandbox, name)
-            if value is not None:
-                overrides[name] = value
-        return ContainerSpec.from_settings(self._settings, **overrides)
+        return build_spec(self._settings, definition, policy, labels, egress)
+
+    def _wanted_gateways(self) -> set[str]:
+        wanted = set()
+        for name in self._servers:
+            egress = self._sandbox_policy(name).egress
+            if egress is not None:
+                wanted.add(gateway_key(name, egress))
+        return wanted
 
     async def _start_instance(self, state: ServerState) -> Instance:
         instance_id = new_instance_id()
         self._known_containers.add(instance_id)
         state.starting += 1
+        fingerprint = self._fingerprint(state.definition)
         try:
             instance = await Instance.start(
                 self._backend,
-                self._spec(state.definition, instance_id),
+                await self._spec(state.definition, instance_id),
                 state.definition.name,
                 instance_id,
                 self._settings.max_message_bytes,
+            )
+            instance.sandbox_fingerprint = fingerprint
+            self._record(
+                "container.start", "ok", instance, detail={"container": instance.container_id[:12]}
             )
         except BaseException:
             self._known_containers.discard(instance_id)
@@ -442,6 +484,7 @@ class Supervisor:
             for instance in [*state.pool, *state.in_use.values()]:
                 await instance.sample_pids()
         await self._reap_unaccounted()
+        await asyncio.to_thread(self._egress.prune, self._wanted_gateways())
 
     async def _reap_unaccounted(self) -> int:
         """Remove containers with this daemon's id that are not instances of this run."""

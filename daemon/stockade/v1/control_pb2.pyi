@@ -46,8 +46,14 @@ class Status(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     LISTENERS_FIELD_NUMBER: _builtins.int
     SERVERS_FIELD_NUMBER: _builtins.int
+    AUDIT_STATE_FIELD_NUMBER: _builtins.int
+    AUDIT_RECORDS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.float
+    audit_state: _builtins.str
+    """"ok", or "failed: why" (requests are refused meanwhile)"""
+    audit_records: _builtins.int
+    """the last sequence number written"""
     @_builtins.property
     def listeners(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -59,10 +65,12 @@ class Status(_message.Message):
         uptime_seconds: _builtins.float = ...,
         listeners: _abc.Iterable[_builtins.str] | None = ...,
         servers: _abc.Iterable[Global___ServerStatus] | None = ...,
+        audit_state: _builtins.str = ...,
+        audit_records: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["listeners", b"listeners", "servers", b"servers", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_records", b"audit_records", "audit_state", b"audit_state", "listeners", b"listeners", "servers", b"servers", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,85 @@
+"""The audit record format: canonical JSON lines chained by SHA-256, Ed25519 checkpoints.
+
+One record per line, canonical JSON (sorted keys, no spaces, UTF-8). Each record carries
+`seq` (1, 2, 3, … across files) and `prev`, the SHA-256 (hex) of the previous line's bytes
+(GENESIS for the first record ever). A checkpoint record (`type: audit.checkpoint`) also
+carries `signature`: Ed25519 over `checkpoint_message(seq, prev)`, which covers every
+record before it through the chain. Editing, deleting, inserting or reordering a line breaks
+the next line's `prev`; removing lines at the end is caught against the signed head.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+GENESIS = "0" * 64
+CHECKPOINT = "audit.checkpoint"
+FILE_PATTERN = "audit-*.jsonl"
+HEAD_FILE = "head.json"
+AUDIT_KEY_FILE = "audit-key.pem"  # in the state dir's pki folder; the .pub beside it
+
+
+def canonical(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def line_hash(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+def checkpoint_message(seq: int, prev: str) -> bytes:
+    return f"stockade-audit-checkpoint:v1:{seq}:{prev}".encode()
+
+
+def sign(key: Ed25519PrivateKey, seq: int, prev: str) -> str:
+    return base64.b64encode(key.sign(checkpoint_message(seq, prev))).decode()
+
+
+def file_name(index: int) -> str:
+    return f"audit-{index:06d}.jsonl"
+
+
+def load_or_create_key(path: Path) -> Ed25519PrivateKey:
+    """The daemon's audit signing key (0600); its public half is written next to it."""
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path} is not an Ed25519 key")
+        return key
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temp = path.with_suffix(".tmp")
+    temp.touch(mode=0o600)
+    temp.write_bytes(pem)
+    temp.replace(path)
+    public_path(path).write_bytes(public_pem(key.public_key()))
+    return key
+
+
+def public_path(key_path: Path) -> Path:
+    return key_path.with_suffix(".pub")
+
+
+def public_pem(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    key = serialization.load_pem_public_key(path.read_bytes())
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path} is not an Ed25519 public key")
+    return key

@@ -1,0 +1,265 @@
+"""The audit log writer: append-only, hash-chained, signed at checkpoints, fail-closed.
+
+Durability: `record(..., durable=True)` (denials, admin actions) returns only after the
+record is fsynced. Other records are written at once and fsynced in groups, at most
+`fsync_interval` later. If a write or fsync fails (disk full, permissions), the log is
+*failed*: every later `record` raises AuditUnavailable, callers refuse what they were about
+to do, and `state` says why. It stays failed until the daemon restarts (a half-written line
+cannot be trusted to be whole).
+
+On open, a torn last line (a crash mid-write: it was never acknowledged) is cut off, and the
+cut is itself recorded (`audit.torn_tail`, with the removed bytes' length and hash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from stockade.audit.chain import (
+    CHECKPOINT,
+    FILE_PATTERN,
+    GENESIS,
+    HEAD_FILE,
+    canonical,
+    file_name,
+    line_hash,
+    sign,
+)
+from stockade.logs import get_logger
+
+log = get_logger("stockade.audit")
+
+
+class AuditStartError(Exception):
+    """The audit log cannot be opened at start: the daemon does not run without one."""
+
+
+class AuditUnavailable(Exception):
+    """The audit log cannot be written; the action that needed a record must not happen."""
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _last_line(path: Path) -> tuple[bytes, int]:
+    """(the last complete line, the length of a torn tail after it, 0 if none)."""
+    data = path.read_bytes()
+    if not data:
+        return b"", 0
+    end = data.rfind(b"\n")
+    torn = len(data) - (end + 1)
+    start = data.rfind(b"\n", 0, end) + 1 if end >= 0 else 0
+    return (data[start:end] if end >= 0 else b""), torn
+
+
+class AuditLog:
+    def __init__(
+        self,
+        directory: Path,
+        key: Ed25519PrivateKey,
+        *,
+        daemon_id: str,
+        fsync_interval: float = 0.01,
+        checkpoint_records: int = 1000,
+        checkpoint_seconds: float = 10.0,
+        max_file_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.directory = directory
+        self._key = key
+        self._daemon_id = daemon_id
+        self._fsync_interval = fsync_interval
+        self._checkpoint_records = checkpoint_records
+        self._checkpoint_seconds = checkpoint_seconds
+        self._max_file_bytes = max_file_bytes
+        self._fd = -1
+        self._index = 0
+        self._size = 0
+        self._seq = 0
+        self._prev = GENESIS
+        self._unsigned = 0
+        self._last_checkpoint = time.monotonic()
+        self._dirty = asyncio.Event()
+        self._failure: str | None = None
+
+    # -- state ----------------------------------------------------------------------
+
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
+    @property
+    def state(self) -> str:
+        return "ok" if self._failure is None else f"failed: {self._failure}"
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    # -- open / close -----------------------------------------------------------------
+
+    def open(self) -> None:
+        """Continue the chain from the newest file (or start it). Raises OSError."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        files = sorted(self.directory.glob(FILE_PATTERN))
+        torn_bytes = b""
+        if files:
+            current = files[-1]
+            self._index = int(current.stem.split("-")[1])
+            last, torn = _last_line(current)
+            if torn:
+                size = current.stat().st_size
+                with current.open("rb") as handle:
+                    handle.seek(size - torn)
+                    torn_bytes = handle.read()
+                os.truncate(current, size - torn)
+            if last:
+                record = json.loads(last)
+                self._seq, self._prev = int(record["seq"]), line_hash(last)
+            elif len(files) > 1:  # an empty newest file: the chain ends in the one before
+                previous, _ = _last_line(files[-2])
+                if previous:
+                    record = json.loads(previous)
+                    self._seq, self._prev = int(record["seq"]), line_hash(previous)
+        else:
+            self._index = 1
+        self._open_file()
+        if torn_bytes:
+            log.warning("audit log had a torn last line; cut off", length=len(torn_bytes))
+            self.write(
+                "audit.torn_tail",
+                detail={"length": len(torn_bytes), "sha256": line_hash(torn_bytes)},
+            )
+
+    def _open_file(self) -> None:
+        path = self.directory / file_name(self._index)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._size = os.fstat(self._fd).st_size
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the new file's name is durable too
+        finally:
+            os.close(directory)
+
+    async def close(self) -> None:
+        """Sign what is unsigned, flush, close. Safe to call on a failed log."""
+        if self._fd < 0:
+            return
+        if self._failure is None and self._unsigned:
+            with contextlib.suppress(AuditUnavailable):
+                self.checkpoint()
+        with contextlib.suppress(OSError):
+            os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+
+    # -- writing ------------------------------------------------------------------------
+
+    def write(self, event_type: str, **fields: Any) -> int:
+        """Append one record now (not yet fsynced); return its seq."""
+        if self._failure is not None:
+            raise AuditUnavailable(self._failure)
+        if self._size >= self._max_file_bytes and event_type != CHECKPOINT:
+            self._rotate()
+        record = {
+            "seq": self._seq + 1,
+            "prev": self._prev,
+            "ts": utc_now(),
+            "daemon": self._daemon_id,
+            "type": event_type,
+            **{k: v for k, v in fields.items() if v is not None},
+        }
+        line = canonical(record)
+        self._append(line + b"\n")
+        self._seq += 1
+        self._prev = line_hash(line)
+        self._unsigned = 0 if event_type == CHECKPOINT else self._unsigned + 1
+        self._dirty.set()
+        if self._unsigned >= self._checkpoint_records:
+            self.checkpoint()
+        return self._seq
+
+    async def record(self, event_type: str, *, durable: bool = False, **fields: Any) -> int:
+        """Append one record; with `durable`, return only once it is on disk."""
+        seq = self.write(event_type, **fields)
+        if durable:
+            await self.sync()
+        return seq
+
+    async def sync(self) -> None:
+        if self._failure is not None:
+            raise AuditUnavailable(self._failure)
+        self._dirty.clear()
+        try:
+            await asyncio.to_thread(os.fsync, self._fd)
+        except OSError as exc:
+            raise self._fail(exc) from None
+
+    def checkpoint(self) -> int:
+        """Sign the chain so far (a checkpoint record) and publish it as the signed head."""
+        seq, prev = self._seq + 1, self._prev
+        signature = sign(self._key, seq, prev)
+        self.write(CHECKPOINT, signature=signature, file=file_name(self._index))
+        head = {"seq": seq, "prev": prev, "signature": signature, "file": file_name(self._index)}
+        temp = self.directory / f".{HEAD_FILE}.tmp"
+        try:
+            temp.write_bytes(canonical(head))
+            os.replace(temp, self.directory / HEAD_FILE)
+        except OSError as exc:
+            raise self._fail(exc) from None
+        self._last_checkpoint = time.monotonic()
+        return seq
+
+    def _append(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            raise self._fail(exc) from None
+        self._size += len(data)
+
+    def _rotate(self) -> None:
+        self.checkpoint()
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._index += 1
+            self._open_file()
+        except OSError as exc:
+            raise self._fail(exc) from None
+        log.info("audit log rotated", file=file_name(self._index))
+
+    def _fail(self, exc: OSError) -> AuditUnavailable:
+        if self._failure is None:
+            self._failure = f"cannot write the audit log in {self.directory}: {exc.strerror}"
+            log.error("audit log failed: refusing requests until restart", error=self._failure)
+        return AuditUnavailable(self._failure)
+
+    # -- background -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Group commit (fsync at most every `fsync_interval`) and timed checkpoints."""
+        while self._failure is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), timeout=self._checkpoint_seconds)
+            await asyncio.sleep(self._fsync_interval)
+            try:
+                if self._unsigned and (
+                    time.monotonic() - self._last_checkpoint >= self._checkpoint_seconds
+                ):
+                    self.checkpoint()
+                if self._dirty.is_set():
+                    await self.sync()
+            except AuditUnavailable:
+                return

@@ -1,0 +1,140 @@
+"""Check an audit trail: the hash chain, the checkpoint signatures, and the signed head.
+
+Needs only the files and the public key (no daemon). Reports the first bad line as
+`FILE:LINE: problem`. Kinds of tampering and how each shows:
+- an edited, inserted, deleted or reordered line: the next line's `prev` (or `seq`) is wrong;
+- a forged checkpoint: its signature does not verify;
+- lines cut from the end: the chain ends before the signed head (`head.json`) says it does;
+  lines after the last checkpoint are reported as not yet signed, so a cut there is said
+  to be undetectable rather than silently accepted.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from stockade.audit.chain import (
+    CHECKPOINT,
+    FILE_PATTERN,
+    GENESIS,
+    HEAD_FILE,
+    checkpoint_message,
+    line_hash,
+)
+
+
+@dataclass
+class VerifyResult:
+    ok: bool = True
+    problem: str | None = None  # the first failure, `FILE:LINE: what`
+    records: int = 0
+    checkpoints: int = 0
+    last_seq: int = 0
+    unsigned_tail: int = 0  # records after the last checkpoint
+    first_seq: int = 0
+    signatures: dict[int, str] = field(default_factory=dict)  # checkpoint seq -> signature
+    notes: list[str] = field(default_factory=list)
+
+    def fail(self, where: str, what: str) -> VerifyResult:
+        self.ok = False
+        self.problem = f"{where}: {what}"
+        return self
+
+
+def audit_files(paths: list[Path]) -> list[Path]:
+    """Files in chain order: directories give their audit-*.jsonl, sorted."""
+    files: list[Path] = []
+    for path in paths:
+        files.extend(sorted(path.glob(FILE_PATTERN)) if path.is_dir() else [path])
+    return files
+
+
+def _valid_signature(key: Ed25519PublicKey, record: dict[str, Any]) -> bool:
+    try:
+        signature = base64.b64decode(record.get("signature", ""), validate=True)
+        key.verify(signature, checkpoint_message(int(record["seq"]), str(record["prev"])))
+    except (InvalidSignature, ValueError, KeyError):
+        return False
+    return True
+
+
+def verify(files: list[Path], key: Ed25519PublicKey, head: Path | None = None) -> VerifyResult:
+    result = VerifyResult()
+    prev: str | None = None  # unknown until the first record (earlier files may be archived)
+    seq = 0
+    last_where = ""
+    for path in files:
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        elif lines:
+            return result.fail(f"{path}:{len(lines)}", "truncated record (no line end)")
+        for number, line in enumerate(lines, start=1):
+            where = last_where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+                record_seq, record_prev = int(record["seq"]), str(record["prev"])
+            except (ValueError, KeyError, TypeError):
+                return result.fail(where, "not an audit record (edited or corrupted)")
+            if prev is None:
+                if record_seq != 1 or record_prev != GENESIS:
+                    result.notes.append(f"starts at seq {record_seq}: earlier files not given")
+            elif record_prev != prev:
+                return result.fail(where, "hash chain broken (this or the previous line changed)")
+            elif record_seq != seq + 1:
+                return result.fail(where, f"sequence jumps from {seq} to {record_seq}")
+            if record.get("type") == CHECKPOINT:
+                if not _valid_signature(key, record):
+                    return result.fail(where, "checkpoint signature does not verify")
+                result.checkpoints += 1
+                result.signatures[record_seq] = str(record["signature"])
+                result.unsigned_tail = 0
+            else:
+                result.unsigned_tail += 1
+            result.first_seq = result.first_seq or record_seq
+            prev, seq = line_hash(line), record_seq
+            result.records += 1
+    result.last_seq = seq
+    return _check_head(result, key, head, last_where)
+
+
+def _check_head(
+    result: VerifyResult, key: Ed25519PublicKey, head: Path | None, last_where: str
+) -> VerifyResult:
+    if head is not None and head.exists():
+        try:
+            signed = json.loads(head.read_bytes())
+        except ValueError:
+            return result.fail(str(head), "not a signed head")
+        if not _valid_signature(key, signed):
+            return result.fail(str(head), "head signature does not verify")
+        if int(signed["seq"]) > result.last_seq:
+            return result.fail(
+                last_where or str(head),
+                f"the log ends at seq {result.last_seq} but the signed head is at seq "
+                f"{signed['seq']}: records were removed from the end",
+            )
+        if (
+            int(signed["seq"]) >= result.first_seq
+            and result.signatures.get(int(signed["seq"])) != signed["signature"]
+        ):
+            return result.fail(str(head), "the signed head's checkpoint is not in the log")
+    if result.unsigned_tail:
+        result.notes.append(
+            f"{result.unsigned_tail} records after the last checkpoint are not yet signed: "
+            "a cut there could not be detected"
+        )
+    return result
+
+
+def default_head(files: list[Path]) -> Path | None:
+    """The head.json next to the newest file, if any."""
+    return files[-1].parent / HEAD_FILE if files else None
