@@ -189,3 +189,80 @@ def test_a_broken_policy_is_refused_and_the_old_one_applies(daemon: Daemon) -> N
     answer = asyncio.run(still_allowed())
     assert answer["error"]["code"] == POLICY_DENIED
     daemon.write_policy(good)
+
+
+def test_every_decision_above_is_in_the_audit_log(daemon: Daemon) -> None:
+    """Runs after the tests above (same daemon): their decisions are all on record."""
+    audit_dir = daemon.state_dir / "audit"
+
+    def records() -> list[dict[str, Any]]:
+        return [
+            json.loads(line)
+            for path in sorted(audit_dir.glob("audit-*.jsonl"))
+            for line in path.read_text().splitlines()
+        ]
+
+    def found(**fields: Any) -> bool:
+        return any(all(r.get(k) == v for k, v in fields.items()) for r in records())
+
+    alice = "spiffe://stockade.local/host/alice"
+    expected = [
+        {
+            "type": "request",
+            "outcome": "allow",
+            "identity": alice,
+            "server": "time",
+            "action": "tools/call",
+            "target": "get_current_time",
+            "rule": "alice-asks-european-time",
+        },
+        {
+            "type": "request",
+            "outcome": "deny",
+            "identity": alice,
+            "target": "convert_time",
+            "rule": None,
+        },
+        {
+            "type": "request",
+            "outcome": "deny",
+            "identity": alice,
+            "target": "get_current_time",
+            "rule": "alice-asks-european-time",
+        },
+        {
+            "type": "request",
+            "outcome": "allow",
+            "server": "scratch",
+            "action": "scratch/echo",
+            "rule": "alice-echoes",
+        },
+        {"type": "request", "outcome": "deny", "server": "scratch", "action": "scratch/write"},
+        {
+            "type": "request",
+            "outcome": "deny",
+            "identity": "spiffe://stockade.local/host/bob",
+            "action": "initialize",
+        },
+        {
+            "type": "server_request",
+            "outcome": "deny",
+            "server": "everything",
+            "action": "sampling/createMessage",
+        },
+        {"type": "response", "outcome": "ok", "server": "scratch", "action": "scratch/echo"},
+        {"type": "session.open", "outcome": "ok", "server": "time", "identity": alice},
+        {"type": "policy.refused", "outcome": "error"},
+    ]
+    for fields in expected:
+        wanted = {k: v for k, v in fields.items() if v is not None}
+        if "rule" in fields and fields["rule"] is None:
+            assert found(**wanted) and not any(
+                all(r.get(k) == v for k, v in wanted.items()) and "rule" in r for r in records()
+            ), fields
+        else:
+            assert found(**wanted), f"no audit record like {fields}"
+    text = "".join(p.read_text() for p in audit_dir.glob("audit-*.jsonl"))
+    assert "Asia/Tokyo" not in text  # arguments are digested, never written
+    verified = daemon.cli("audit", "verify", "--dir", str(audit_dir))
+    assert verified.stdout.startswith("OK:"), verified.stdout

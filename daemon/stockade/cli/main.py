@@ -18,6 +18,7 @@ from google.protobuf.json_format import MessageToDict
 
 from stockade import __version__
 from stockade.cli import exitcodes
+from stockade.cli.audit import add_audit_parsers
 from stockade.cli.channel import (
     CliError,
     add_connection_options,
@@ -583,6 +584,7 @@ def _parser() -> argparse.ArgumentParser:
     _cert_parsers(sub)
 
     _policy_parsers(sub)
+    add_audit_parsers(sub)
 
     session = sub.add_parser("session", help="open host sessions")
     session_actions = session.add_subparsers(
