@@ -90,7 +90,7 @@ def _tamper(lines: list[bytes], how: str) -> tuple[list[bytes], int]:
         line = bytearray(lines[11])
         line[line.index(b"h1") + 1] ^= 0x01  # h1 -> h0 in an identity
         lines[11] = bytes(line)
-        return lines, 13  # line 12 hashes differently: line 13's prev no longer matches
+        return lines, 12
     if how == "delete a line":
         del lines[20]
         return lines, 21
@@ -105,6 +105,9 @@ def _tamper(lines: list[bytes], how: str) -> tuple[list[bytes], int]:
         return lines, len(lines)
     if how == "cut whole lines":
         return lines[:25], 25
+    if how == "edit the last line":  # a checkpoint: its signature covers every field
+        lines[-1] = lines[-1].replace(b'"ts":"2', b'"ts":"1')
+        return lines, len(lines)
     raise AssertionError(how)
 
 
@@ -117,6 +120,7 @@ def _tamper(lines: list[bytes], how: str) -> tuple[list[bytes], int]:
         "swap two lines",
         "cut mid-line",
         "cut whole lines",
+        "edit the last line",
     ],
 )
 def test_tampering_is_caught_and_the_line_named(

@@ -3,9 +3,10 @@
 One record per line, canonical JSON (sorted keys, no spaces, UTF-8). Each record carries
 `seq` (1, 2, 3, … across files) and `prev`, the SHA-256 (hex) of the previous line's bytes
 (GENESIS for the first record ever). A checkpoint record (`type: audit.checkpoint`) also
-carries `signature`: Ed25519 over `checkpoint_message(seq, prev)`, which covers every
-record before it through the chain. Editing, deleting, inserting or reordering a line breaks
-the next line's `prev`; removing lines at the end is caught against the signed head.
+carries `signature`: Ed25519 over the checkpoint record itself (all its other fields,
+`checkpoint_message`), whose `prev` covers every record before it through the chain.
+Editing, deleting, inserting or reordering a line breaks the next line's `prev`; removing
+lines at the end is caught against the signed head.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ def line_hash(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
 
-def checkpoint_message(seq: int, prev: str) -> bytes:
-    return f"stockade-audit-checkpoint:v1:{seq}:{prev}".encode()
+def checkpoint_message(record: dict[str, Any]) -> bytes:
+    unsigned = {key: value for key, value in record.items() if key != "signature"}
+    return b"stockade-audit-checkpoint:v1:" + canonical(unsigned)
 
 
-def sign(key: Ed25519PrivateKey, seq: int, prev: str) -> str:
-    return base64.b64encode(key.sign(checkpoint_message(seq, prev))).decode()
+def sign(key: Ed25519PrivateKey, record: dict[str, Any]) -> str:
+    return base64.b64encode(key.sign(checkpoint_message(record))).decode()
 
 
 def file_name(index: int) -> str:

@@ -170,7 +170,10 @@ class AuditLog:
             raise AuditUnavailable(self._failure)
         if self._size >= self._max_file_bytes and event_type != CHECKPOINT:
             self._rotate()
-        record = {
+        return self._emit(self._build(event_type, fields))
+
+    def _build(self, event_type: str, fields: dict[str, Any]) -> dict[str, Any]:
+        return {
             "seq": self._seq + 1,
             "prev": self._prev,
             "ts": utc_now(),
@@ -178,6 +181,11 @@ class AuditLog:
             "type": event_type,
             **{k: v for k, v in fields.items() if v is not None},
         }
+
+    def _emit(self, record: dict[str, Any]) -> int:
+        if self._failure is not None:
+            raise AuditUnavailable(self._failure)
+        event_type = record["type"]
         line = canonical(record)
         self._append(line + b"\n")
         self._seq += 1
@@ -206,10 +214,10 @@ class AuditLog:
 
     def checkpoint(self) -> int:
         """Sign the chain so far (a checkpoint record) and publish it as the signed head."""
-        seq, prev = self._seq + 1, self._prev
-        signature = sign(self._key, seq, prev)
-        self.write(CHECKPOINT, signature=signature, file=file_name(self._index))
-        head = {"seq": seq, "prev": prev, "signature": signature, "file": file_name(self._index)}
+        record = self._build(CHECKPOINT, {"file": file_name(self._index)})
+        record["signature"] = sign(self._key, record)
+        seq = self._emit(record)
+        head = record  # the newest checkpoint, whole: a verifier checks the log reaches it
         temp = self.directory / f".{HEAD_FILE}.tmp"
         try:
             temp.write_bytes(canonical(head))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,51 +60,88 @@ def audit_files(paths: list[Path]) -> list[Path]:
 def _valid_signature(key: Ed25519PublicKey, record: dict[str, Any]) -> bool:
     try:
         signature = base64.b64decode(record.get("signature", ""), validate=True)
-        key.verify(signature, checkpoint_message(int(record["seq"]), str(record["prev"])))
+        key.verify(signature, checkpoint_message(record))
     except (InvalidSignature, ValueError, KeyError):
         return False
     return True
+
+
+def _lines(files: list[Path]) -> Iterator[tuple[str, bytes] | str]:
+    """(FILE:LINE, bytes) for every line in chain order; a bare str marks a torn last line."""
+    for path in files:
+        lines = path.read_bytes().split(b"\n")
+        torn = lines.pop() != b""  # a whole file ends with a newline
+        for number, line in enumerate(lines, start=1):
+            yield f"{path}:{number}", line
+        if torn:
+            yield f"{path}:{len(lines) + 1}"
+
+
+def _broken_link(
+    where: tuple[str, str], seqs: tuple[int, int], line: bytes, following: dict[str, Any] | None
+) -> tuple[str, str]:
+    """Name the line a broken `prev` points at, and what happened to it."""
+    here, before = where
+    record_seq, seq = seqs
+    if record_seq != seq + 1:
+        return (
+            here,
+            f"out of place: seq {record_seq} after seq {seq} (a line was removed, "
+            "inserted or moved here)",
+        )
+    if following is not None and following.get("prev") != line_hash(line):
+        return here, "edited (its own hash and the next line's record of it disagree)"
+    return before, "edited (the next line's record of its hash no longer matches)"
 
 
 def verify(files: list[Path], key: Ed25519PublicKey, head: Path | None = None) -> VerifyResult:
     result = VerifyResult()
     prev: str | None = None  # unknown until the first record (earlier files may be archived)
     seq = 0
-    last_where = ""
-    for path in files:
-        data = path.read_bytes()
-        lines = data.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        elif lines:
-            return result.fail(f"{path}:{len(lines)}", "truncated record (no line end)")
-        for number, line in enumerate(lines, start=1):
-            where = last_where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-                record_seq, record_prev = int(record["seq"]), str(record["prev"])
-            except (ValueError, KeyError, TypeError):
-                return result.fail(where, "not an audit record (edited or corrupted)")
-            if prev is None:
-                if record_seq != 1 or record_prev != GENESIS:
-                    result.notes.append(f"starts at seq {record_seq}: earlier files not given")
-            elif record_prev != prev:
-                return result.fail(where, "hash chain broken (this or the previous line changed)")
-            elif record_seq != seq + 1:
-                return result.fail(where, f"sequence jumps from {seq} to {record_seq}")
-            if record.get("type") == CHECKPOINT:
-                if not _valid_signature(key, record):
-                    return result.fail(where, "checkpoint signature does not verify")
-                result.checkpoints += 1
-                result.signatures[record_seq] = str(record["signature"])
-                result.unsigned_tail = 0
-            else:
-                result.unsigned_tail += 1
-            result.first_seq = result.first_seq or record_seq
-            prev, seq = line_hash(line), record_seq
-            result.records += 1
+    entries = list(_lines(files))
+    where = previous_where = ""
+    for index, entry in enumerate(entries):
+        if isinstance(entry, str):
+            return result.fail(entry, "truncated record (no line end)")
+        where, line = entry
+        try:
+            record = json.loads(line)
+            record_seq, record_prev = int(record["seq"]), str(record["prev"])
+        except (ValueError, KeyError, TypeError):
+            return result.fail(where, "not an audit record (edited or corrupted)")
+        if prev is None:
+            if record_seq != 1 or record_prev != GENESIS:
+                result.notes.append(f"starts at seq {record_seq}: earlier files not given")
+        elif record_prev != prev:
+            following = _record_at(entries, index + 1)
+            return result.fail(
+                *_broken_link((where, previous_where), (record_seq, seq), line, following)
+            )
+        elif record_seq != seq + 1:
+            return result.fail(where, f"sequence jumps from {seq} to {record_seq}")
+        if record.get("type") == CHECKPOINT:
+            if not _valid_signature(key, record):
+                return result.fail(where, "checkpoint signature does not verify")
+            result.checkpoints += 1
+            result.signatures[record_seq] = str(record["signature"])
+            result.unsigned_tail = 0
+        else:
+            result.unsigned_tail += 1
+        result.first_seq = result.first_seq or record_seq
+        prev, seq, previous_where = line_hash(line), record_seq, where
+        result.records += 1
     result.last_seq = seq
-    return _check_head(result, key, head, last_where)
+    return _check_head(result, key, head, where)
+
+
+def _record_at(entries: list[tuple[str, bytes] | str], index: int) -> dict[str, Any] | None:
+    if index >= len(entries) or isinstance(entries[index], str):
+        return None
+    try:
+        record = json.loads(entries[index][1])
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _check_head(
