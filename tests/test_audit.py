@@ -83,7 +83,7 @@ def small_log(tmp_path: Path) -> Iterator[tuple[Path, Path, list[bytes]]]:
     yield tmp_path, key, path.read_bytes().splitlines(keepends=True)
 
 
-def _tamper(lines: list[bytes], how: str) -> tuple[list[bytes], int]:
+def _tamper(lines: list[bytes], how: str) -> tuple[list[bytes], int]:  # noqa: PLR0911
     """The tampered lines, and the (1-based) line verify must name."""
     lines = list(lines)
     if how == "flip a byte":

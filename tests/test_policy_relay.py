@@ -191,6 +191,22 @@ def test_a_broken_policy_is_refused_and_the_old_one_applies(daemon: Daemon) -> N
     daemon.write_policy(good)
 
 
+def test_capabilities_the_caller_cannot_use_are_not_advertised(daemon: Daemon) -> None:
+    async def scenario() -> dict[str, Any]:
+        init = {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        }
+        async with HostSession(daemon, "everything", daemon.alice) as host:  # type: ignore[attr-defined]
+            return await host.request("initialize", init)
+
+    capabilities = asyncio.run(scenario())["result"]["capabilities"]
+    assert "tools" in capabilities  # alice may call two tools
+    assert "prompts" not in capabilities  # server-everything has prompts; no rule lets her
+    assert "resources" not in capabilities
+
+
 def test_every_decision_above_is_in_the_audit_log(daemon: Daemon) -> None:
     """Runs after the tests above (same daemon): their decisions are all on record."""
     audit_dir = daemon.state_dir / "audit"

@@ -223,6 +223,14 @@ class Evaluator:
                 return False
         return any(allow.matches(probe) for allow in allows)
 
+    def may_use_method(self, identity: str, server: str, method: str) -> bool:
+        """Whether some allow rule lets the caller use `method` on the server at all."""
+        _, allows = self._rules_for(server)
+        return any(
+            a.covers(identity, server) and (a.any_method or method in a.rule.methods)
+            for a in allows
+        )
+
     def server_request(self, server: str, method: str) -> Decision:
         """May this server send `method` (sampling, elicitation, roots) to the host?"""
         if method in self.policy.server_requests.get(server, frozenset()):

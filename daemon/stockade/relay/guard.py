@@ -41,6 +41,14 @@ LIST_ITEMS: dict[str, tuple[str, str, str]] = {
 }
 
 
+# capability (in initialize / server/discover results) -> the method that uses it
+CAPABILITY_METHODS = {
+    "tools": "tools/call",
+    "prompts": "prompts/get",
+    "resources": "resources/read",
+}
+
+
 def _target(message: Message) -> tuple[str | None, dict[str, Any]]:
     """The name (tool, prompt, URI) and arguments a request acts on."""
     params = message.params or {}
@@ -186,6 +194,21 @@ class PolicyGuard:
             message.id, jsonrpc.POLICY_DENIED, f"denied by policy: {decision.reason}"
         )
 
+    def _filter_capabilities(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Drop the tools/prompts/resources capabilities the caller may not use at all."""
+        result = body.get("result")
+        capabilities = result.get("capabilities") if isinstance(result, dict) else None
+        if not isinstance(result, dict) or not isinstance(capabilities, dict):
+            return None
+        evaluator = self._store.evaluator
+        hidden = [
+            capability
+            for capability, using in CAPABILITY_METHODS.items()
+            if capability in capabilities
+            and not evaluator.may_use_method(self.identity, self.server, using)
+        ]
+        return _without(body, result, hidden) if hidden else None
+
     def answered(self, method: str, started: float, body: dict[str, Any]) -> None:
         """Record how an allowed request ended: its latency and outcome."""
         error = body.get("error")
@@ -203,6 +226,8 @@ class PolicyGuard:
 
     def filter_list(self, method: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """The answer to a list request with only what the caller may use (None: unchanged)."""
+        if method in ("server/discover", "initialize"):
+            return self._filter_capabilities(body)
         shape = LIST_ITEMS.get(method)
         result = body.get("result")
         if shape is None or not isinstance(result, dict):
@@ -222,6 +247,11 @@ class PolicyGuard:
         if len(kept) == len(items):
             return None
         return {**body, "result": {**result, key: kept}}
+
+
+def _without(body: dict[str, Any], result: dict[str, Any], hidden: list[str]) -> dict[str, Any]:
+    capabilities = {k: v for k, v in result["capabilities"].items() if k not in hidden}
+    return {**body, "result": {**result, "capabilities": capabilities}}
 
 
 def dumps(body: dict[str, Any]) -> bytes:

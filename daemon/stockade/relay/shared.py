@@ -151,7 +151,7 @@ class SharedRouter:
             await session.to_host(self._unavailable(message.id))
         elif message.method == "initialize":
             body = {"jsonrpc": "2.0", "id": message.id, "result": self.init_result}
-            await session.to_host(_dumps(body))
+            await session.to_host(_dumps(session.guard.filter_list("initialize", body) or body))
         elif self._instance is not None:  # (a notification while down has nowhere to go)
             payload = self._rewrite_from_host(session, message)
             if payload:
