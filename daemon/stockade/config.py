@@ -6,6 +6,7 @@ Validated once at start. A bad value stops the daemon with one line that names t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tomllib
 from contextvars import ContextVar
@@ -61,6 +62,18 @@ def default_policy_dir() -> Path:
     return Path(xdg) / "stockade" / "policies"
 
 
+def default_secrets_runtime_dir() -> Path:
+    """A tmpfs folder: /run/stockade/secrets where /run is a tmpfs, else under /dev/shm."""
+    run = Path("/run")
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            if fields[1] == str(run) and fields[2] == "tmpfs":
+                return run / "stockade" / "secrets"
+    # /dev/shm is shared: SecretDelivery refuses the folder unless we own it, mode 0700.
+    return Path("/dev/shm/stockade-secrets")  # noqa: S108
+
+
 class Settings(BaseSettings):
     """Everything the daemon can be told. Field names map to `STOCKADE_<NAME>` and TOML keys."""
 
@@ -100,6 +113,22 @@ class Settings(BaseSettings):
     audit_checkpoint_records: int = Field(default=1000, ge=1, le=1_000_000)
     audit_checkpoint_seconds: float = Field(default=10.0, gt=0, le=3600)
     audit_max_file_bytes: int = Field(default=64 * MiB, ge=4096)
+
+    # Secrets: where they are kept, and where instances get them (a tmpfs folder).
+    secrets_backend: Literal["local", "vault"] = "local"
+    # The local store's master key file (0600); a systemd credential named
+    # stockade-master-key ($CREDENTIALS_DIRECTORY) takes precedence. Default: STATE_DIR/master.key
+    secrets_key_file: Path | None = None
+    secrets_runtime_dir: Path = Field(default_factory=default_secrets_runtime_dir)
+    # OpenBao / HashiCorp Vault, KV version 2 (secrets_backend = "vault"). TLS is verified;
+    # plain http is accepted for a loopback address only.
+    vault_address: str | None = None
+    vault_mount: str = "secret"
+    vault_prefix: str = "stockade"
+    vault_token_file: Path | None = None
+    vault_role_id: str | None = None  # AppRole, with vault_secret_id_file
+    vault_secret_id_file: Path | None = None
+    vault_ca_bundle: Path | None = None
 
     # The routed network egress forwarders reach destinations through ("bridge": Docker's
     # default). Servers themselves never join it.

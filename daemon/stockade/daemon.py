@@ -22,6 +22,10 @@ from stockade.policy.store import PolicyError, PolicyStore
 from stockade.registry import Registry, RegistryError
 from stockade.sandbox.docker_backend import DockerBackend
 from stockade.sandbox.errors import EngineUnavailable
+from stockade.secrets.delivery import SecretDelivery
+from stockade.secrets.local import LocalSecretStore, load_master_key
+from stockade.secrets.model import SecretError, SecretStore
+from stockade.secrets.vault import VaultSecretStore
 from stockade.supervisor.supervisor import Supervisor, load_daemon_id
 
 log = get_logger("stockade.daemon")
@@ -67,15 +71,23 @@ async def _serve_audited(
     loop.add_signal_handler(signal.SIGHUP, policy.reload)
     authority = CertificateAuthority.load_or_create(settings.state_dir / "pki")
     authority.ensure_owner_admin()
+    secrets = await asyncio.to_thread(open_secret_store, settings)
     backend = await asyncio.to_thread(DockerBackend)
     registry = Registry(settings.state_dir)
     supervisor = Supervisor(
-        settings, backend, registry, daemon_id, sandbox_policy=policy.sandbox, audit=audit
+        settings,
+        backend,
+        registry,
+        daemon_id,
+        sandbox_policy=policy.sandbox,
+        audit=audit,
+        secrets=secrets,
+        delivery=SecretDelivery(settings.secrets_runtime_dir, daemon_id),
     )
     await supervisor.start()
     try:
         server, addresses = await start_server(
-            settings, registry, supervisor, authority, policy, audit=audit
+            settings, registry, supervisor, authority, policy, audit=audit, secrets=secrets
         )
     except BaseException:
         await supervisor.shutdown()
@@ -98,6 +110,24 @@ async def _serve_audited(
     with contextlib.suppress(AuditUnavailable):
         await audit.record("daemon.stop", durable=True, outcome="ok")
     log.info("stockaded stopped")
+
+
+def open_secret_store(settings: Settings) -> SecretStore:
+    """The configured secret backend, opened (a wrong master key stops the start)."""
+    if settings.secrets_backend == "vault":
+        if not settings.vault_address:
+            raise SecretError("secrets_backend is vault but vault_address is not set")
+        return VaultSecretStore(
+            settings.vault_address,
+            mount=settings.vault_mount,
+            prefix=settings.vault_prefix,
+            token_file=settings.vault_token_file,
+            role_id=settings.vault_role_id,
+            secret_id_file=settings.vault_secret_id_file,
+            ca_bundle=settings.vault_ca_bundle,
+        )
+    key_file = settings.secrets_key_file or settings.state_dir / "master.key"
+    return LocalSecretStore(settings.state_dir / "secrets.json", load_master_key(key_file))
 
 
 def open_audit_log(settings: Settings, daemon_id: str) -> AuditLog:
@@ -127,6 +157,7 @@ STARTUP_ERRORS: tuple[tuple[type[Exception], str, int], ...] = (
     (PkiError, "cannot set up the certificate authority", exitcodes.CONFIG),
     (PolicyError, "the policy is invalid", exitcodes.CONFIG),
     (AuditStartError, "the audit log is unusable", exitcodes.FAILED),
+    (SecretError, "cannot open the secret store", exitcodes.CONFIG),
 )
 POLICY_POLL_SECONDS = 2.0
 STARTUP_FAILURES = tuple(kind for kind, _, _ in STARTUP_ERRORS)

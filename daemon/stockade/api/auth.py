@@ -44,6 +44,9 @@ METHOD_RULES: Mapping[str, frozenset[Role]] = {
     "/stockade.v1.Control/IssueCertificate": ADMIN_ONLY,
     "/stockade.v1.Control/RevokeCertificate": ADMIN_ONLY,
     "/stockade.v1.Control/ListCertificates": ADMIN_ONLY,
+    "/stockade.v1.Control/SetSecret": ADMIN_ONLY,
+    "/stockade.v1.Control/ListSecrets": ADMIN_ONLY,
+    "/stockade.v1.Control/RemoveSecret": ADMIN_ONLY,
 }
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -193,7 +196,14 @@ def _wrap(
 CONTROL_PREFIX = "/stockade.v1.Control/"
 READ_ONLY = frozenset(
     CONTROL_PREFIX + name
-    for name in ("GetStatus", "ListServers", "GetServer", "ListSessions", "ListCertificates")
+    for name in (
+        "GetStatus",
+        "ListServers",
+        "GetServer",
+        "ListSessions",
+        "ListCertificates",
+        "ListSecrets",
+    )
 )
 
 

@@ -17,6 +17,14 @@ from stockade.logs import get_logger
 from stockade.pki.authority import CertificateAuthority, PkiError
 from stockade.pki.identity import Identity, IdentityError
 from stockade.registry import Registry, RegistryError, ServerExists, UnknownServer
+from stockade.secrets.model import (
+    SecretBackendError,
+    SecretError,
+    SecretExists,
+    SecretInfo,
+    SecretNotFound,
+    SecretStore,
+)
 from stockade.supervisor.supervisor import Supervisor
 from stockade.v1 import control_pb2, control_pb2_grpc
 
@@ -36,9 +44,11 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         authority: CertificateAuthority,
         *,
         audit: AuditLog,
+        secrets: SecretStore,
     ) -> None:
         self._authority = authority
         self._audit = audit
+        self._secrets = secrets
         self._started = time.monotonic()
         self._listeners = listeners
         self._registry = registry
@@ -172,6 +182,39 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             ]
         )
 
+    async def SetSecret(
+        self, request: control_pb2.SetSecretRequest, context: Context
+    ) -> control_pb2.SecretInfo:
+        try:
+            info = await asyncio.to_thread(
+                self._secrets.set, request.name, request.value, rotate=request.rotate
+            )
+        except SecretError as exc:
+            await context.abort(_secret_status(exc), str(exc))
+        log.info("secret set", secret=info.name, version=info.version)  # never the value
+        self._supervisor.secret_changed(info.name)
+        return _secret_to_proto(info)
+
+    async def ListSecrets(
+        self, request: control_pb2.ListSecretsRequest, context: Context
+    ) -> control_pb2.ListSecretsResponse:
+        try:
+            infos = await asyncio.to_thread(self._secrets.list)
+        except SecretError as exc:
+            await context.abort(_secret_status(exc), str(exc))
+        return control_pb2.ListSecretsResponse(secrets=[_secret_to_proto(i) for i in infos])
+
+    async def RemoveSecret(
+        self, request: control_pb2.RemoveSecretRequest, context: Context
+    ) -> control_pb2.RemoveSecretResponse:
+        try:
+            await asyncio.to_thread(self._secrets.remove, request.name)
+        except SecretError as exc:
+            await context.abort(_secret_status(exc), str(exc))
+        log.info("secret removed", secret=request.name)
+        self._supervisor.secret_changed(request.name)
+        return control_pb2.RemoveSecretResponse()
+
     async def GetServerLogs(
         self, request: control_pb2.GetServerLogsRequest, context: Context
     ) -> AsyncIterator[control_pb2.LogLine]:
@@ -191,3 +234,23 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             if not request.follow:
                 return
             await asyncio.sleep(FOLLOW_POLL_SECONDS)
+
+
+def _secret_status(exc: SecretError) -> grpc.StatusCode:
+    if isinstance(exc, SecretNotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, SecretExists):
+        return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(exc, SecretBackendError):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _secret_to_proto(info: SecretInfo) -> control_pb2.SecretInfo:
+    return control_pb2.SecretInfo(
+        name=info.name,
+        backend=info.backend,
+        created=info.created,
+        rotated=info.rotated,
+        version=info.version,
+    )

@@ -21,6 +21,7 @@ from stockade.config import Settings
 from stockade.pki.authority import CertificateAuthority
 from stockade.policy.store import PolicyStore
 from stockade.registry import Registry
+from stockade.secrets.model import SecretStore
 from stockade.supervisor.supervisor import Supervisor
 from stockade.v1 import control_pb2_grpc, relay_pb2_grpc
 
@@ -77,6 +78,7 @@ async def start_server(
     policy: PolicyStore,
     *,
     audit: AuditLog,
+    secrets: SecretStore,
 ) -> tuple[grpc.aio.Server, list[str]]:
     prepare_socket_path(settings.socket_path)
     addresses = [f"unix:{settings.socket_path}"]
@@ -101,7 +103,9 @@ async def start_server(
         drain_seconds=settings.session_drain_seconds,
     )
     relay_pb2_grpc.add_RelayServicer_to_server(relay, server)
-    control = ControlServicer(addresses, registry, supervisor, relay, authority, audit=audit)
+    control = ControlServicer(
+        addresses, registry, supervisor, relay, authority, audit=audit, secrets=secrets
+    )
     control_pb2_grpc.add_ControlServicer_to_server(control, server)
     # gRPC creates the socket with the process umask: bind under a tight one so that the
     # socket is never, even briefly, reachable by others.

@@ -24,6 +24,7 @@ from stockade.sandbox.errors import ContainerGone
 from stockade.sandbox.runtime import SandboxRuntime
 from stockade.sandbox.spec import ContainerSpec
 from stockade.sandbox.stdio import OversizedLine
+from stockade.secrets.redact import Redactor
 
 log = get_logger("stockade.instance")
 
@@ -71,6 +72,20 @@ class ExitReport:
 
 
 @dataclass
+class Redaction:
+    """A redactor for an instance's output, and who to tell (names only) when it acts."""
+
+    redactor: Redactor
+    on_redacted: Callable[[list[str]], None]
+
+    def apply(self, line: bytes) -> bytes:
+        line, found = self.redactor.apply(line)
+        if found:
+            self.on_redacted(found)
+        return line
+
+
+@dataclass
 class Instance:
     """A started, attached container. Create with `Instance.start`."""
 
@@ -89,6 +104,7 @@ class Instance:
     _sink: LineSink | None = None
     _sink_bound: asyncio.Event = field(default_factory=asyncio.Event)
     pids_limit_hits: int = 0  # last sample; the cgroup disappears with the container
+    redaction: Redaction | None = None  # granted secrets, replaced in everything it says
     _reader: asyncio.Task[None] | None = None
     _stopping: bool = False
 
@@ -100,12 +116,16 @@ class Instance:
         server: str,
         instance_id: str,
         max_line_bytes: int,
+        *,
+        redaction: Redaction | None = None,
     ) -> Instance:
         """Create, attach (before start, or early output is lost), then start."""
         container_id = await asyncio.to_thread(backend.create, spec)
         instance: Instance | None = None
         try:
-            instance = await cls._attach(backend, container_id, server, instance_id, max_line_bytes)
+            instance = await cls._attach(
+                backend, container_id, server, instance_id, max_line_bytes, redaction=redaction
+            )
             await asyncio.to_thread(backend.start, container_id)
         except BaseException:
             if instance is not None and instance._reader is not None:
@@ -134,11 +154,15 @@ class Instance:
         server: str,
         instance_id: str,
         max_line_bytes: int,
+        *,
+        redaction: Redaction | None = None,
     ) -> Instance:
         attachment = await asyncio.to_thread(backend.attach, container_id)
         stderr = StderrLog()
 
         def on_stderr(line: bytes) -> None:
+            if redaction is not None:
+                line = redaction.apply(line)
             text = line.decode("utf-8", errors="replace")
             stderr.append(text)
             with log_context(server=server, instance=instance_id):
@@ -152,6 +176,7 @@ class Instance:
             stdio=stdio,
             backend=backend,
             stderr=stderr,
+            redaction=redaction,
         )
         instance._reader = asyncio.create_task(instance._read(), name=f"reader-{instance_id}")
         return instance
@@ -183,7 +208,10 @@ class Instance:
             async for line in self.stdio.lines():
                 await self._sink_bound.wait()
                 assert self._sink is not None  # noqa: S101 - set together with the event
-                await self._sink(line)
+                if self.redaction is not None and isinstance(line, bytes):
+                    await self._sink(self.redaction.apply(line))
+                else:
+                    await self._sink(line)
         except (OSError, ConnectionError) as exc:
             log.warning("attach stream broke", instance=self.id, error=str(exc))
         finally:

@@ -55,6 +55,8 @@ def build_spec(
     policy: SandboxPolicy,
     labels: dict[str, str],
     egress: EgressAttachment | None,
+    *,
+    secrets_mount: BindMount | None = None,
 ) -> ContainerSpec:
     """The hardened spec for one instance of `definition` under `policy`."""
     if policy.image is not None and policy.image != definition.image:
@@ -76,7 +78,7 @@ def build_spec(
         "runtime": runtime,
         "labels": labels,
         "cap_add": policy.capabilities,
-        "mounts": _checked_mounts(policy, settings),
+        "mounts": _checked_mounts(policy, settings) + ((secrets_mount,) if secrets_mount else ()),
     }
     if policy.user is not None:
         fields["user"] = policy.user

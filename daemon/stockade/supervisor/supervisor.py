@@ -38,10 +38,14 @@ from stockade.sandbox.spec import (
     LABEL_INSTANCE,
     LABEL_SERVER,
     LABEL_SESSION,
+    BindMount,
     ContainerSpec,
 )
-from stockade.supervisor.instance import ExitReport, Instance, new_instance_id
-from stockade.supervisor.sandboxing import build_spec, sandbox_fingerprint
+from stockade.secrets.delivery import CONTAINER_TARGET, SecretDelivery
+from stockade.secrets.model import SecretError, SecretStore
+from stockade.secrets.redact import Redactor
+from stockade.supervisor.instance import ExitReport, Instance, Redaction, new_instance_id
+from stockade.supervisor.sandboxing import SandboxRefused, build_spec, sandbox_fingerprint
 
 log = get_logger("stockade.supervisor")
 
@@ -98,7 +102,11 @@ class Supervisor:
         *,
         sandbox_policy: Callable[[str], SandboxPolicy] | None = None,
         audit: AuditLog | None = None,
+        secrets: SecretStore | None = None,
+        delivery: SecretDelivery | None = None,
     ) -> None:
+        self._secrets = secrets
+        self._delivery = delivery
         self._audit = audit  # None only in tests of the supervisor alone
         self._settings = settings
         # The policy in force for a server's sandbox, asked at every container start.
@@ -120,6 +128,8 @@ class Supervisor:
         for definition in self._registry.all():
             self._servers[definition.name] = ServerState(definition)
         adopted = await self._adopt_shared_instances()
+        if self._delivery is not None:  # secrets of instances a crash left behind
+            self._delivery.remove_all_except(self._known_containers)
         removed = await self._reap_unaccounted()
         if removed:
             log.info("removed containers left by an earlier run", count=removed)
@@ -236,6 +246,17 @@ class Supervisor:
                     oom_killed=report.oom_killed,
                     pids_limit_hits=report.pids_limit_hits,
                 )
+
+    def secret_changed(self, secret: str) -> None:
+        """A secret was rotated or removed: pooled instances holding it are replaced.
+
+        Instances serving a session keep the value they started with until they end.
+        """
+        for name, state in self._servers.items():
+            if secret in self._sandbox_policy(name).secrets:
+                while state.pool:
+                    self._spawn(self._stop(state.pool.popleft()))
+                self._spawn(self._refill(state))
 
     def router(self, name: str) -> SharedRouter:
         state = self._state(name)
@@ -386,7 +407,10 @@ class Supervisor:
     def _fingerprint(self, definition: ServerDefinition) -> str:
         return sandbox_fingerprint(definition, self._sandbox_policy(definition.name))
 
-    async def _spec(self, definition: ServerDefinition, instance_id: str) -> ContainerSpec:
+    async def _spec(
+        self, definition: ServerDefinition, instance_id: str
+    ) -> tuple[ContainerSpec, dict[str, bytes]]:
+        """The container to create, and the secret values it is granted (for redaction)."""
         policy = self._sandbox_policy(definition.name)
         egress: EgressAttachment | None = None
         if policy.egress is not None:
@@ -396,7 +420,51 @@ class Supervisor:
             LABEL_SERVER: definition.name,
             LABEL_INSTANCE: instance_id,
         }
-        return build_spec(self._settings, definition, policy, labels, egress)
+        values = self._secret_values(definition.name, policy.secrets)
+        secrets_mount = None
+        if values:
+            assert self._delivery is not None  # noqa: S101 - checked by _secret_values
+            user = policy.user or self._settings.container_user
+            folder = await asyncio.to_thread(self._delivery.write, instance_id, values, user)
+            secrets_mount = BindMount(source=str(folder), target=CONTAINER_TARGET)
+        try:
+            spec = build_spec(
+                self._settings, definition, policy, labels, egress, secrets_mount=secrets_mount
+            )
+        except BaseException:
+            self._forget_secrets(instance_id)
+            raise
+        return spec, values
+
+    def _secret_values(self, server: str, names: tuple[str, ...]) -> dict[str, bytes]:
+        if not names:
+            return {}
+        if self._secrets is None or self._delivery is None:
+            raise SandboxRefused(f"server {server!r} is granted secrets but no store is set up")
+        try:
+            return {name: self._secrets.get(name) for name in names}
+        except SecretError as exc:
+            raise SandboxRefused(f"server {server!r}: {exc}") from None
+
+    def _forget_secrets(self, instance_id: str) -> None:
+        if self._delivery is not None:
+            self._delivery.remove(instance_id)
+
+    def _redaction(self, server: str, instance_id: str, values: dict[str, bytes]) -> Redaction:
+        def on_redacted(names: list[str]) -> None:
+            with log_context(server=server, instance=instance_id):
+                log.warning("redacted a granted secret in server output", secrets=names)
+            if self._audit is not None:
+                with contextlib.suppress(AuditUnavailable):
+                    self._audit.write(
+                        "secret.redacted",
+                        outcome="ok",
+                        server=server,
+                        instance=instance_id,
+                        detail={"secrets": names},
+                    )
+
+        return Redaction(Redactor(values), on_redacted)
 
     def _wanted_gateways(self) -> set[str]:
         wanted = set()
@@ -411,20 +479,27 @@ class Supervisor:
         self._known_containers.add(instance_id)
         state.starting += 1
         fingerprint = self._fingerprint(state.definition)
+        name = state.definition.name
         try:
+            spec, values = await self._spec(state.definition, instance_id)
             instance = await Instance.start(
                 self._backend,
-                await self._spec(state.definition, instance_id),
-                state.definition.name,
+                spec,
+                name,
                 instance_id,
                 self._settings.max_message_bytes,
+                redaction=self._redaction(name, instance_id, values) if values else None,
             )
             instance.sandbox_fingerprint = fingerprint
             self._record(
-                "container.start", "ok", instance, detail={"container": instance.container_id[:12]}
+                "container.start",
+                "ok",
+                instance,
+                detail={"container": instance.container_id[:12], "secrets": sorted(values)},
             )
         except BaseException:
             self._known_containers.discard(instance_id)
+            self._forget_secrets(instance_id)
             raise
         finally:
             state.starting -= 1
@@ -444,6 +519,7 @@ class Supervisor:
             return await instance.stop(self._settings.stop_grace_seconds)
         finally:
             self._known_containers.discard(instance.id)
+            self._forget_secrets(instance.id)  # the files go with the container
 
     async def _refill(self, state: ServerState) -> None:
         while (

@@ -84,6 +84,21 @@ class ControlStub:
                 request_serializer=stockade_dot_v1_dot_control__pb2.ListCertificatesRequest.SerializeToString,
                 response_deserializer=stockade_dot_v1_dot_control__pb2.ListCertificatesResponse.FromString,
                 _registered_method=True)
+        self.SetSecret = channel.unary_unary(
+                '/stockade.v1.Control/SetSecret',
+                request_serializer=stockade_dot_v1_dot_control__pb2.SetSecretRequest.SerializeToString,
+                response_deserializer=stockade_dot_v1_dot_control__pb2.SecretInfo.FromString,
+                _registered_method=True)
+        self.ListSecrets = channel.unary_unary(
+                '/stockade.v1.Control/ListSecrets',
+                request_serializer=stockade_dot_v1_dot_control__pb2.ListSecretsRequest.SerializeToString,
+                response_deserializer=stockade_dot_v1_dot_control__pb2.ListSecretsResponse.FromString,
+                _registered_method=True)
+        self.RemoveSecret = channel.unary_unary(
+                '/stockade.v1.Control/RemoveSecret',
+                request_serializer=stockade_dot_v1_dot_control__pb2.RemoveSecretRequest.SerializeToString,
+                response_deserializer=stockade_dot_v1_dot_control__pb2.RemoveSecretResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -153,6 +168,25 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSecret(self, request, context):
+        """Secrets in the daemon's vault. Values go in, never out: there is no read RPC.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSecrets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveSecret(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -205,6 +239,21 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ListCertificates,
                     request_deserializer=stockade_dot_v1_dot_control__pb2.ListCertificatesRequest.FromString,
                     response_serializer=stockade_dot_v1_dot_control__pb2.ListCertificatesResponse.SerializeToString,
+            ),
+            'SetSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSecret,
+                    request_deserializer=stockade_dot_v1_dot_control__pb2.SetSecretRequest.FromString,
+                    response_serializer=stockade_dot_v1_dot_control__pb2.SecretInfo.SerializeToString,
+            ),
+            'ListSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSecrets,
+                    request_deserializer=stockade_dot_v1_dot_control__pb2.ListSecretsRequest.FromString,
+                    response_serializer=stockade_dot_v1_dot_control__pb2.ListSecretsResponse.SerializeToString,
+            ),
+            'RemoveSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveSecret,
+                    request_deserializer=stockade_dot_v1_dot_control__pb2.RemoveSecretRequest.FromString,
+                    response_serializer=stockade_dot_v1_dot_control__pb2.RemoveSecretResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -477,6 +526,87 @@ class Control:
             '/stockade.v1.Control/ListCertificates',
             stockade_dot_v1_dot_control__pb2.ListCertificatesRequest.SerializeToString,
             stockade_dot_v1_dot_control__pb2.ListCertificatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockade.v1.Control/SetSecret',
+            stockade_dot_v1_dot_control__pb2.SetSecretRequest.SerializeToString,
+            stockade_dot_v1_dot_control__pb2.SecretInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockade.v1.Control/ListSecrets',
+            stockade_dot_v1_dot_control__pb2.ListSecretsRequest.SerializeToString,
+            stockade_dot_v1_dot_control__pb2.ListSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockade.v1.Control/RemoveSecret',
+            stockade_dot_v1_dot_control__pb2.RemoveSecretRequest.SerializeToString,
+            stockade_dot_v1_dot_control__pb2.RemoveSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,10 @@ class ControlStub:
     """The daemon's CA: client certificates for hosts and operators, and their revocation."""
     RevokeCertificate: _grpc.UnaryUnaryMultiCallable[_control_pb2.RevokeCertificateRequest, _control_pb2.RevokeCertificateResponse]
     ListCertificates: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListCertificatesRequest, _control_pb2.ListCertificatesResponse]
+    SetSecret: _grpc.UnaryUnaryMultiCallable[_control_pb2.SetSecretRequest, _control_pb2.SecretInfo]
+    """Secrets in the daemon's vault. Values go in, never out: there is no read RPC."""
+    ListSecrets: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListSecretsRequest, _control_pb2.ListSecretsResponse]
+    RemoveSecret: _grpc.UnaryUnaryMultiCallable[_control_pb2.RemoveSecretRequest, _control_pb2.RemoveSecretResponse]
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -68,6 +72,10 @@ class ControlAsyncStub(ControlStub):
     """The daemon's CA: client certificates for hosts and operators, and their revocation."""
     RevokeCertificate: _aio.UnaryUnaryMultiCallable[_control_pb2.RevokeCertificateRequest, _control_pb2.RevokeCertificateResponse]  # type: ignore[assignment]
     ListCertificates: _aio.UnaryUnaryMultiCallable[_control_pb2.ListCertificatesRequest, _control_pb2.ListCertificatesResponse]  # type: ignore[assignment]
+    SetSecret: _aio.UnaryUnaryMultiCallable[_control_pb2.SetSecretRequest, _control_pb2.SecretInfo]  # type: ignore[assignment]
+    """Secrets in the daemon's vault. Values go in, never out: there is no read RPC."""
+    ListSecrets: _aio.UnaryUnaryMultiCallable[_control_pb2.ListSecretsRequest, _control_pb2.ListSecretsResponse]  # type: ignore[assignment]
+    RemoveSecret: _aio.UnaryUnaryMultiCallable[_control_pb2.RemoveSecretRequest, _control_pb2.RemoveSecretResponse]  # type: ignore[assignment]
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -143,5 +151,27 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _control_pb2.ListCertificatesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.ListCertificatesResponse, _abc.Awaitable[_control_pb2.ListCertificatesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetSecret(
+        self,
+        request: _control_pb2.SetSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.SecretInfo, _abc.Awaitable[_control_pb2.SecretInfo]]:
+        """Secrets in the daemon's vault. Values go in, never out: there is no read RPC."""
+
+    @_abc_1.abstractmethod
+    def ListSecrets(
+        self,
+        request: _control_pb2.ListSecretsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ListSecretsResponse, _abc.Awaitable[_control_pb2.ListSecretsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveSecret(
+        self,
+        request: _control_pb2.RemoveSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.RemoveSecretResponse, _abc.Awaitable[_control_pb2.RemoveSecretResponse]]: ...
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
