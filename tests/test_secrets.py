@@ -264,12 +264,12 @@ async def _echo(daemon: Daemon, message: str) -> tuple[dict[str, Any], str, str]
 
 @pytest.mark.docker
 @pytest.mark.usefixtures("images")
-@pytest.mark.parametrize("backend", ["local", "vault"])
+@pytest.mark.parametrize("store", ["local", "vault"])
 def test_a_granted_secret_reaches_its_server_only_and_nowhere_else(
-    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+    tmp_path: Path, store: str, request: pytest.FixtureRequest
 ) -> None:
     env: dict[str, str] = {}
-    if backend == "vault":
+    if store == "vault":
         address, token_file = request.getfixturevalue("openbao")
         env = {
             "STOCKADE_SECRETS_BACKEND": "vault",

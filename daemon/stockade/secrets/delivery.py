@@ -10,6 +10,7 @@ never written to a disk (delivery is refused, with the reason, if it is not).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -78,7 +79,10 @@ class SecretDelivery:
         return folder
 
     def remove(self, instance_id: str) -> None:
-        shutil.rmtree(self._root / instance_id, ignore_errors=True)
+        folder = self._root / instance_id
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(folder, 0o700)  # 0500 for the container user; needs CAP_FOWNER only
+        shutil.rmtree(folder, ignore_errors=True)
 
     def remove_all_except(self, keep: set[str]) -> int:
         """Remove folders of instances that no longer exist (left by a crash)."""
@@ -86,5 +90,5 @@ class SecretDelivery:
             return 0
         stale = [p for p in self._root.iterdir() if p.name not in keep]
         for path in stale:
-            shutil.rmtree(path, ignore_errors=True)
+            self.remove(path.name)
         return len(stale)

@@ -142,9 +142,13 @@ class Instance:
         server: str,
         instance_id: str,
         max_line_bytes: int,
+        *,
+        redaction: Redaction | None = None,
     ) -> Instance:
         """Attach again to a running container a previous daemon run started."""
-        return await cls._attach(backend, container_id, server, instance_id, max_line_bytes)
+        return await cls._attach(
+            backend, container_id, server, instance_id, max_line_bytes, redaction=redaction
+        )
 
     @classmethod
     async def _attach(

@@ -340,6 +340,7 @@ class Supervisor:
             "instance": instance.id,
             "container": instance.container_id,
             "definition": definition.model_dump(mode="json"),
+            "sandbox": instance.sandbox_fingerprint,
             "init_result": init_result,
         }
         temp = folder / f".{definition.name}.json.tmp"
@@ -359,6 +360,10 @@ class Supervisor:
                 record = json.loads(path.read_text())
                 if record["definition"] != definition.model_dump(mode="json"):
                     continue  # redefined since: start a fresh one
+                if record.get("sandbox") != self._fingerprint(definition):
+                    continue  # its sandbox policy changed since: never keep an older sandbox
+                policy = self._sandbox_policy(definition.name)
+                values = self._secret_values(definition.name, policy.secrets)
                 details = await asyncio.to_thread(self._backend.inspect, record["container"])
                 labels = details["Config"]["Labels"] or {}
                 if not details["State"]["Running"] or labels.get(LABEL_DAEMON) != self.daemon_id:
@@ -369,7 +374,13 @@ class Supervisor:
                     definition.name,
                     record["instance"],
                     self._settings.max_message_bytes,
+                    redaction=(
+                        self._redaction(definition.name, record["instance"], values)
+                        if values
+                        else None
+                    ),
                 )
+                instance.sandbox_fingerprint = record["sandbox"]
             except (SandboxError, KeyError, ValueError, OSError) as exc:
                 with log_context(server=definition.name):
                     log.info("shared instance not adoptable; starting a new one", reason=str(exc))
