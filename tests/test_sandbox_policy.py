@@ -32,10 +32,17 @@ from stockade.sandbox.egress import LABEL_GATEWAY_DAEMON
 from stockade.sandbox.spec import LABEL_DAEMON
 from stockade.supervisor.sandboxing import SandboxRefused
 from stockade.supervisor.supervisor import Supervisor
+from tests.daemon_helper import HostSession, running_daemon
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
 PYTHON_IMAGE = "stockade/python:latest"
+POLICY_DENIED = -32010
+INIT = {
+    "protocolVersion": "2025-06-18",
+    "capabilities": {},
+    "clientInfo": {"name": "t", "version": "1"},
+}
 ROOT = Path(__file__).resolve().parent.parent
 # A web server on 8080 and a line echo on 9000, answering with the container's own name.
 TARGET_SCRIPT = """
@@ -369,3 +376,41 @@ def test_ssrf_guard_classifies_addresses(
     forwarder = _forwarder_module()
     networks = tuple(ipaddress.ip_network(a) for a in allowed)
     assert forwarder.refusal(ipaddress.ip_address(address), networks) == refused
+
+
+def test_the_filesystem_example_policy_end_to_end(tmp_path: Path) -> None:
+    """policies/filesystem.yaml, with its mount pointed at a test folder: reads under
+    /data are allowed, writes are denied by rule, and the mount is read-only anyway."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "hello.txt").write_text("hello from the host")
+    policy = (ROOT / "policies" / "filesystem.yaml").read_text()
+    policy = policy.replace("/srv/stockade/data", str(data))
+    with running_daemon(tmp_path / "daemon", policy=policy) as daemon:
+        daemon.add_server(
+            "filesystem", "stockade/node:latest", "mcp-server-filesystem", "/data", warm=0
+        )
+        laptop = daemon.issue_host("laptop")
+
+        async def scenario() -> tuple[dict[str, Any], ...]:
+            async with HostSession(daemon, "filesystem", laptop) as host:
+                await host.request("initialize", INIT)
+                read = await host.request(
+                    "tools/call",
+                    {"name": "read_text_file", "arguments": {"path": "/data/hello.txt"}},
+                )
+                outside = await host.request(
+                    "tools/call", {"name": "read_text_file", "arguments": {"path": "/etc/passwd"}}
+                )
+                write = await host.request(
+                    "tools/call",
+                    {"name": "write_file", "arguments": {"path": "/data/x", "content": "no"}},
+                )
+                return read, outside, write
+
+        read, outside, write = asyncio.run(scenario())
+    assert read["result"]["content"][0]["text"] == "hello from the host"
+    assert outside["error"]["code"] == POLICY_DENIED
+    assert write["error"]["code"] == POLICY_DENIED
+    assert write["error"]["data"]["rule"] == "filesystem-never-write"
+    assert not (data / "x").exists()

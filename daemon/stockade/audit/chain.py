@@ -27,8 +27,12 @@ HEAD_FILE = "head.json"
 AUDIT_KEY_FILE = "audit-key.pem"  # in the state dir's pki folder; the .pub beside it
 
 
+# One encoder, made once: json.dumps with options builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _ENCODER.encode(record).encode()
 
 
 def line_hash(line: bytes) -> str:
