@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,15 @@ def test_sessions_share_one_container_and_ids_never_cross(daemon: Daemon) -> Non
     pids = {m["result"]["pid"] for m in answers_a + answers_b}
     assert len(pids) == 1  # one server process served both
     assert len(daemon.containers()) == 1
+    answered = [
+        json.loads(line)
+        for path in (daemon.state_dir / "audit").glob("audit-*.jsonl")
+        for line in path.read_text().splitlines()
+        if '"type":"response"' in line
+    ]
+    shared = [r for r in answered if r["server"] == "shared" and r["action"] == "scratch/echo"]
+    assert len(shared) == 40  # each answer on record, with its latency
+    assert all(r["outcome"] == "ok" and r["latency_ms"] >= 0 for r in shared)
 
 
 def test_a_crashed_shared_server_fails_pending_requests_then_comes_back(daemon: Daemon) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +64,8 @@ class SharedRouter:
         self.init_result: dict[str, Any] | None = None
         self._sessions: set[SharedSession] = set()
         # rewritten id -> (owner, the host's original id, method)
-        self._routes: dict[str, tuple[SharedSession, Any, str]] = {}
+        # rewritten id -> (session, the host's id, method, when it was forwarded)
+        self._routes: dict[str, tuple[SharedSession, Any, str, float]] = {}
         self._tokens: dict[str, tuple[SharedSession, Any]] = {}  # rewritten token -> owner
         self._handshake: asyncio.Future[dict[str, Any]] | None = None
         self._seq = itertools.count(1)
@@ -112,7 +114,7 @@ class SharedRouter:
         self._instance = None
         routes, self._routes = self._routes, {}
         self._tokens.clear()
-        for session, original_id, _ in routes.values():
+        for session, original_id, _, _ in routes.values():
             session.outstanding.clear()
             await session.to_host(
                 jsonrpc.error_response(
@@ -138,7 +140,7 @@ class SharedRouter:
 
     def leave(self, session: SharedSession) -> None:
         self._sessions.discard(session)
-        for key in [k for k, (owner, _, _) in self._routes.items() if owner is session]:
+        for key in [k for k, (owner, *_) in self._routes.items() if owner is session]:
             del self._routes[key]
         for key in [k for k, (owner, _) in self._tokens.items() if owner is session]:
             del self._tokens[key]
@@ -177,7 +179,12 @@ class SharedRouter:
         body = dict(message.body)
         if message.kind is Kind.REQUEST:
             rewritten = f"stk-{next(self._seq)}"
-            self._routes[jsonrpc.id_key(rewritten)] = (session, message.id, message.method or "")
+            self._routes[jsonrpc.id_key(rewritten)] = (
+                session,
+                message.id,
+                message.method or "",
+                time.monotonic(),
+            )
             session.outstanding[message.id_key] = rewritten
             body["id"] = rewritten
             params = body.get("params")
@@ -219,8 +226,9 @@ class SharedRouter:
         route = self._routes.pop(message.id_key, None)
         if route is None:
             return  # its session has left
-        session, original_id, method = route
+        session, original_id, method, started = route
         session.outstanding.pop(jsonrpc.id_key(original_id), None)
+        session.guard.answered(method, started, message.body)
         body = {**message.body, "id": original_id}
         await session.to_host(_dumps(session.guard.filter_list(method, body) or body))
 
