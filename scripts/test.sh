@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 bash scripts/docker-engine.sh
 bash scripts/python-env.sh test
 bash scripts/node-tools.sh
+if ! command -v systemd-analyze >/dev/null; then  # the unit checks (tests/test_systemd.py)
+  echo "test: installing Debian's systemd tools"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
+fi
 export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff" && ruff check . && ruff format --check .
 echo "== mypy --strict" && mypy

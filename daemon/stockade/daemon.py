@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from stockade import __version__
+from stockade.api.activation import describe, relay_activated
 from stockade.api.server import ListenerError, start_server
 from stockade.audit.chain import AUDIT_KEY_FILE, load_or_create_key
 from stockade.audit.log import AuditLog, AuditStartError, AuditUnavailable
@@ -27,6 +28,7 @@ from stockade.secrets.local import LocalSecretStore, load_master_key
 from stockade.secrets.model import SecretError, SecretStore
 from stockade.secrets.vault import VaultSecretStore
 from stockade.supervisor.supervisor import Supervisor, load_daemon_id
+from stockade.systemd import listen_fds, notify, watchdog_interval
 
 log = get_logger("stockade.daemon")
 
@@ -85,13 +87,26 @@ async def _serve_audited(
         delivery=SecretDelivery(settings.secrets_runtime_dir, daemon_id),
     )
     await supervisor.start()
+    activated = listen_fds()
+    private = settings.state_dir / "grpc.sock" if activated else None
     try:
         server, addresses = await start_server(
-            settings, registry, supervisor, authority, policy, audit=audit, secrets=secrets
+            settings,
+            registry,
+            supervisor,
+            authority,
+            policy,
+            audit=audit,
+            secrets=secrets,
+            unix_path=private,
         )
+        relays = [await relay_activated(listener, private) for listener in activated if private]
     except BaseException:
         await supervisor.shutdown()
         raise
+    if activated:
+        # In place: the Control API's status shows this same list.
+        addresses[:1] = [describe(listener) for listener in activated]
     await audit.record("daemon.start", durable=True, outcome="ok", detail={"version": __version__})
     log.info(
         "stockaded started",
@@ -100,13 +115,19 @@ async def _serve_audited(
         daemon_id=supervisor.daemon_id,
         servers=len(registry.all()),
     )
+    notify("READY=1", f"STATUS=serving on {', '.join(addresses)}")
     watcher = asyncio.create_task(_watch_policy(policy))
+    pinger = asyncio.create_task(_ping_watchdog(audit))
     await stop.wait()
     watcher.cancel()
+    pinger.cancel()
+    notify("STOPPING=1", "STATUS=stopping: ending sessions and containers")
     log.info("stockaded stopping")
+    for relay in relays:
+        relay.close()
     await server.stop(grace=settings.stop_grace_seconds)
     await supervisor.shutdown()
-    settings.socket_path.unlink(missing_ok=True)
+    (private or settings.socket_path).unlink(missing_ok=True)  # never systemd's own socket
     with contextlib.suppress(AuditUnavailable):
         await audit.record("daemon.stop", durable=True, outcome="ok")
     log.info("stockaded stopped")
@@ -161,6 +182,16 @@ STARTUP_ERRORS: tuple[tuple[type[Exception], str, int], ...] = (
 )
 POLICY_POLL_SECONDS = 2.0
 STARTUP_FAILURES = tuple(kind for kind, _, _ in STARTUP_ERRORS)
+
+
+async def _ping_watchdog(audit: AuditLog) -> None:
+    """WATCHDOG=1 while the event loop turns (a hung loop gets the daemon restarted)."""
+    interval = watchdog_interval()
+    if interval is None:
+        return
+    while True:
+        notify("WATCHDOG=1", f"STATUS=serving; audit {audit.state}")
+        await asyncio.sleep(interval)
 
 
 async def _watch_policy(policy: PolicyStore) -> None:

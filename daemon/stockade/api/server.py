@@ -79,9 +79,12 @@ async def start_server(
     *,
     audit: AuditLog,
     secrets: SecretStore,
+    unix_path: Path | None = None,
 ) -> tuple[grpc.aio.Server, list[str]]:
-    prepare_socket_path(settings.socket_path)
-    addresses = [f"unix:{settings.socket_path}"]
+    """Listen (mTLS) on the Unix socket, `unix_path` if given (socket activation), and TCP."""
+    unix_path = unix_path or settings.socket_path
+    prepare_socket_path(unix_path)
+    addresses = [f"unix:{unix_path}"]
     if settings.tcp_address:
         addresses.append(settings.tcp_address)
     limit = grpc_message_limit(settings.max_message_bytes)
@@ -117,5 +120,6 @@ async def start_server(
         await server.start()
     finally:
         os.umask(previous)
-    os.chmod(settings.socket_path, 0o660)
+    # The activated socket's own mode is systemd's (SocketMode=); a private one stays ours.
+    os.chmod(unix_path, 0o660 if unix_path == settings.socket_path else 0o600)
     return server, addresses
