@@ -24,7 +24,9 @@ from stockade.cli.channel import (
     add_connection_options,
     connection,
     control_stub,
+    credential_args,
     rpc_error,
+    user_config_dir,
 )
 from stockade.cli.connect import run_connect
 from stockade.config import SettingsError, load_settings
@@ -339,6 +341,102 @@ def cmd_cert_issue(args: argparse.Namespace) -> int:
         print(f"issued {issued.identity} (serial {issued.serial}, until {issued.not_after[:10]})")
         print(f"  {out}/client.crt, {out}/client.key (0600), {out}/ca.crt")
     return exitcodes.OK
+
+
+def _issue_to(args: argparse.Namespace, identity: str, out: Path) -> Any:
+    """Issue a host certificate for `identity` and write it to `out` (0600 key)."""
+    from stockade.pki.authority import IssuedCertificate, write_credentials  # noqa: PLC0415
+
+    request = control_pb2.IssueCertificateRequest(name=identity, role="host")
+    issued = call_control(args, lambda stub: stub.IssueCertificate(request, timeout=10))
+    write_credentials(
+        out,
+        IssuedCertificate(
+            identity=issued.identity,
+            serial=int(issued.serial),
+            key_pem=issued.key_pem,
+            cert_pem=issued.cert_pem,
+            ca_pem=issued.ca_pem,
+            not_after=datetime.fromisoformat(issued.not_after),
+        ),
+    )
+    return issued
+
+
+def host_credentials_dir(identity: str) -> Path:
+    """Where `client enroll` writes a host's credentials (and `client config` points)."""
+    return user_config_dir() / "hosts" / identity
+
+
+def cmd_client_enroll(args: argparse.Namespace) -> int:
+    out = host_credentials_dir(args.name)
+    if (out / "client.crt").exists() and not args.force:
+        raise CliError(f"{args.name} is already enrolled ({out}); use --force to renew", 1)
+    issued = _issue_to(args, args.name, out)
+    print(f"enrolled {issued.identity} (serial {issued.serial}, until {issued.not_after[:10]})")
+    print(f"  credentials in {out}; next: stockade client config HOST SERVER... --as {args.name}")
+    return exitcodes.OK
+
+
+def cmd_client_config(args: argparse.Namespace) -> int:
+    import shutil  # noqa: PLC0415
+
+    from stockade.cli.hosts import HOSTS, HostConfigError, server_entries, write_config  # noqa: PLC0415
+
+    host = HOSTS[args.host]
+    identity = args.as_identity or args.host
+    folder = host_credentials_dir(identity)
+    if not (folder / "client.crt").exists():
+        raise CliError(
+            f"no credentials for {identity!r} in {folder}; run `stockade client enroll {identity}`",
+            exitcodes.USAGE,
+        )
+    stockade = Path(shutil.which("stockade") or sys.argv[0]).resolve()
+    socket_path = Path(args.socket) if args.socket else load_settings().socket_path
+    connect_args = ["--socket", str(socket_path), *credential_args(folder)]
+    entries = server_entries(host, args.servers, stockade, connect_args)
+    if not args.write:
+        print(json.dumps({host.key: entries}, indent=2))
+        return exitcodes.OK
+    path = Path(args.file) if args.file else host.default_path()
+    try:
+        backup = write_config(path, host, entries)
+    except HostConfigError as exc:
+        raise CliError(str(exc), exitcodes.FAILED) from None
+    print(
+        f"wrote {len(entries)} server(s) into {path}" + (f" (backup: {backup})" if backup else "")
+    )
+    return exitcodes.OK
+
+
+def _client_parsers(sub: Any) -> None:
+    from stockade.cli.hosts import HOSTS  # noqa: PLC0415
+
+    client = sub.add_parser(
+        "client", help="set up MCP hosts (Claude, Cursor, VS Code) to use Stockade"
+    )
+    actions = client.add_subparsers(dest="client_command", required=True, metavar="ACTION")
+    enroll = actions.add_parser(
+        "enroll",
+        help="issue a host certificate and store it for `client config`",
+        epilog="example: stockade client enroll claude-desktop",
+    )
+    enroll.add_argument("name", help="the host's identity, e.g. claude-desktop")
+    enroll.add_argument("--force", action="store_true", help="renew existing credentials")
+    _with_socket(enroll, json_flag=False)
+    enroll.set_defaults(handler=cmd_client_enroll)
+    config = actions.add_parser(
+        "config",
+        help="print (or --write) the host's MCP entry running `stockade connect`",
+        epilog="example: stockade client config claude-desktop time everything --write",
+    )
+    config.add_argument("host", choices=sorted(HOSTS))
+    config.add_argument("servers", nargs="+", metavar="SERVER")
+    config.add_argument("--as", dest="as_identity", help="enrolled identity (default: HOST)")
+    config.add_argument("--write", action="store_true", help="merge into the host's file")
+    config.add_argument("--file", help="the host's config file (default: its usual place)")
+    config.add_argument("--socket", help="the daemon's socket (default: from settings)")
+    config.set_defaults(handler=cmd_client_config)
 
 
 def cmd_cert_revoke(args: argparse.Namespace) -> int:
@@ -673,6 +771,7 @@ def _parser() -> argparse.ArgumentParser:
     _server_parsers(sub)
     _cert_parsers(sub)
     _secret_parsers(sub)
+    _client_parsers(sub)
 
     _policy_parsers(sub)
     add_audit_parsers(sub)
