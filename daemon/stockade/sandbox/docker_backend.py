@@ -87,6 +87,8 @@ def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         kwargs["extra_hosts"] = dict(spec.extra_hosts)
     if spec.dns:
         kwargs["dns"] = list(spec.dns)
+    if spec.dns_options:
+        kwargs["dns_opt"] = list(spec.dns_options)
     if spec.mounts:
         kwargs["mounts"] = [
             Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only)

@@ -38,6 +38,8 @@ READY_TIMEOUT_SECONDS = 15.0
 # Upstream DNS for sandboxes on an egress network: an address where nothing answers, so a
 # name that is not allowed never resolves, whatever the engine's embedded DNS would forward.
 NO_DNS = ("127.0.0.1",)
+# ...and a name that is not allowed fails at once, instead of after the resolver's retries.
+FAST_DNS_FAILURE = ("timeout:1", "attempts:1")
 
 
 class EgressError(SandboxError):

@@ -49,6 +49,7 @@ class ContainerSpec(BaseModel):
     network: str = Field(default="none", pattern=NETWORK_NAME)
     extra_hosts: dict[str, str] = Field(default_factory=dict)  # allowed name -> gateway IP
     dns: tuple[str, ...] = ()
+    dns_options: tuple[str, ...] = ()
     cap_add: tuple[str, ...] = ()  # only what a sandbox policy granted, by name
     mounts: tuple[BindMount, ...] = ()
     bind_low_ports: bool = False  # egress forwarders listen on 443 etc. without a capability

@@ -17,7 +17,7 @@ from stockade.config import Settings
 from stockade.logs import get_logger
 from stockade.policy.sandbox import DOCKER_SOCKET_PATHS, SandboxPolicy, covers
 from stockade.registry import ServerDefinition
-from stockade.sandbox.egress import NO_DNS, EgressAttachment
+from stockade.sandbox.egress import FAST_DNS_FAILURE, NO_DNS, EgressAttachment
 from stockade.sandbox.errors import SandboxError
 from stockade.sandbox.spec import BindMount, ContainerSpec
 
@@ -93,7 +93,12 @@ def build_spec(
     for name, (asked, cap) in limits.items():
         fields[name] = _lower(asked, cap)
     if egress is not None:
-        fields |= {"network": egress.network, "extra_hosts": egress.extra_hosts, "dns": NO_DNS}
+        fields |= {
+            "network": egress.network,
+            "extra_hosts": egress.extra_hosts,
+            "dns": NO_DNS,
+            "dns_options": FAST_DNS_FAILURE,
+        }
     if policy.capabilities:
         log.warning(
             "starting a container with Linux capabilities",
