@@ -7,6 +7,7 @@ Validated once at start. A bad value stops the daemon with one line that names t
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import tomllib
 from contextvars import ContextVar
@@ -20,6 +21,19 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+
+def check_loopback(address: str) -> str:
+    """HOST:PORT with a loopback HOST (the endpoint is unauthenticated)."""
+    host, _, port = address.rpartition(":")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback or not port.isdigit():
+        raise ValueError("metrics listen on a loopback address only, e.g. 127.0.0.1:9464")
+    return address
+
 
 ENV_PREFIX = "STOCKADE_"
 SYSTEM_CONFIG_FILE = Path("/etc/stockade/stockaded.toml")
@@ -130,6 +144,9 @@ class Settings(BaseSettings):
     vault_secret_id_file: Path | None = None
     vault_ca_bundle: Path | None = None
 
+    # Prometheus /metrics on a loopback HOST:PORT (e.g. 127.0.0.1:9464); off when unset.
+    metrics_address: str | None = None
+
     # The routed network egress forwarders reach destinations through ("bridge": Docker's
     # default). Servers themselves never join it.
     egress_network: str = Field(default="bridge", pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
@@ -142,6 +159,11 @@ class Settings(BaseSettings):
         if not value.is_absolute():
             raise ValueError("must be an absolute path")
         return value
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _loopback_metrics(cls, value: str | None) -> str | None:
+        return None if value is None else check_loopback(value)
 
     @field_validator("container_user")
     @classmethod

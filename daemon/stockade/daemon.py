@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from stockade import __version__
+from stockade import __version__, metrics
 from stockade.api.activation import describe, relay_activated
 from stockade.api.server import ListenerError, start_server
 from stockade.audit.chain import AUDIT_KEY_FILE, load_or_create_key
@@ -115,6 +115,16 @@ async def _serve_audited(
         daemon_id=supervisor.daemon_id,
         servers=len(registry.all()),
     )
+    if settings.metrics_address:
+        try:
+            metrics.serve(settings.metrics_address, supervisor.pool_levels)
+        except OSError as exc:
+            await server.stop(grace=0)
+            await supervisor.shutdown()
+            raise ListenerError(
+                f"cannot serve metrics on {settings.metrics_address}: {exc}"
+            ) from None
+        addresses.append(f"http://{settings.metrics_address}/metrics")
     notify("READY=1", f"STATUS=serving on {', '.join(addresses)}")
     watcher = asyncio.create_task(_watch_policy(policy))
     pinger = asyncio.create_task(_ping_watchdog(audit))

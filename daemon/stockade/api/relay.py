@@ -21,6 +21,7 @@ import grpc
 from stockade.api.auth import current_identity
 from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.logs import get_logger, log_context
+from stockade.metrics import SESSIONS
 from stockade.policy.store import PolicyStore
 from stockade.registry import Registry, UnknownServer
 from stockade.relay.guard import PolicyGuard
@@ -197,8 +198,11 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             )
         except AuditUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"refused: {exc}")
+        if event == "session.open" and fields.get("outcome") == "ok":
+            SESSIONS.labels(fields["server"]).inc()
 
     def _closed(self, where: dict[str, str], instance: str) -> None:
+        SESSIONS.labels(where["server"]).dec()
         with contextlib.suppress(AuditUnavailable):  # the failure is already said and shown
             self._audit.write("session.close", outcome="ok", instance=instance, **where)
 

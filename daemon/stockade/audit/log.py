@@ -35,6 +35,7 @@ from stockade.audit.chain import (
     sign,
 )
 from stockade.logs import get_logger
+from stockade.metrics import AUDIT_FSYNC, AUDIT_WRITE
 
 log = get_logger("stockade.audit")
 
@@ -170,7 +171,10 @@ class AuditLog:
             raise AuditUnavailable(self._failure)
         if self._size >= self._max_file_bytes and event_type != CHECKPOINT:
             self._rotate()
-        return self._emit(self._build(event_type, fields))
+        began = time.perf_counter()
+        seq = self._emit(self._build(event_type, fields))
+        AUDIT_WRITE.observe(time.perf_counter() - began)
+        return seq
 
     def _build(self, event_type: str, fields: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -207,10 +211,12 @@ class AuditLog:
         if self._failure is not None:
             raise AuditUnavailable(self._failure)
         self._dirty.clear()
+        began = time.perf_counter()
         try:
             await asyncio.to_thread(os.fsync, self._fd)
         except OSError as exc:
             raise self._fail(exc) from None
+        AUDIT_FSYNC.observe(time.perf_counter() - began)
 
     def checkpoint(self) -> int:
         """Sign the chain so far (a checkpoint record) and publish it as the signed head."""

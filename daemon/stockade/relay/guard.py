@@ -24,6 +24,7 @@ from typing import Any
 
 from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.logs import get_logger
+from stockade.metrics import RELAY_LATENCY, REQUESTS
 from stockade.policy.evaluator import Request
 from stockade.policy.model import NAMED_METHODS
 from stockade.policy.store import PolicyStore
@@ -122,6 +123,7 @@ class PolicyGuard:
         }
         if decision.allowed:
             refusal = self._rate_limit(message, request)
+            REQUESTS.labels(self.server, "allow" if refusal is None else "deny").inc()
             if refusal is not None:
                 await self._record(
                     "request", durable=True, outcome="deny", **fields, reason="rate limit reached"
@@ -129,6 +131,7 @@ class PolicyGuard:
                 return refusal
             await self._record("request", durable=False, outcome="allow", **fields)
             return None
+        REQUESTS.labels(self.server, "deny").inc()
         await self._record(
             "request", durable=True, outcome="deny", **fields, reason=decision.reason
         )
@@ -213,6 +216,8 @@ class PolicyGuard:
         """Record how an allowed request ended: its latency and outcome."""
         error = body.get("error")
         code = error.get("code") if isinstance(error, dict) else None
+        elapsed = time.monotonic() - started
+        RELAY_LATENCY.labels(self.server).observe(elapsed)
         with contextlib.suppress(AuditUnavailable):  # refused from the next request on
             self._audit.write(
                 "response",
@@ -221,7 +226,7 @@ class PolicyGuard:
                 action=method,
                 outcome="error" if error is not None else "ok",
                 error_code=code,
-                latency_ms=round((time.monotonic() - started) * 1000, 3),
+                latency_ms=round(elapsed * 1000, 3),
             )
 
     def filter_list(self, method: str, body: dict[str, Any]) -> dict[str, Any] | None:

@@ -27,6 +27,7 @@ from typing import Any
 from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.config import Settings
 from stockade.logs import get_logger, log_context
+from stockade.metrics import CONTAINERS
 from stockade.policy.sandbox import DEFAULT_SANDBOX, SandboxPolicy
 from stockade.registry import Registry, ServerDefinition
 from stockade.relay.shared import HandshakeFailed, SharedRouter
@@ -214,6 +215,7 @@ class Supervisor:
         self._spawn(self.release(instance))
 
     def _record(self, event: str, outcome: str, instance: Instance, **fields: object) -> None:
+        CONTAINERS.labels(instance.server, event.removeprefix("container.")).inc()
         if self._audit is None:
             return
         with contextlib.suppress(AuditUnavailable):  # said once by the log; traffic stops
@@ -393,6 +395,13 @@ class Supervisor:
         return adopted
 
     # -- status ----------------------------------------------------------------------
+
+    def pool_levels(self) -> list[tuple[str, int, int, int]]:
+        """(server, pooled, pool size asked, in use) for every server, for metrics."""
+        return [
+            (name, len(s.pool), s.definition.warm_pool, len(s.in_use))
+            for name, s in list(self._servers.items())
+        ]
 
     def servers(self) -> dict[str, ServerState]:
         return dict(self._servers)
