@@ -31,6 +31,7 @@ rules:
     names: ["get_current_time"]
     arguments:
       timezone: {pattern: "^Europe/"}
+    audit_arguments: true
   - name: alice-echoes
     effect: allow
     identities: ["spiffe://stockade.local/host/alice"]
@@ -231,6 +232,7 @@ def test_every_decision_above_is_in_the_audit_log(daemon: Daemon) -> None:
             "action": "tools/call",
             "target": "get_current_time",
             "rule": "alice-asks-european-time",
+            "arguments": {"timezone": "Europe/Oslo"},  # the rule asks for them on record
         },
         {
             "type": "request",
@@ -279,6 +281,8 @@ def test_every_decision_above_is_in_the_audit_log(daemon: Daemon) -> None:
         else:
             assert found(**wanted), f"no audit record like {fields}"
     text = "".join(p.read_text() for p in audit_dir.glob("audit-*.jsonl"))
-    assert "Asia/Tokyo" not in text  # arguments are digested, never written
+    convert = next(r for r in records() if r.get("target") == "convert_time")
+    assert "arguments" not in convert and len(convert["args_sha256"]) == 64  # a digest only
+    assert '"source_timezone"' not in text  # no rule asked for convert_time's arguments
     verified = daemon.cli("audit", "verify", "--dir", str(audit_dir))
     assert verified.stdout.startswith("OK:"), verified.stdout

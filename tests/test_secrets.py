@@ -29,7 +29,7 @@ from stockade.secrets.model import (
 )
 from stockade.secrets.redact import Redactor
 from stockade.secrets.vault import VaultSecretStore
-from tests.daemon_helper import ALLOW_ALL_POLICY, Daemon, HostSession, running_daemon
+from tests.daemon_helper import Daemon, HostSession, running_daemon
 
 BIN = Path(sys.executable).parent
 INIT = {
@@ -206,14 +206,25 @@ def test_openbao_refuses_plain_http_off_loopback(tmp_path: Path) -> None:
 
 # -- delivery, end to end -----------------------------------------------------------------
 
-SECRET_POLICY = (
-    ALLOW_ALL_POLICY
-    + """\
+SECRET_POLICY = """\
+version: 1
+rules:
+  - name: echo-with-arguments-on-record
+    effect: allow
+    identities: ["*"]
+    servers: ["everything"]
+    methods: ["tools/call"]
+    names: ["echo"]
+    audit_arguments: true
+  - name: everything-else
+    effect: allow
+    identities: ["*"]
+    servers: ["*"]
+    methods: ["*"]
 sandboxes:
   everything:
     secrets: [api-token]
 """
-)
 
 
 def _secret_cli(
@@ -310,6 +321,7 @@ def test_a_granted_secret_reaches_its_server_only_and_nowhere_else(
             assert value not in blob and rotated not in blob
         audit = b"".join(p.read_bytes() for p in (daemon.state_dir / "audit").glob("*.jsonl"))
         assert b'"type":"secret.redacted"' in audit
+        assert b'"arguments":{"message":"the token is [REDACTED:api-token]"}' in audit
 
         removed = _secret_cli(daemon, "rm", "api-token")
         assert removed.returncode == 0

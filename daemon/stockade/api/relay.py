@@ -110,7 +110,13 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         host = _HostStream(context)
         guard = PolicyGuard(
-            self._policy, name, identity, self._audit, session=session_id, instance="shared"
+            self._policy,
+            name,
+            identity,
+            self._audit,
+            session=session_id,
+            instance="shared",
+            redactor=router.redactor,
         )
         where = {"identity": identity, "server": name, "session": session_id}
         await self._record(context, "session.open", outcome="ok", instance="shared", **where)
@@ -146,7 +152,13 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             raise
         host = _HostStream(context)
         guard = PolicyGuard(
-            self._policy, name, identity, self._audit, session=session_id, instance=instance.id
+            self._policy,
+            name,
+            identity,
+            self._audit,
+            session=session_id,
+            instance=instance.id,
+            redactor=lambda: instance.redaction.redactor if instance.redaction else None,
         )
         session = RelaySession(
             session_id, name, instance, host.message, max_message_bytes=self._max, guard=guard

@@ -59,6 +59,7 @@ class Decision:
     rule: str | None  # the deciding rule's name; None for the default
     source: str | None  # file:line of that rule
     reason: str
+    audit_arguments: bool = False  # the deciding rule asks for full arguments in the audit
 
 
 def _glob(patterns: tuple[str, ...]) -> re.Pattern[str]:
@@ -244,4 +245,5 @@ class Evaluator:
 
 
 def _said(compiled: _CompiledRule, allowed: bool, reason: str) -> Decision:
-    return Decision(allowed, compiled.rule.name, compiled.rule.source or None, reason)
+    rule = compiled.rule
+    return Decision(allowed, rule.name, rule.source or None, reason, rule.audit_arguments)

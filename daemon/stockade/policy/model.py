@@ -12,6 +12,7 @@ rules:
     arguments:                         # every listed argument must satisfy its constraint
       path: {pattern: "^/data/"}       # a regular expression (full match not required)
       limit: {schema: {type: integer, maximum: 100}}   # or a JSON-schema fragment
+    audit_arguments: false             # true: the audit keeps full arguments, not a digest
 server_requests:                       # what a server may ask the host (default: nothing)
   everything: ["sampling/createMessage", "roots/list"]
 rate_limits:                           # token buckets, one per caller x server x name
@@ -80,6 +81,9 @@ class Rule(BaseModel):
     methods: tuple[str, ...] = Field(min_length=1)
     names: tuple[str, ...] = ("*",)
     arguments: dict[str, ArgumentConstraint] = Field(default_factory=dict)
+    # Record the full arguments of the requests this rule decides (granted secrets redacted);
+    # otherwise the audit log keeps only their SHA-256.
+    audit_arguments: bool = False
     # Where the rule was written: filled by the loader, for explanations.
     source: str = Field(default="", exclude=True)
 

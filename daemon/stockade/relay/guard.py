@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from stockade.audit.log import AuditLog, AuditUnavailable
@@ -30,6 +31,7 @@ from stockade.policy.model import NAMED_METHODS
 from stockade.policy.store import PolicyStore
 from stockade.relay import jsonrpc
 from stockade.relay.jsonrpc import Kind, Message
+from stockade.secrets.redact import Redactor
 
 log = get_logger("stockade.policy")
 
@@ -80,7 +82,9 @@ class PolicyGuard:
         *,
         session: str | None = None,
         instance: str | None = None,
+        redactor: Callable[[], Redactor | None] = lambda: None,
     ) -> None:
+        self._redactor = redactor  # granted secrets (of the instance now serving), for records
         self._store = store
         self.server = server
         self.identity = identity
@@ -120,6 +124,7 @@ class PolicyGuard:
             "args_sha256": arguments_digest(arguments),
             "rule": decision.rule,
             "rule_source": decision.source,
+            "arguments": self._recorded(arguments) if decision.audit_arguments else None,
         }
         if decision.allowed:
             refusal = self._rate_limit(message, request)
@@ -173,6 +178,14 @@ class PolicyGuard:
                     {"limit": limit.name, "retry_after_seconds": round(wait, 3)},
                 )
         return None
+
+    def _recorded(self, arguments: dict[str, Any]) -> Any:
+        """Full arguments for the audit, with every granted secret replaced by its name."""
+        redactor = self._redactor()
+        if redactor is None:
+            return arguments
+        redacted, _ = redactor.apply(dumps(arguments))
+        return json.loads(redacted)
 
     async def check_server_request(self, message: Message) -> bytes | None:
         """None: forward it to the host. Otherwise the error to answer the server with."""

@@ -30,6 +30,7 @@ from stockade.relay.guard import PolicyGuard
 from stockade.relay.jsonrpc import InvalidMessage, Kind, Message
 from stockade.relay.session import ToHost
 from stockade.sandbox.stdio import OversizedLine
+from stockade.secrets.redact import Redactor
 from stockade.supervisor.instance import ExitReport, Instance
 
 log = get_logger("stockade.shared")
@@ -107,6 +108,11 @@ class SharedRouter:
         self._instance = instance
         self.init_result = init_result
         instance.bind(self._from_server)
+
+    def redactor(self) -> Redactor | None:
+        """The granted secrets of the instance serving now (for audit records)."""
+        instance = self._instance
+        return instance.redaction.redactor if instance and instance.redaction else None
 
     async def instance_ended(self, report: ExitReport) -> None:
         """Fail every pending request of every session with how the server ended."""
