@@ -85,6 +85,9 @@ def test_a_new_user_enrols_claude_desktop_and_its_command_works(tmp_path: Path) 
                 return "".join(c.text for c in answer.content if isinstance(c, types.TextContent))
 
         assert json.loads(anyio.run(as_the_host_would))["timezone"] == "UTC"
+        seen = daemon.cli("audit", "tail", "--server", "time", "--decision", "allow").stdout
+        assert "identity=spiffe://stockade.local/host/claude-desktop" in seen
+        assert "target=get_current_time" in seen  # the call, as the walk-through promises
         missing = daemon.cli("client", "config", "cursor", "time", check=False)
         assert missing.returncode == 1
         assert "stockade client enroll cursor" in missing.stderr

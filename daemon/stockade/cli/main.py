@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import argcomplete
 import grpc
 from google.protobuf.json_format import MessageToDict
 
@@ -792,7 +793,8 @@ def _parser() -> argparse.ArgumentParser:
     connect = sub.add_parser(
         "connect",
         help="stdio bridge for MCP hosts: use as the server command in a host's config",
-        epilog='example (host config): "command": "stockade", "args": ["connect", "time"]',
+        epilog="example: stockade connect time   (as a host's server command; see "
+        "`stockade client config`)",
     )
     connect.add_argument("name", help="registered server to connect to")
     _with_socket(connect, json_flag=False)
@@ -838,6 +840,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    # Shell completion (argcomplete): answers and exits only when the shell asks, i.e.
+    # after `eval "$(register-python-argcomplete stockade)"`; otherwise it does nothing.
+    argcomplete.autocomplete(parser)
     words = list(sys.argv[1:] if argv is None else argv)
     # Everything after the first `--` is a server's command line, passed through verbatim.
     split = words.index("--") if "--" in words else len(words)
