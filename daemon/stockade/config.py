@@ -144,6 +144,14 @@ class Settings(BaseSettings):
     vault_secret_id_file: Path | None = None
     vault_ca_bundle: Path | None = None
 
+    # The Streamable HTTP front (https://HOST:PORT/servers/NAME/mcp), off when unset. TLS
+    # always; callers present a client certificate (mTLS), as on the gRPC listeners.
+    http_address: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+    # Browser origins allowed to call it; a request with any other Origin header gets 403.
+    http_allowed_origins: list[str] = Field(default_factory=list)
+    # An HTTP session unused this long is ended and its sandbox stopped.
+    http_session_idle_seconds: float = Field(default=1800.0, ge=10, le=86400)
+
     # Prometheus /metrics on a loopback HOST:PORT (e.g. 127.0.0.1:9464); off when unset.
     metrics_address: str | None = None
 

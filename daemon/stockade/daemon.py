@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from stockade import __version__, metrics
@@ -17,6 +18,7 @@ from stockade.audit.chain import AUDIT_KEY_FILE, load_or_create_key
 from stockade.audit.log import AuditLog, AuditStartError, AuditUnavailable
 from stockade.cli import exitcodes
 from stockade.config import Settings, SettingsError, load_settings, setting_names
+from stockade.http.front import HttpFront
 from stockade.logs import configure_logging, get_logger
 from stockade.pki.authority import CertificateAuthority, PkiError
 from stockade.policy.store import PolicyError, PolicyStore
@@ -115,16 +117,17 @@ async def _serve_audited(
         daemon_id=supervisor.daemon_id,
         servers=len(registry.all()),
     )
-    if settings.metrics_address:
-        try:
-            metrics.serve(settings.metrics_address, supervisor.pool_levels)
-        except OSError as exc:
-            await server.stop(grace=0)
-            await supervisor.shutdown()
-            raise ListenerError(
-                f"cannot serve metrics on {settings.metrics_address}: {exc}"
-            ) from None
-        addresses.append(f"http://{settings.metrics_address}/metrics")
+    front = (
+        HttpFront(settings, registry, supervisor, policy, audit=audit, authority=authority)
+        if settings.http_address
+        else None
+    )
+    try:
+        await _start_optional_listeners(settings, addresses, front, supervisor.pool_levels)
+    except BaseException:
+        await server.stop(grace=0)
+        await supervisor.shutdown()
+        raise
     notify("READY=1", f"STATUS=serving on {', '.join(addresses)}")
     watcher = asyncio.create_task(_watch_policy(policy))
     pinger = asyncio.create_task(_ping_watchdog(audit))
@@ -135,6 +138,8 @@ async def _serve_audited(
     log.info("stockaded stopping")
     for relay in relays:
         relay.close()
+    if front is not None:
+        await front.stop()
     await server.stop(grace=settings.stop_grace_seconds)
     await supervisor.shutdown()
     (private or settings.socket_path).unlink(missing_ok=True)  # never systemd's own socket
@@ -192,6 +197,30 @@ STARTUP_ERRORS: tuple[tuple[type[Exception], str, int], ...] = (
 )
 POLICY_POLL_SECONDS = 2.0
 STARTUP_FAILURES = tuple(kind for kind, _, _ in STARTUP_ERRORS)
+
+
+async def _start_optional_listeners(
+    settings: Settings,
+    addresses: list[str],
+    front: HttpFront | None,
+    pool_levels: Callable[[], list[tuple[str, int, int, int]]],
+) -> None:
+    """The HTTP front and the metrics endpoint, when configured; added to `addresses`."""
+    if front is not None:
+        try:
+            addresses.append(await front.start())
+        except OSError as exc:
+            raise ListenerError(f"cannot serve HTTP on {settings.http_address}: {exc}") from None
+    if settings.metrics_address:
+        try:
+            metrics.serve(settings.metrics_address, pool_levels)
+        except OSError as exc:
+            if front is not None:
+                await front.stop()
+            raise ListenerError(
+                f"cannot serve metrics on {settings.metrics_address}: {exc}"
+            ) from None
+        addresses.append(f"http://{settings.metrics_address}/metrics")
 
 
 async def _ping_watchdog(audit: AuditLog) -> None:

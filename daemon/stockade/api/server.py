@@ -48,13 +48,12 @@ def grpc_message_limit(max_message_bytes: int) -> int:
     return 2 * max_message_bytes + 1024 * 1024
 
 
-def server_credentials(
-    settings: Settings, authority: CertificateAuthority
-) -> grpc.ServerCredentials:
+def server_certificate(settings: Settings, authority: CertificateAuthority) -> tuple[Path, Path]:
+    """(key, certificate) of the daemon, naming every host it listens on (gRPC and HTTP)."""
     names, ips = list(settings.tls_names), []
-    if settings.tcp_address:
-        host = settings.tcp_address.rsplit(":", 1)[0]
-        names.append(host)
+    for address in (settings.tcp_address, settings.http_address):
+        if address:
+            names.append(address.rsplit(":", 1)[0].strip("[]"))
     for name in list(names):
         try:
             ipaddress.ip_address(name)
@@ -62,7 +61,13 @@ def server_credentials(
             continue
         names.remove(name)
         ips.append(name)
-    key_path, cert_path = authority.ensure_server_certificate(names, ips)
+    return authority.ensure_server_certificate(names, ips)
+
+
+def server_credentials(
+    settings: Settings, authority: CertificateAuthority
+) -> grpc.ServerCredentials:
+    key_path, cert_path = server_certificate(settings, authority)
     return grpc.ssl_server_credentials(
         [(key_path.read_bytes(), cert_path.read_bytes())],
         root_certificates=authority.ca_pem,

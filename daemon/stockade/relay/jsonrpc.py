@@ -30,6 +30,7 @@ MESSAGE_TOO_LARGE = -32003  # over the configured size limit
 POLICY_DENIED = -32010  # refused by the access policy; never forwarded
 RATE_LIMITED = -32011  # a rate limit of the policy is reached; data.retry_after_seconds
 AUDIT_UNAVAILABLE = -32020  # the audit log cannot be written: nothing is relayed until it can
+ANSWER_TIMEOUT = -32004  # (HTTP front) no answer from the server within the request timeout
 
 
 class Kind(Enum):

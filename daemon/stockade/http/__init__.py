@@ -1,0 +1,1 @@
+"""The Streamable HTTP front for remote MCP hosts (mTLS, the same relay pipeline)."""

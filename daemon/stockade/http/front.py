@@ -1,0 +1,321 @@
+"""The Streamable HTTP front: `https://HOST:PORT/servers/NAME/mcp`, off by default.
+
+aiohttp serves it because it exposes the TLS client certificate of each connection (the
+ASGI servers here do not), and the caller's identity is that certificate, exactly as on the
+gRPC listeners: TLS is always on and a client certificate from the daemon's CA is required.
+
+Legacy Streamable HTTP (protocol revisions up to 2025-11-25):
+- POST one JSON-RPC message. A request is answered in the POST's response
+  (`application/json`); a notification or a response gets 202. `initialize` without a
+  session opens one and the answer carries `Mcp-Session-Id`.
+- GET opens the session's event stream (`text/event-stream`): whatever the server sends
+  that is not an answer to a POST. Events are numbered; `Last-Event-ID` replays the rest.
+- DELETE ends the session (its sandbox stops).
+Checks, each with its status: a bad `Origin` 403, a revoked certificate 403, an unknown
+server 404, an unknown session (or one of another identity) 404, a missing session 400,
+a bad `Content-Type` 415, an `Accept` without JSON and SSE 406, a body over the limit 413,
+an unsupported `MCP-Protocol-Version` 400, malformed JSON-RPC 400 with a JSON-RPC error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+
+from aiohttp import web
+
+from stockade.api.server import server_certificate
+from stockade.audit.log import AuditLog, AuditUnavailable
+from stockade.config import Settings
+from stockade.http.sessions import HttpSession, RequestInFlight, new_session_id
+from stockade.logs import get_logger, log_context
+from stockade.metrics import SESSIONS
+from stockade.pki.authority import CertificateAuthority
+from stockade.pki.identity import IdentityError, peer_from_pem
+from stockade.policy.store import PolicyStore
+from stockade.registry import Registry, UnknownServer
+from stockade.relay import jsonrpc
+from stockade.relay.guard import PolicyGuard
+from stockade.relay.jsonrpc import InvalidMessage, Kind
+from stockade.relay.session import RelaySession
+from stockade.sandbox.errors import SandboxError
+from stockade.supervisor.supervisor import Supervisor
+
+log = get_logger("stockade.http")
+
+SESSION_HEADER = "Mcp-Session-Id"
+VERSION_HEADER = "MCP-Protocol-Version"
+LEGACY_VERSIONS = frozenset({"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"})
+REQUEST_TIMEOUT_SECONDS = 300.0
+
+
+class HttpFront:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        supervisor: Supervisor,
+        policy: PolicyStore,
+        *,
+        audit: AuditLog,
+        authority: CertificateAuthority,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._supervisor = supervisor
+        self._policy = policy
+        self._audit = audit
+        self._authority = authority
+        self._sessions: dict[str, HttpSession] = {}
+        self._runner: web.AppRunner | None = None
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def _tls(self) -> ssl.SSLContext:
+        key_path, cert_path = server_certificate(self._settings, self._authority)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(cert_path, key_path)
+        context.load_verify_locations(cadata=self._authority.ca_pem.decode())
+        context.verify_mode = ssl.CERT_REQUIRED  # no certificate, no connection
+        return context
+
+    async def start(self) -> str:
+        assert self._settings.http_address is not None  # noqa: S101 - checked by the caller
+        app = web.Application(client_max_size=self._settings.max_message_bytes)
+        app.router.add_route("POST", "/servers/{name}/mcp", self._post)
+        app.router.add_route("GET", "/servers/{name}/mcp", self._get)
+        app.router.add_route("DELETE", "/servers/{name}/mcp", self._delete)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        host, _, port = self._settings.http_address.rpartition(":")
+        site = web.TCPSite(self._runner, host.strip("[]"), int(port), ssl_context=self._tls())
+        await site.start()
+        self._reaper = asyncio.create_task(self._reap_idle(), name="http-idle")
+        return f"https://{self._settings.http_address}/servers/NAME/mcp"
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for session in list(self._sessions.values()):
+            await self._end(session, "daemon stopping")
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _reap_idle(self) -> None:
+        idle = self._settings.http_session_idle_seconds
+        while True:
+            await asyncio.sleep(min(30.0, idle / 2))
+            now = time.monotonic()
+            for session in list(self._sessions.values()):
+                if session.streams == 0 and now - session.last_used > idle:
+                    await self._end(session, "idle")
+
+    # -- checks -------------------------------------------------------------------------
+
+    def _identity(self, request: web.Request) -> str:
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        if not der:
+            raise web.HTTPUnauthorized(text="a client certificate is required")
+        try:
+            peer = peer_from_pem(ssl.DER_cert_to_PEM_cert(der).encode())
+        except (IdentityError, ValueError) as exc:
+            raise web.HTTPUnauthorized(text=f"unusable client certificate: {exc}") from None
+        if peer.serial in self._authority.revoked:
+            raise web.HTTPForbidden(text=f"certificate {peer.serial} has been revoked")
+        return peer.identity.uri
+
+    def _common(self, request: web.Request) -> tuple[str, str]:
+        """(identity, server) after the checks every method shares."""
+        identity = self._identity(request)
+        origin = request.headers.get("Origin")
+        if origin is not None and origin not in self._settings.http_allowed_origins:
+            raise web.HTTPForbidden(text=f"origin {origin!r} is not allowed")
+        version = request.headers.get(VERSION_HEADER)
+        if version is not None and version not in LEGACY_VERSIONS:
+            raise web.HTTPBadRequest(text=f"unsupported {VERSION_HEADER}: {version}")
+        name = request.match_info["name"]
+        try:
+            self._registry.get(name)
+        except UnknownServer as exc:
+            raise web.HTTPNotFound(text=str(exc)) from None
+        return identity, name
+
+    def _session(self, request: web.Request, identity: str, server: str) -> HttpSession:
+        session_id = request.headers.get(SESSION_HEADER)
+        if not session_id:
+            raise web.HTTPBadRequest(text=f"missing {SESSION_HEADER}; start with initialize")
+        session = self._sessions.get(session_id)
+        # Another identity's session id is "not found" too: ids are not credentials.
+        if session is None or session.identity != identity or session.server != server:
+            raise web.HTTPNotFound(text="no such session (it ended, or never existed)")
+        return session
+
+    # -- methods ------------------------------------------------------------------------
+
+    async def _post(self, request: web.Request) -> web.StreamResponse:
+        identity, server = self._common(request)
+        if request.content_type != "application/json":
+            raise web.HTTPUnsupportedMediaType(text="Content-Type must be application/json")
+        accept = request.headers.get("Accept", "")
+        if "application/json" not in accept or "text/event-stream" not in accept:
+            raise web.HTTPNotAcceptable(
+                text="Accept must list application/json and text/event-stream"
+            )
+        raw = await request.read()
+        try:
+            message = jsonrpc.parse(raw, self._settings.max_message_bytes)
+        except InvalidMessage as exc:
+            body = jsonrpc.error_response(exc.request_id, exc.code, str(exc))
+            return web.Response(body=body, status=400, content_type="application/json")
+        if request.headers.get(SESSION_HEADER) is None and message.method == "initialize":
+            session = await self._open(request, identity, server)
+        else:
+            session = self._session(request, identity, server)
+        if message.kind is not Kind.REQUEST:
+            await session.send(message)
+            return web.Response(status=202)
+        try:
+            answer = await session.request(message, REQUEST_TIMEOUT_SECONDS)
+        except RequestInFlight as exc:
+            raise web.HTTPConflict(text=str(exc)) from None
+        headers = {SESSION_HEADER: session.id} if message.method == "initialize" else {}
+        return web.Response(body=answer, headers=headers, content_type="application/json")
+
+    async def _get(self, request: web.Request) -> web.StreamResponse:
+        identity, server = self._common(request)
+        if "text/event-stream" not in request.headers.get("Accept", ""):
+            raise web.HTTPNotAcceptable(text="Accept must list text/event-stream")
+        session = self._session(request, identity, server)
+        last = request.headers.get("Last-Event-ID")
+        after = int(last) if last and last.isdigit() else None
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
+        )
+        await response.prepare(request)
+        async for event in session.events(after):
+            if event is None:
+                await response.write(b": keep-alive\n\n")
+                continue
+            number, raw = event
+            await response.write(b"id: %d\nevent: message\ndata: %s\n\n" % (number, raw))
+        return response
+
+    async def _delete(self, request: web.Request) -> web.StreamResponse:
+        identity, server = self._common(request)
+        session = self._session(request, identity, server)
+        await self._end(session, "host ended it (DELETE)")
+        return web.Response(status=200)
+
+    # -- sessions -----------------------------------------------------------------------
+
+    async def _open(self, request: web.Request, identity: str, server: str) -> HttpSession:
+        definition = self._registry.get(server)
+        session_id = new_session_id()
+        where = {"identity": identity, "server": server, "session": session_id}
+        try:
+            await self._audit.record(
+                "session.open",
+                durable=True,
+                outcome="ok",
+                transport="http",
+                peer=request.remote,
+                **where,
+            )
+        except AuditUnavailable as exc:
+            raise web.HTTPServiceUnavailable(text=f"refused: {exc}") from None
+        try:
+            if definition.shared:
+                session = self._join_shared(session_id, identity, server)
+            else:
+                session = await self._start_own(session_id, identity, server)
+        except SandboxError as exc:
+            with contextlib.suppress(AuditUnavailable):
+                self._audit.write("session.close", outcome="error", reason=str(exc), **where)
+            raise web.HTTPServiceUnavailable(text=f"could not start {server!r}: {exc}") from None
+        self._sessions[session_id] = session
+        SESSIONS.labels(server).inc()
+        with log_context(session=session_id, server=server):
+            log.info("HTTP session opened", identity=identity, instance=session.instance)
+        return session
+
+    async def _start_own(self, session_id: str, identity: str, server: str) -> HttpSession:
+        instance = await self._supervisor.acquire(server, session_id)
+        session = HttpSession(session_id, identity, server, instance.id)
+        guard = PolicyGuard(
+            self._policy,
+            server,
+            identity,
+            self._audit,
+            session=session_id,
+            instance=instance.id,
+            redactor=lambda: instance.redaction.redactor if instance.redaction else None,
+        )
+        relay = RelaySession(
+            session_id,
+            server,
+            instance,
+            session.to_host,
+            max_message_bytes=self._settings.max_message_bytes,
+            guard=guard,
+        )
+        instance.bind(relay.from_server)
+
+        async def watch() -> None:
+            report = await asyncio.shield(instance.exited)
+            await relay.server_ended(report)
+
+        watcher = asyncio.create_task(watch(), name=f"http-{session_id}")
+
+        async def close() -> None:
+            watcher.cancel()
+            self._supervisor.release_later(instance)
+
+        session.forward, session.close = relay.from_host, close
+        return session
+
+    def _join_shared(self, session_id: str, identity: str, server: str) -> HttpSession:
+        router = self._supervisor.router(server)
+        session = HttpSession(session_id, identity, server, "shared")
+        guard = PolicyGuard(
+            self._policy,
+            server,
+            identity,
+            self._audit,
+            session=session_id,
+            instance="shared",
+            redactor=router.redactor,
+        )
+        seat = router.join(session_id, session.to_host, guard)
+
+        async def forward(raw: bytes) -> None:
+            await router.from_host(seat, raw)
+
+        async def close() -> None:
+            router.leave(seat)
+
+        session.forward, session.close = forward, close
+        return session
+
+    async def _end(self, session: HttpSession, why: str) -> None:
+        if self._sessions.pop(session.id, None) is None:
+            return
+        await session.end()
+        SESSIONS.labels(session.server).dec()
+        with contextlib.suppress(AuditUnavailable):
+            self._audit.write(
+                "session.close",
+                outcome="ok",
+                reason=why,
+                identity=session.identity,
+                server=session.server,
+                session=session.id,
+                instance=session.instance,
+            )
+        with log_context(session=session.id, server=session.server):
+            log.info("HTTP session closed", reason=why)

@@ -1,0 +1,141 @@
+"""One Streamable HTTP session: a host's `Mcp-Session-Id` bound to a sandboxed instance.
+
+The relay pipeline is the gRPC one, unchanged: a `RelaySession` (per-session server) or a
+seat on the `SharedRouter` (shared server), with the same `PolicyGuard` and audit. This
+class only turns its single outgoing stream into HTTP shapes:
+- the answer to a POSTed request goes back as that POST's response;
+- everything else the server sends (notifications, its own requests) goes to the session's
+  GET event stream, numbered, with a bounded replay buffer for `Last-Event-ID`.
+
+A session id is random (128 bits), bound to the caller's identity, and never taken as
+authentication: every request is authenticated by its own client certificate first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from stockade.relay import jsonrpc
+from stockade.relay.jsonrpc import Message
+
+REPLAY_EVENTS = 1000  # server->host messages kept for Last-Event-ID resumption
+
+
+class RequestInFlight(Exception):
+    """The host reused the id of a request that is still waiting for its answer."""
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+class HttpSession:
+    def __init__(self, session_id: str, identity: str, server: str, instance: str) -> None:
+        self.id = session_id
+        self.identity = identity
+        self.server = server
+        self.instance = instance
+        self.last_used = time.monotonic()
+        self.protocol_version: str | None = None
+        self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        self._events: deque[tuple[int, bytes]] = deque(maxlen=REPLAY_EVENTS)
+        self._next_event = 1
+        self._changed = asyncio.Condition()
+        self._streams = 0
+        self.ended = asyncio.Event()
+        # Set by the front once the relay side exists: how to hand a host message on.
+        self.forward: Callable[[bytes], Awaitable[None]] | None = None
+        self.close: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def streams(self) -> int:
+        """Open GET event streams (a session with one is in use, however quiet)."""
+        return self._streams
+
+    # -- the relay's side ------------------------------------------------------------------
+
+    async def to_host(self, raw: bytes) -> None:
+        """Everything the relay sends to this host arrives here."""
+        self.last_used = time.monotonic()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if (
+            isinstance(body, dict)
+            and "method" not in body
+            and ("result" in body or "error" in body)
+        ):
+            waiter = self._waiting.pop(jsonrpc.id_key(body.get("id")), None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(raw)
+                return
+        async with self._changed:
+            self._events.append((self._next_event, raw))
+            self._next_event += 1
+            self._changed.notify_all()
+
+    # -- the host's side -------------------------------------------------------------------
+
+    async def request(self, message: Message, timeout: float) -> bytes:
+        """Forward a request and wait for its answer (or an error the relay made for it)."""
+        key = message.id_key
+        if key in self._waiting:
+            raise RequestInFlight(f"request id {message.id!r} is already waiting for an answer")
+        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiting[key] = waiter
+        try:
+            assert self.forward is not None  # noqa: S101 - set when the session is opened
+            await self.forward(message.raw)
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            return jsonrpc.error_response(
+                message.id, jsonrpc.ANSWER_TIMEOUT, f"no answer within {timeout:.0f} s"
+            )
+        finally:
+            self._waiting.pop(key, None)
+            self.last_used = time.monotonic()
+
+    async def send(self, message: Message) -> None:
+        """Forward a notification, or the host's answer to a server request."""
+        assert self.forward is not None  # noqa: S101 - set when the session is opened
+        self.last_used = time.monotonic()
+        await self.forward(message.raw)
+
+    async def events(self, after: int | None) -> Any:
+        """Server->host messages as (event id, bytes), replaying those after `after`."""
+        self._streams += 1
+        cursor = after if after is not None else self._next_event - 1
+        try:
+            while not self.ended.is_set():
+                async with self._changed:
+                    pending = [(n, raw) for n, raw in self._events if n > cursor]
+                    if not pending:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._changed.wait(), 15)
+                        yield None  # a keep-alive opportunity
+                        continue
+                for number, raw in pending:
+                    cursor = number
+                    yield number, raw
+        finally:
+            self._streams -= 1
+
+    async def end(self) -> None:
+        if self.ended.is_set():
+            return
+        self.ended.set()
+        async with self._changed:
+            self._changed.notify_all()
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.cancel()
+        if self.close is not None:
+            await self.close()

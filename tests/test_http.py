@@ -1,0 +1,182 @@
+"""The Streamable HTTP front: the official SDK's HTTP client through it, server-initiated
+requests over the event stream, and every kind of bad input getting its 4xx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+from mcp import Client, types
+from mcp.client.streamable_http import streamable_http_client
+
+from tests.daemon_helper import Daemon, running_daemon
+
+pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
+
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"},
+    },
+}
+JSON_AND_SSE = {"Accept": "application/json, text/event-stream"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    root = tmp_path_factory.mktemp("http")
+    address = f"127.0.0.1:{_free_port()}"
+    with running_daemon(root, STOCKADE_HTTP_ADDRESS=address) as running:
+        running.add_server("time", "stockade/python:latest", "mcp-server-time", warm=1)
+        running.add_server("everything", "stockade/node:latest", "mcp-server-everything", warm=0)
+        running.alice = running.issue_host("alice")  # type: ignore[attr-defined]
+        running.bob = running.issue_host("bob")  # type: ignore[attr-defined]
+        running.base = f"https://{address}/servers"  # type: ignore[attr-defined]
+        yield running
+
+
+def http(creds: Path | None, **options: Any) -> httpx2.AsyncClient:
+    """An HTTP client trusting the daemon's CA, presenting `creds` (a cert folder)."""
+    context = ssl.create_default_context(
+        cafile=str((creds or Path()) / "ca.crt") if creds else None
+    )
+    if creds is not None:
+        context.load_cert_chain(creds / "client.crt", creds / "client.key")
+    return httpx2.AsyncClient(verify=context, timeout=30, **options)
+
+
+def test_the_sdk_http_client_works_through_stockade(daemon: Daemon) -> None:
+    url = f"{daemon.base}/time/mcp"  # type: ignore[attr-defined]
+
+    async def scenario() -> tuple[list[str], str]:
+        client = http(daemon.alice)  # type: ignore[attr-defined]
+        transport = streamable_http_client(url, http_client=client)
+        async with client, Client(transport, mode="legacy") as mcp:
+            names = [t.name for t in (await mcp.list_tools()).tools]
+            answer = await mcp.call_tool("get_current_time", {"timezone": "Europe/Oslo"})
+            text = "".join(c.text for c in answer.content if isinstance(c, types.TextContent))
+            return names, text
+
+    names, text = anyio.run(scenario)
+    assert "get_current_time" in names
+    assert json.loads(text)["timezone"] == "Europe/Oslo"
+
+
+def test_server_requests_reach_the_host_over_the_event_stream(daemon: Daemon) -> None:
+    url = f"{daemon.base}/everything/mcp"  # type: ignore[attr-defined]
+    asked: list[str] = []
+
+    async def sampling(context: Any, params: types.CreateMessageRequestParams) -> Any:
+        asked.append(str(params.messages[0].content))
+        return types.CreateMessageResult(
+            role="assistant",
+            content=types.TextContent(type="text", text="sampled over HTTP"),
+            model="test",
+        )
+
+    async def scenario() -> str:
+        async with http(daemon.alice) as client:  # type: ignore[attr-defined]
+            transport = streamable_http_client(url, http_client=client)
+            async with Client(transport, mode="legacy", sampling_callback=sampling) as mcp:
+                answer = await mcp.call_tool(
+                    "trigger-sampling-request", {"prompt": "hello", "maxTokens": 10}
+                )
+                return json.dumps(answer.model_dump(mode="json"))
+
+    result = anyio.run(scenario)
+    assert asked, "the server's sampling request reached the host"
+    assert "sampled over HTTP" in result
+
+
+async def _post(client: httpx2.AsyncClient, url: str, body: Any, **headers: str) -> httpx2.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    merged = {"Content-Type": "application/json", **JSON_AND_SSE, **headers}
+    return await client.post(url, content=content, headers=merged)
+
+
+def test_bad_input_gets_the_documented_4xx_and_harms_nothing(daemon: Daemon) -> None:
+    base = daemon.base  # type: ignore[attr-defined]
+    url = f"{base}/time/mcp"
+    listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+
+    async def scenario() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        async with http(daemon.alice) as alice, http(daemon.bob) as bob:  # type: ignore[attr-defined]
+            opened = await _post(alice, url, INIT)
+            session = opened.headers["Mcp-Session-Id"]
+            seen["init"] = opened.status_code
+            ours = {"Mcp-Session-Id": session}
+            seen["content-type"] = (
+                await alice.post(url, content=b"{}", headers={**JSON_AND_SSE, **ours})
+            ).status_code
+            seen["accept"] = (
+                await alice.post(url, json=listing, headers={"Accept": "application/json", **ours})
+            ).status_code
+            big = json.dumps(
+                {"jsonrpc": "2.0", "id": 3, "method": "x", "params": {"p": "x" * (5 << 20)}}
+            )
+            seen["too-large"] = (await _post(alice, url, big.encode(), **ours)).status_code
+            broken = await _post(alice, url, b"{not json", **ours)
+            seen["malformed"] = (broken.status_code, broken.json()["error"]["code"])
+            seen["unknown-server"] = (await _post(alice, f"{base}/nope/mcp", INIT)).status_code
+            seen["no-session"] = (await _post(alice, url, listing)).status_code
+            seen["unknown-session"] = (
+                await _post(alice, url, listing, **{"Mcp-Session-Id": "made-up"})
+            ).status_code
+            seen["other-identity"] = (await _post(bob, url, listing, **ours)).status_code
+            seen["origin"] = (
+                await _post(alice, url, listing, Origin="https://evil.example", **ours)
+            ).status_code
+            seen["version"] = (
+                await _post(alice, url, listing, **{"MCP-Protocol-Version": "1999-01-01"}, **ours)
+            ).status_code
+            seen["get-without-sse"] = (
+                await alice.get(url, headers={"Accept": "application/json", **ours})
+            ).status_code
+            still = await _post(alice, url, listing, **ours)  # the session survived it all
+            seen["still"] = (still.status_code, "tools" in still.json().get("result", {}))
+            seen["delete"] = (await alice.delete(url, headers=ours)).status_code
+            seen["after-delete"] = (await _post(alice, url, listing, **ours)).status_code
+        async with http(None) as anonymous:
+            try:
+                await _post(anonymous, url, INIT)
+                seen["no-cert"] = "accepted"
+            except (httpx2.ConnectError, httpx2.ReadError, ssl.SSLError) as exc:
+                seen["no-cert"] = type(exc).__name__
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen["init"] == 200
+    assert seen["content-type"] == 415
+    assert seen["accept"] == 406
+    assert seen["too-large"] == 413
+    assert seen["malformed"] == (400, -32700)
+    assert seen["unknown-server"] == 404
+    assert seen["no-session"] == 400
+    assert seen["unknown-session"] == 404
+    assert seen["other-identity"] == 404  # a session id is never a credential
+    assert seen["origin"] == 403
+    assert seen["version"] == 400
+    assert seen["get-without-sse"] == 406
+    assert seen["still"] == (200, True)
+    assert seen["delete"] == 200
+    assert seen["after-delete"] == 404
+    assert seen["no-cert"] != "accepted"  # no client certificate, no connection
