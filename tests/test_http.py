@@ -112,6 +112,14 @@ async def _post(client: httpx2.AsyncClient, url: str, body: Any, **headers: str)
     return await client.post(url, content=content, headers=merged)
 
 
+def sse_messages(response: httpx2.Response) -> list[dict[str, Any]]:
+    """The JSON-RPC messages of an event-stream response, in order."""
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    return [
+        json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")
+    ]
+
+
 def test_bad_input_gets_the_documented_4xx_and_harms_nothing(daemon: Daemon) -> None:
     base = daemon.base  # type: ignore[attr-defined]
     url = f"{base}/time/mcp"
@@ -152,7 +160,7 @@ def test_bad_input_gets_the_documented_4xx_and_harms_nothing(daemon: Daemon) -> 
                 await alice.get(url, headers={"Accept": "application/json", **ours})
             ).status_code
             still = await _post(alice, url, listing, **ours)  # the session survived it all
-            seen["still"] = (still.status_code, "tools" in still.json().get("result", {}))
+            seen["still"] = (still.status_code, "tools" in sse_messages(still)[-1]["result"])
             seen["delete"] = (await alice.delete(url, headers=ours)).status_code
             seen["after-delete"] = (await _post(alice, url, listing, **ours)).status_code
         async with http(None) as anonymous:
@@ -180,3 +188,26 @@ def test_bad_input_gets_the_documented_4xx_and_harms_nothing(daemon: Daemon) -> 
     assert seen["delete"] == 200
     assert seen["after-delete"] == 404
     assert seen["no-cert"] != "accepted"  # no client certificate, no connection
+
+
+def test_progress_arrives_on_the_requests_own_stream(daemon: Daemon) -> None:
+    url = f"{daemon.base}/everything/mcp"  # type: ignore[attr-defined]
+    seen: list[float] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(progress)
+
+    async def scenario() -> str:
+        client = http(daemon.alice)  # type: ignore[attr-defined]
+        transport = streamable_http_client(url, http_client=client)
+        async with client, Client(transport, mode="legacy") as mcp:
+            answer = await mcp.call_tool(
+                "trigger-long-running-operation",
+                {"duration": 1, "steps": 4},
+                progress_callback=on_progress,
+            )
+            return "".join(c.text for c in answer.content if isinstance(c, types.TextContent))
+
+    text = anyio.run(scenario)
+    assert "completed" in text.lower()
+    assert len(seen) == 4 and seen == sorted(seen)  # every step, in order, before the answer

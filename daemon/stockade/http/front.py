@@ -29,7 +29,7 @@ from aiohttp import web
 from stockade.api.server import server_certificate
 from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.config import Settings
-from stockade.http.sessions import HttpSession, RequestInFlight, new_session_id
+from stockade.http.sessions import HttpSession, new_session_id
 from stockade.logs import get_logger, log_context
 from stockade.metrics import SESSIONS
 from stockade.pki.authority import CertificateAuthority
@@ -180,12 +180,16 @@ class HttpFront:
         if message.kind is not Kind.REQUEST:
             await session.send(message)
             return web.Response(status=202)
-        try:
-            answer = await session.request(message, REQUEST_TIMEOUT_SECONDS)
-        except RequestInFlight as exc:
-            raise web.HTTPConflict(text=str(exc)) from None
-        headers = {SESSION_HEADER: session.id} if message.method == "initialize" else {}
-        return web.Response(body=answer, headers=headers, content_type="application/json")
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
+        if message.method == "initialize":
+            headers[SESSION_HEADER] = session.id
+        if message.id_key in session.waiting:
+            raise web.HTTPConflict(text=f"request id {message.id!r} is already in flight")
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        async for raw in session.request_stream(message, REQUEST_TIMEOUT_SECONDS):
+            await response.write(b"event: message\ndata: %s\n\n" % raw)
+        return response
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
         identity, server = self._common(request)

@@ -45,6 +45,9 @@ class HttpSession:
         self.last_used = time.monotonic()
         self.protocol_version: str | None = None
         self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        # Open POST streams, newest last: what the server says while a request is pending
+        # (progress, logging, its own requests) goes to the newest one, as the spec prefers.
+        self._posts: list[asyncio.Queue[bytes]] = []
         self._events: deque[tuple[int, bytes]] = deque(maxlen=REPLAY_EVENTS)
         self._next_event = 1
         self._changed = asyncio.Condition()
@@ -53,6 +56,11 @@ class HttpSession:
         # Set by the front once the relay side exists: how to hand a host message on.
         self.forward: Callable[[bytes], Awaitable[None]] | None = None
         self.close: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def waiting(self) -> set[str]:
+        """Ids (as keys) of requests still waiting for their answer."""
+        return set(self._waiting)
 
     @property
     def streams(self) -> int:
@@ -77,6 +85,9 @@ class HttpSession:
             if waiter is not None and not waiter.done():
                 waiter.set_result(raw)
                 return
+        if self._posts:
+            self._posts[-1].put_nowait(raw)
+            return
         async with self._changed:
             self._events.append((self._next_event, raw))
             self._next_event += 1
@@ -102,6 +113,35 @@ class HttpSession:
         finally:
             self._waiting.pop(key, None)
             self.last_used = time.monotonic()
+
+    async def request_stream(self, message: Message, timeout: float) -> Any:
+        """Forward a request; yield what the server says meanwhile, then its answer."""
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._posts.append(queue)
+        answer = asyncio.ensure_future(self.request(message, timeout))
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({answer, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not queue.empty():  # said just before the answer: still this stream's
+                    yield queue.get_nowait()
+                yield answer.result()
+                return
+        finally:
+            self._posts.remove(queue)
+            answer.cancel()
+            while not queue.empty():  # the stream went away: hand the rest to GET
+                await self._to_events(queue.get_nowait())
+
+    async def _to_events(self, raw: bytes) -> None:
+        async with self._changed:
+            self._events.append((self._next_event, raw))
+            self._next_event += 1
+            self._changed.notify_all()
 
     async def send(self, message: Message) -> None:
         """Forward a notification, or the host's answer to a server request."""
