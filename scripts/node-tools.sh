@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 prefix=.tools/node
-want="node@22.23.3 @modelcontextprotocol/inspector@0.15.0"
+want="node@22.23.3 @modelcontextprotocol/inspector@2.12.0"
 stamp="$prefix/.installed"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,11 +55,9 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         yield running
 
 
-def http(creds: Path | None, **options: Any) -> httpx2.AsyncClient:
-    """An HTTP client trusting the daemon's CA, presenting `creds` (a cert folder)."""
-    context = ssl.create_default_context(
-        cafile=str((creds or Path()) / "ca.crt") if creds else None
-    )
+def http(creds: Path | None, ca: Path | None = None, **options: Any) -> httpx2.AsyncClient:
+    """An HTTP client trusting the daemon's CA; presenting `creds` (a cert folder) if given."""
+    context = ssl.create_default_context(cafile=str((creds or ca or Path()) / "ca.crt"))
     if creds is not None:
         context.load_cert_chain(creds / "client.crt", creds / "client.key")
     return httpx2.AsyncClient(verify=context, timeout=30, **options)
@@ -163,12 +163,9 @@ def test_bad_input_gets_the_documented_4xx_and_harms_nothing(daemon: Daemon) -> 
             seen["still"] = (still.status_code, "tools" in sse_messages(still)[-1]["result"])
             seen["delete"] = (await alice.delete(url, headers=ours)).status_code
             seen["after-delete"] = (await _post(alice, url, listing, **ours)).status_code
-        async with http(None) as anonymous:
-            try:
-                await _post(anonymous, url, INIT)
-                seen["no-cert"] = "accepted"
-            except (httpx2.ConnectError, httpx2.ReadError, ssl.SSLError) as exc:
-                seen["no-cert"] = type(exc).__name__
+        async with http(None, ca=daemon.alice) as anonymous:  # type: ignore[attr-defined]
+            bare = await _post(anonymous, url, INIT)
+            seen["no-credentials"] = (bare.status_code, bare.headers.get("WWW-Authenticate"))
         return seen
 
     seen = asyncio.run(scenario())
@@ -187,7 +184,7 @@ def test_bad_input_gets_the_documented_4xx_and_harms_nothing(daemon: Daemon) -> 
     assert seen["still"] == (200, True)
     assert seen["delete"] == 200
     assert seen["after-delete"] == 404
-    assert seen["no-cert"] != "accepted"  # no client certificate, no connection
+    assert seen["no-credentials"] == (401, 'Bearer realm="stockade"')
 
 
 def test_progress_arrives_on_the_requests_own_stream(daemon: Daemon) -> None:
@@ -211,3 +208,47 @@ def test_progress_arrives_on_the_requests_own_stream(daemon: Daemon) -> None:
     text = anyio.run(scenario)
     assert "completed" in text.lower()
     assert len(seen) == 4 and seen == sorted(seen)  # every step, in order, before the answer
+
+
+NODE_BIN = Path(__file__).resolve().parents[1] / ".tools" / "node" / "node_modules" / ".bin"
+
+
+def test_stockade_bearer_tokens_for_one_identity_and_one_server(daemon: Daemon) -> None:
+    base = daemon.base  # type: ignore[attr-defined]
+    issued = daemon.cli("token", "issue", "--identity", "inspector", "--server", "time", "--json")
+    token = json.loads(issued.stdout)
+    bearer = {"Authorization": f"Bearer {token['token']}"}
+
+    async def status(url: str, headers: dict[str, str]) -> int:
+        async with http(None, ca=daemon.alice) as client:  # type: ignore[attr-defined]
+            return (await _post(client, url, INIT, **headers)).status_code
+
+    assert asyncio.run(status(f"{base}/time/mcp", bearer)) == 200
+    assert asyncio.run(status(f"{base}/everything/mcp", bearer)) == 401  # its audience only
+    forged = {"Authorization": f"Bearer {token['token'][:-4]}AAAA"}
+    assert asyncio.run(status(f"{base}/time/mcp", forged)) == 401
+
+    # The MCP Inspector's CLI, over HTTP with the token (it cannot present a certificate).
+    env = {**os.environ, "NODE_EXTRA_CA_CERTS": str(daemon.alice / "ca.crt")}  # type: ignore[attr-defined]
+    listed = subprocess.run(
+        [
+            str(NODE_BIN / "mcp-inspector"),
+            "--cli",
+            f"{base}/time/mcp",
+            "--transport",
+            "http",
+            "--header",
+            f"Authorization: Bearer {token['token']}",
+            "--method",
+            "tools/list",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "get_current_time" in {t["name"] for t in json.loads(listed.stdout)["tools"]}
+
+    daemon.cli("token", "revoke", token["token_id"])
+    assert asyncio.run(status(f"{base}/time/mcp", bearer)) == 401

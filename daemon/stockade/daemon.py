@@ -21,6 +21,7 @@ from stockade.config import Settings, SettingsError, load_settings, setting_name
 from stockade.http.front import HttpFront
 from stockade.logs import configure_logging, get_logger
 from stockade.pki.authority import CertificateAuthority, PkiError
+from stockade.pki.tokens import TokenIssuer
 from stockade.policy.store import PolicyError, PolicyStore
 from stockade.registry import Registry, RegistryError
 from stockade.sandbox.docker_backend import DockerBackend
@@ -75,6 +76,7 @@ async def _serve_audited(
     loop.add_signal_handler(signal.SIGHUP, policy.reload)
     authority = CertificateAuthority.load_or_create(settings.state_dir / "pki")
     authority.ensure_owner_admin()
+    tokens = TokenIssuer(settings.state_dir / "pki")
     secrets = await asyncio.to_thread(open_secret_store, settings)
     backend = await asyncio.to_thread(DockerBackend)
     registry = Registry(settings.state_dir)
@@ -100,6 +102,7 @@ async def _serve_audited(
             policy,
             audit=audit,
             secrets=secrets,
+            tokens=tokens,
             unix_path=private,
         )
         relays = [await relay_activated(listener, private) for listener in activated if private]
@@ -118,7 +121,9 @@ async def _serve_audited(
         servers=len(registry.all()),
     )
     front = (
-        HttpFront(settings, registry, supervisor, policy, audit=audit, authority=authority)
+        HttpFront(
+            settings, registry, supervisor, policy, audit=audit, authority=authority, tokens=tokens
+        )
         if settings.http_address
         else None
     )

@@ -44,6 +44,8 @@ METHOD_RULES: Mapping[str, frozenset[Role]] = {
     "/stockade.v1.Control/IssueCertificate": ADMIN_ONLY,
     "/stockade.v1.Control/RevokeCertificate": ADMIN_ONLY,
     "/stockade.v1.Control/ListCertificates": ADMIN_ONLY,
+    "/stockade.v1.Control/IssueToken": ADMIN_ONLY,
+    "/stockade.v1.Control/RevokeToken": ADMIN_ONLY,
     "/stockade.v1.Control/SetSecret": ADMIN_ONLY,
     "/stockade.v1.Control/ListSecrets": ADMIN_ONLY,
     "/stockade.v1.Control/RemoveSecret": ADMIN_ONLY,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -16,6 +17,7 @@ from stockade.audit.log import AuditLog
 from stockade.logs import get_logger
 from stockade.pki.authority import CertificateAuthority, PkiError
 from stockade.pki.identity import Identity, IdentityError
+from stockade.pki.tokens import TokenError, TokenIssuer
 from stockade.registry import Registry, RegistryError, ServerExists, UnknownServer
 from stockade.secrets.model import (
     SecretBackendError,
@@ -45,7 +47,9 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         *,
         audit: AuditLog,
         secrets: SecretStore,
+        tokens: TokenIssuer,
     ) -> None:
+        self._tokens = tokens
         self._authority = authority
         self._audit = audit
         self._secrets = secrets
@@ -165,6 +169,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         except (PkiError, IdentityError, ValueError) as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         identity = identities.pop() if len(identities) == 1 else ""
+        if request.identity:  # and every bearer token that identity holds
+            await asyncio.to_thread(self._tokens.revoke, identity=uri)
         log.warning("certificate revoked", subject=identity, serials=[str(s) for s in serials])
         return control_pb2.RevokeCertificateResponse(
             identity=identity, serials=[str(s) for s in serials]
@@ -181,6 +187,35 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                 for serial, identity, not_after, revoked in self._authority.issued()
             ]
         )
+
+    async def IssueToken(
+        self, request: control_pb2.IssueTokenRequest, context: Context
+    ) -> control_pb2.IssuedToken:
+        try:
+            identity = Identity.make("host", request.name)
+            self._registry.get(request.server)
+            token = self._tokens.issue(identity.uri, request.server, request.ttl_seconds or 3600)
+        except (IdentityError, TokenError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except UnknownServer as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        log.info("token issued", subject=token.identity, server=token.audience, id=token.token_id)
+        return control_pb2.IssuedToken(
+            token=token.value,
+            identity=token.identity,
+            server=token.audience,
+            expires=datetime.fromtimestamp(token.expires, UTC).isoformat(),
+            token_id=token.token_id,
+        )
+
+    async def RevokeToken(
+        self, request: control_pb2.RevokeTokenRequest, context: Context
+    ) -> control_pb2.RevokeTokenResponse:
+        if not request.token_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give a token id")
+        await asyncio.to_thread(self._tokens.revoke, token_id=request.token_id)
+        log.warning("token revoked", id=request.token_id)
+        return control_pb2.RevokeTokenResponse()
 
     async def SetSecret(
         self, request: control_pb2.SetSecretRequest, context: Context

@@ -19,6 +19,7 @@ from stockade.api.relay import RelayServicer
 from stockade.audit.log import AuditLog
 from stockade.config import Settings
 from stockade.pki.authority import CertificateAuthority
+from stockade.pki.tokens import TokenIssuer
 from stockade.policy.store import PolicyStore
 from stockade.registry import Registry
 from stockade.secrets.model import SecretStore
@@ -84,6 +85,7 @@ async def start_server(
     *,
     audit: AuditLog,
     secrets: SecretStore,
+    tokens: TokenIssuer,
     unix_path: Path | None = None,
 ) -> tuple[grpc.aio.Server, list[str]]:
     """Listen (mTLS) on the Unix socket, `unix_path` if given (socket activation), and TCP."""
@@ -112,7 +114,14 @@ async def start_server(
     )
     relay_pb2_grpc.add_RelayServicer_to_server(relay, server)
     control = ControlServicer(
-        addresses, registry, supervisor, relay, authority, audit=audit, secrets=secrets
+        addresses,
+        registry,
+        supervisor,
+        relay,
+        authority,
+        audit=audit,
+        secrets=secrets,
+        tokens=tokens,
     )
     control_pb2_grpc.add_ControlServicer_to_server(control, server)
     # gRPC creates the socket with the process umask: bind under a tight one so that the

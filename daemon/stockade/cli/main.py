@@ -410,6 +410,51 @@ def cmd_client_config(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+def cmd_token_issue(args: argparse.Namespace) -> int:
+    request = control_pb2.IssueTokenRequest(
+        name=args.identity, server=args.server, ttl_seconds=args.ttl
+    )
+    issued = call_control(args, lambda stub: stub.IssueToken(request, timeout=10))
+    if args.json:
+        print(json.dumps(as_dict(issued)))
+        return exitcodes.OK
+    print(issued.token)  # stdout: only the token, for scripts
+    print(
+        f"for {issued.identity} on {issued.server} until {issued.expires} "
+        f"(id {issued.token_id}; revoke with `stockade token revoke {issued.token_id}`)",
+        file=sys.stderr,
+    )
+    return exitcodes.OK
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    request = control_pb2.RevokeTokenRequest(token_id=args.token_id)
+    call_control(args, lambda stub: stub.RevokeToken(request, timeout=10))
+    print(f"revoked token {args.token_id}")
+    return exitcodes.OK
+
+
+def _token_parsers(sub: Any) -> None:
+    token = sub.add_parser("token", help="bearer tokens for hosts without client certificates")
+    actions = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    issue = actions.add_parser(
+        "issue",
+        help="a token for one host identity and one server, over the HTTP front",
+        epilog="example: stockade token issue --identity inspector --server time --ttl 3600",
+    )
+    issue.add_argument("--identity", required=True, help="the host's name")
+    issue.add_argument("--server", required=True, help="the only server the token is good for")
+    issue.add_argument("--ttl", type=int, default=3600, help="seconds (at most 86400)")
+    _with_socket(issue)
+    issue.set_defaults(handler=cmd_token_issue)
+    revoke = actions.add_parser(
+        "revoke", help="revoke one token by id", epilog="example: stockade token revoke 3f2a9c0d1e"
+    )
+    revoke.add_argument("token_id", metavar="ID")
+    _with_socket(revoke, json_flag=False)
+    revoke.set_defaults(handler=cmd_token_revoke)
+
+
 def _client_parsers(sub: Any) -> None:
     from stockade.cli.hosts import HOSTS  # noqa: PLC0415
 
@@ -773,6 +818,7 @@ def _parser() -> argparse.ArgumentParser:
     _cert_parsers(sub)
     _secret_parsers(sub)
     _client_parsers(sub)
+    _token_parsers(sub)
 
     _policy_parsers(sub)
     add_audit_parsers(sub)

@@ -34,6 +34,7 @@ from stockade.logs import get_logger, log_context
 from stockade.metrics import SESSIONS
 from stockade.pki.authority import CertificateAuthority
 from stockade.pki.identity import IdentityError, peer_from_pem
+from stockade.pki.tokens import TokenError, TokenIssuer
 from stockade.policy.store import PolicyStore
 from stockade.registry import Registry, UnknownServer
 from stockade.relay import jsonrpc
@@ -61,7 +62,9 @@ class HttpFront:
         *,
         audit: AuditLog,
         authority: CertificateAuthority,
+        tokens: TokenIssuer,
     ) -> None:
+        self._tokens = tokens
         self._settings = settings
         self._registry = registry
         self._supervisor = supervisor
@@ -80,7 +83,9 @@ class HttpFront:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(cert_path, key_path)
         context.load_verify_locations(cadata=self._authority.ca_pem.decode())
-        context.verify_mode = ssl.CERT_REQUIRED  # no certificate, no connection
+        # A certificate is checked when offered; without one, a Stockade bearer token is
+        # required (see _identity): never neither.
+        context.verify_mode = ssl.CERT_OPTIONAL
         return context
 
     async def start(self) -> str:
@@ -121,7 +126,7 @@ class HttpFront:
         ssl_object = transport.get_extra_info("ssl_object") if transport else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         if not der:
-            raise web.HTTPUnauthorized(text="a client certificate is required")
+            return self._token_identity(request)
         try:
             peer = peer_from_pem(ssl.DER_cert_to_PEM_cert(der).encode())
         except (IdentityError, ValueError) as exc:
@@ -129,6 +134,21 @@ class HttpFront:
         if peer.serial in self._authority.revoked:
             raise web.HTTPForbidden(text=f"certificate {peer.serial} has been revoked")
         return peer.identity.uri
+
+    def _token_identity(self, request: web.Request) -> str:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        challenge = {"WWW-Authenticate": 'Bearer realm="stockade"'}
+        if scheme.lower() != "bearer" or not token:
+            raise web.HTTPUnauthorized(
+                text="present a client certificate or a Stockade bearer token "
+                "(stockade token issue)",
+                headers=challenge,
+            )
+        try:
+            return self._tokens.verify(token.strip(), request.match_info["name"])
+        except TokenError as exc:
+            challenge["WWW-Authenticate"] += ', error="invalid_token"'
+            raise web.HTTPUnauthorized(text=str(exc), headers=challenge) from None
 
     def _common(self, request: web.Request) -> tuple[str, str]:
         """(identity, server) after the checks every method shares."""

@@ -84,6 +84,16 @@ class ControlStub:
                 request_serializer=stockade_dot_v1_dot_control__pb2.ListCertificatesRequest.SerializeToString,
                 response_deserializer=stockade_dot_v1_dot_control__pb2.ListCertificatesResponse.FromString,
                 _registered_method=True)
+        self.IssueToken = channel.unary_unary(
+                '/stockade.v1.Control/IssueToken',
+                request_serializer=stockade_dot_v1_dot_control__pb2.IssueTokenRequest.SerializeToString,
+                response_deserializer=stockade_dot_v1_dot_control__pb2.IssuedToken.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/stockade.v1.Control/RevokeToken',
+                request_serializer=stockade_dot_v1_dot_control__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=stockade_dot_v1_dot_control__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
         self.SetSecret = channel.unary_unary(
                 '/stockade.v1.Control/SetSecret',
                 request_serializer=stockade_dot_v1_dot_control__pb2.SetSecretRequest.SerializeToString,
@@ -168,6 +178,19 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueToken(self, request, context):
+        """Bearer tokens for the HTTP front: one identity, one server, a bounded time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetSecret(self, request, context):
         """Secrets in the daemon's vault. Values go in, never out: there is no read RPC.
         """
@@ -239,6 +262,16 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ListCertificates,
                     request_deserializer=stockade_dot_v1_dot_control__pb2.ListCertificatesRequest.FromString,
                     response_serializer=stockade_dot_v1_dot_control__pb2.ListCertificatesResponse.SerializeToString,
+            ),
+            'IssueToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueToken,
+                    request_deserializer=stockade_dot_v1_dot_control__pb2.IssueTokenRequest.FromString,
+                    response_serializer=stockade_dot_v1_dot_control__pb2.IssuedToken.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=stockade_dot_v1_dot_control__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=stockade_dot_v1_dot_control__pb2.RevokeTokenResponse.SerializeToString,
             ),
             'SetSecret': grpc.unary_unary_rpc_method_handler(
                     servicer.SetSecret,
@@ -526,6 +559,60 @@ class Control:
             '/stockade.v1.Control/ListCertificates',
             stockade_dot_v1_dot_control__pb2.ListCertificatesRequest.SerializeToString,
             stockade_dot_v1_dot_control__pb2.ListCertificatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockade.v1.Control/IssueToken',
+            stockade_dot_v1_dot_control__pb2.IssueTokenRequest.SerializeToString,
+            stockade_dot_v1_dot_control__pb2.IssuedToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockade.v1.Control/RevokeToken',
+            stockade_dot_v1_dot_control__pb2.RevokeTokenRequest.SerializeToString,
+            stockade_dot_v1_dot_control__pb2.RevokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

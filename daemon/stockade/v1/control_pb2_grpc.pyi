@@ -50,6 +50,9 @@ class ControlStub:
     """The daemon's CA: client certificates for hosts and operators, and their revocation."""
     RevokeCertificate: _grpc.UnaryUnaryMultiCallable[_control_pb2.RevokeCertificateRequest, _control_pb2.RevokeCertificateResponse]
     ListCertificates: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListCertificatesRequest, _control_pb2.ListCertificatesResponse]
+    IssueToken: _grpc.UnaryUnaryMultiCallable[_control_pb2.IssueTokenRequest, _control_pb2.IssuedToken]
+    """Bearer tokens for the HTTP front: one identity, one server, a bounded time."""
+    RevokeToken: _grpc.UnaryUnaryMultiCallable[_control_pb2.RevokeTokenRequest, _control_pb2.RevokeTokenResponse]
     SetSecret: _grpc.UnaryUnaryMultiCallable[_control_pb2.SetSecretRequest, _control_pb2.SecretInfo]
     """Secrets in the daemon's vault. Values go in, never out: there is no read RPC."""
     ListSecrets: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListSecretsRequest, _control_pb2.ListSecretsResponse]
@@ -72,6 +75,9 @@ class ControlAsyncStub(ControlStub):
     """The daemon's CA: client certificates for hosts and operators, and their revocation."""
     RevokeCertificate: _aio.UnaryUnaryMultiCallable[_control_pb2.RevokeCertificateRequest, _control_pb2.RevokeCertificateResponse]  # type: ignore[assignment]
     ListCertificates: _aio.UnaryUnaryMultiCallable[_control_pb2.ListCertificatesRequest, _control_pb2.ListCertificatesResponse]  # type: ignore[assignment]
+    IssueToken: _aio.UnaryUnaryMultiCallable[_control_pb2.IssueTokenRequest, _control_pb2.IssuedToken]  # type: ignore[assignment]
+    """Bearer tokens for the HTTP front: one identity, one server, a bounded time."""
+    RevokeToken: _aio.UnaryUnaryMultiCallable[_control_pb2.RevokeTokenRequest, _control_pb2.RevokeTokenResponse]  # type: ignore[assignment]
     SetSecret: _aio.UnaryUnaryMultiCallable[_control_pb2.SetSecretRequest, _control_pb2.SecretInfo]  # type: ignore[assignment]
     """Secrets in the daemon's vault. Values go in, never out: there is no read RPC."""
     ListSecrets: _aio.UnaryUnaryMultiCallable[_control_pb2.ListSecretsRequest, _control_pb2.ListSecretsResponse]  # type: ignore[assignment]
@@ -151,6 +157,21 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _control_pb2.ListCertificatesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.ListCertificatesResponse, _abc.Awaitable[_control_pb2.ListCertificatesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def IssueToken(
+        self,
+        request: _control_pb2.IssueTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.IssuedToken, _abc.Awaitable[_control_pb2.IssuedToken]]:
+        """Bearer tokens for the HTTP front: one identity, one server, a bounded time."""
+
+    @_abc_1.abstractmethod
+    def RevokeToken(
+        self,
+        request: _control_pb2.RevokeTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.RevokeTokenResponse, _abc.Awaitable[_control_pb2.RevokeTokenResponse]]: ...
 
     @_abc_1.abstractmethod
     def SetSecret(

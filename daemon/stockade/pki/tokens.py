@@ -1,0 +1,113 @@
+"""Bearer tokens for the HTTP front, for hosts that cannot present a client certificate.
+
+A token is issued by this daemon, for one identity and one server (its audience), for a
+bounded time: `stk1.<payload>.<signature>`, the payload base64url JSON {sub, aud, iat, exp,
+jti}, the signature Ed25519 by the daemon's token key. The front accepts a token only for
+the server it names: a token is never valid for another server, and it is never passed to
+a server (servers speak stdio and see no HTTP headers at all). Revocation is by token id,
+or by identity (every token of it issued until then), and survives restarts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+
+from stockade.audit.chain import load_or_create_key
+
+PREFIX = "stk1"
+MAX_TTL_SECONDS = 24 * 3600
+
+
+class TokenError(Exception):
+    """A token is refused; the message says why (never the token)."""
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str
+    identity: str
+    audience: str
+    expires: int
+    token_id: str
+
+
+def _encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class TokenIssuer:
+    def __init__(self, pki_dir: Path) -> None:
+        self._key = load_or_create_key(pki_dir / "token-key.pem")
+        self._revoked_path = pki_dir / "revoked-tokens.json"
+        self._revoked_ids: set[str] = set()
+        self._revoked_identities: dict[str, int] = {}  # identity -> tokens issued before
+        if self._revoked_path.exists():
+            data = json.loads(self._revoked_path.read_text())
+            self._revoked_ids = set(data.get("ids", []))
+            self._revoked_identities = dict(data.get("identities", {}))
+
+    def issue(self, identity: str, audience: str, ttl_seconds: int) -> Token:
+        if not 0 < ttl_seconds <= MAX_TTL_SECONDS:
+            raise TokenError(f"a token lives between 1 s and {MAX_TTL_SECONDS} s")
+        now, token_id = int(time.time()), secrets.token_hex(8)
+        claims: dict[str, str | int] = {
+            "sub": identity,
+            "aud": audience,
+            "iat": now,
+            "exp": now + ttl_seconds,
+            "jti": token_id,
+        }
+        payload = _encode(json.dumps(claims, sort_keys=True).encode())
+        signed = f"{PREFIX}.{payload}"
+        value = f"{signed}.{_encode(self._key.sign(signed.encode()))}"
+        return Token(value, identity, audience, now + ttl_seconds, token_id)
+
+    def verify(self, value: str, audience: str) -> str:
+        """The identity a valid token for `audience` stands for; TokenError otherwise."""
+        parts = value.split(".")
+        if len(parts) != 3 or parts[0] != PREFIX:
+            raise TokenError("not a Stockade token")
+        try:
+            self._key.public_key().verify(_decode(parts[2]), f"{parts[0]}.{parts[1]}".encode())
+            claims = json.loads(_decode(parts[1]))
+        except (InvalidSignature, ValueError):
+            raise TokenError("the token's signature does not verify") from None
+        if claims.get("aud") != audience:
+            raise TokenError(f"the token is for server {claims.get('aud')!r}, not {audience!r}")
+        if int(claims.get("exp", 0)) <= time.time():
+            raise TokenError("the token has expired")
+        if claims.get("jti") in self._revoked_ids:
+            raise TokenError(f"token {claims.get('jti')} has been revoked")
+        identity = str(claims.get("sub", ""))
+        if int(claims.get("iat", 0)) <= self._revoked_identities.get(identity, -1):
+            raise TokenError(f"tokens of {identity} have been revoked")
+        return identity
+
+    def revoke(self, token_id: str | None = None, identity: str | None = None) -> None:
+        if token_id:
+            self._revoked_ids.add(token_id)
+        if identity:
+            self._revoked_identities[identity] = int(time.time())
+        self._save()
+
+    def _save(self) -> None:
+        data = {"ids": sorted(self._revoked_ids), "identities": self._revoked_identities}
+        fd, temp = tempfile.mkstemp(dir=self._revoked_path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, self._revoked_path)
