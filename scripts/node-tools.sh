@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Install the Node-based test peers into .tools/node, without touching the system Node:
-# Node 22 (the npm package `node`) and the MCP Inspector. Pinned; skipped when present.
+# Node 22 (the npm package `node`), the MCP Inspector and the MCP conformance suite.
+# Pinned; skipped when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 prefix=.tools/node
-want="node@22.23.3 @modelcontextprotocol/inspector@2.12.0"
+want="node@22.23.3 @modelcontextprotocol/inspector@2.12.0 @modelcontextprotocol/conformance@0.1.16"
 stamp="$prefix/.installed"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0

@@ -511,7 +511,25 @@ def cmd_cert_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
-    return run_connect(connection(args, as_host=True), args.name)
+    target = connection(args, as_host=True)
+    if args.listen is None:
+        return run_connect(target, args.name)
+    from stockade.cli.http_bridge import BridgeError, HttpBridge  # noqa: PLC0415
+
+    if not args.front:
+        raise CliError("--listen needs --front https://HOST:PORT (the daemon's http_address)", 1)
+    url = f"{args.front.rstrip('/')}/servers/{args.name}/mcp"
+    bridge = HttpBridge(url, target.cert, target.key, target.ca)
+    print(f"serving http://{args.listen}/mcp -> {url}", file=sys.stderr)
+    try:
+        asyncio.run(bridge.serve(args.listen))
+    except BridgeError as exc:
+        raise CliError(str(exc), exitcodes.USAGE) from None
+    except OSError as exc:
+        raise CliError(
+            f"cannot listen on {args.listen}: {exc.strerror}", exitcodes.FAILED
+        ) from None
+    return exitcodes.OK
 
 
 # Commands that need docker or cryptography import them when they run: `stockade connect`
@@ -843,6 +861,13 @@ def _parser() -> argparse.ArgumentParser:
         "`stockade client config`)",
     )
     connect.add_argument("name", help="registered server to connect to")
+    connect.add_argument(
+        "--listen",
+        help="instead of stdio, serve plain Streamable HTTP on this loopback HOST:PORT (/mcp)",
+    )
+    connect.add_argument(
+        "--front", help="with --listen: the daemon's HTTPS front, https://HOST:PORT"
+    )
     _with_socket(connect, json_flag=False)
     connect.set_defaults(handler=cmd_connect)
 
