@@ -18,7 +18,7 @@ from stockade.audit.verify import audit_files, default_head, verify
 from stockade.cli.audit import to_cef
 from tests.daemon_helper import Daemon, HostSession, running_daemon
 
-AUDIT_UNAVAILABLE = -32020
+AUDIT_UNAVAILABLE = -32030
 
 
 def stockade(*args: str) -> subprocess.CompletedProcess[str]:

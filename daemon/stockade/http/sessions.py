@@ -108,7 +108,7 @@ class HttpSession:
             return await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except TimeoutError:
             return jsonrpc.error_response(
-                message.id, jsonrpc.ANSWER_TIMEOUT, f"no answer within {timeout:.0f} s"
+                message.id, jsonrpc.REQUEST_TIMEOUT, f"no answer within {timeout:.0f} s"
             )
         finally:
             self._waiting.pop(key, None)

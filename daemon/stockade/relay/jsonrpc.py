@@ -23,14 +23,17 @@ log = get_logger("stockade.relay")
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
-# Stockade's own codes (documented in the README): server-side errors, -32000 to -32099.
+# Stockade's own codes (documented in the README): server-side errors, -32000 to -32099,
+# clear of the codes MCP itself defines there (-32001, -32020 to -32022, -32042).
 SERVER_EXITED = -32000  # the sandboxed server ended while the request was pending
 SERVER_UNAVAILABLE = -32002  # the server is restarting or could not be started
 MESSAGE_TOO_LARGE = -32003  # over the configured size limit
 POLICY_DENIED = -32010  # refused by the access policy; never forwarded
 RATE_LIMITED = -32011  # a rate limit of the policy is reached; data.retry_after_seconds
-AUDIT_UNAVAILABLE = -32020  # the audit log cannot be written: nothing is relayed until it can
-ANSWER_TIMEOUT = -32004  # (HTTP front) no answer from the server within the request timeout
+AUDIT_UNAVAILABLE = -32030  # the audit log cannot be written: nothing is relayed until it can
+# MCP's own codes that the HTTP front answers with.
+REQUEST_TIMEOUT = -32001  # no answer from the server in time
+HEADER_MISMATCH = -32020  # 2026-07-28: MCP-Protocol-Version / Mcp-Method / Mcp-Name disagree
 
 
 class Kind(Enum):
