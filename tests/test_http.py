@@ -49,6 +49,13 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     with running_daemon(root, STOCKADE_HTTP_ADDRESS=address) as running:
         running.add_server("time", "stockade/python:latest", "mcp-server-time", warm=1)
         running.add_server("everything", "stockade/node:latest", "mcp-server-everything", warm=0)
+        running.add_server(
+            "modern",
+            "stockade/python:latest",
+            "python",
+            "/opt/mcp/servers/modern_server.py",
+            warm=0,
+        )
         running.alice = running.issue_host("alice")  # type: ignore[attr-defined]
         running.bob = running.issue_host("bob")  # type: ignore[attr-defined]
         running.base = f"https://{address}/servers"  # type: ignore[attr-defined]
@@ -252,3 +259,65 @@ def test_stockade_bearer_tokens_for_one_identity_and_one_server(daemon: Daemon) 
 
     daemon.cli("token", "revoke", token["token_id"])
     assert asyncio.run(status(f"{base}/time/mcp", bearer)) == 401
+
+
+MODERN = "2026-07-28"
+ENVELOPE = {
+    "io.modelcontextprotocol/protocolVersion": MODERN,
+    "io.modelcontextprotocol/clientCapabilities": {},
+    "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"},
+}
+
+
+def test_the_2026_07_28_era_is_stateless_and_checks_its_headers(daemon: Daemon) -> None:
+    url = f"{daemon.base}/modern/mcp"  # type: ignore[attr-defined]
+    call = {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {"name": "add", "arguments": {"a": 2, "b": 3}, "_meta": ENVELOPE},
+    }
+    routed = {"MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "add"}
+
+    async def scenario() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        async with http(daemon.alice) as alice:  # type: ignore[attr-defined]
+            answer = await _post(alice, url, call, **routed)  # no initialize, no session
+            seen["call"] = (answer.status_code, sse_messages(answer)[-1])
+            wrong = await _post(alice, url, call, **{**routed, "Mcp-Name": "shout"})
+            seen["name-mismatch"] = (wrong.status_code, wrong.json()["error"]["code"])
+            wrong = await _post(alice, url, call, **{**routed, "Mcp-Method": "tools/list"})
+            seen["method-mismatch"] = (wrong.status_code, wrong.json()["error"]["code"])
+            seen["get"] = (
+                await alice.get(
+                    url, headers={"Accept": "text/event-stream", "MCP-Protocol-Version": MODERN}
+                )
+            ).status_code
+            seen["delete"] = (
+                await alice.delete(url, headers={"MCP-Protocol-Version": MODERN})
+            ).status_code
+        return seen
+
+    seen = asyncio.run(scenario())
+    status, answer = seen["call"]
+    assert status == 200
+    assert answer["id"] == 7 and "5" in json.dumps(answer["result"])
+    assert seen["name-mismatch"] == (400, -32020)  # MCP's HEADER_MISMATCH
+    assert seen["method-mismatch"] == (400, -32020)
+    assert seen["get"] == 405 and seen["delete"] == 405
+
+
+def test_the_sdk_client_negotiates_2026_07_28_through_stockade(daemon: Daemon) -> None:
+    url = f"{daemon.base}/modern/mcp"  # type: ignore[attr-defined]
+
+    async def scenario() -> tuple[Any, str]:
+        client = http(daemon.alice)  # type: ignore[attr-defined]
+        transport = streamable_http_client(url, http_client=client)
+        async with client, Client(transport, mode="auto") as mcp:
+            answer = await mcp.call_tool("shout", {"text": "through stockade"})
+            text = "".join(c.text for c in answer.content if isinstance(c, types.TextContent))
+            return mcp.protocol_version, text
+
+    version, text = anyio.run(scenario)
+    assert text == "THROUGH STOCKADE"
+    assert version == MODERN  # auto mode settled on the new era, not the legacy fallback

@@ -20,6 +20,7 @@ an unsupported `MCP-Protocol-Version` 400, malformed JSON-RPC 400 with a JSON-RP
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ssl
 import time
@@ -49,6 +50,10 @@ log = get_logger("stockade.http")
 SESSION_HEADER = "Mcp-Session-Id"
 VERSION_HEADER = "MCP-Protocol-Version"
 LEGACY_VERSIONS = frozenset({"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"})
+MODERN_VERSIONS = frozenset({"2026-07-28"})
+METHOD_HEADER, NAME_HEADER = "Mcp-Method", "Mcp-Name"
+NAME_BEARING = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+VERSION_META_KEY = "io.modelcontextprotocol/protocolVersion"
 REQUEST_TIMEOUT_SECONDS = 300.0
 
 
@@ -72,6 +77,8 @@ class HttpFront:
         self._audit = audit
         self._authority = authority
         self._sessions: dict[str, HttpSession] = {}
+        # 2026-07-28 requests carry no session: one sandbox per caller x server serves them.
+        self._stateless: dict[tuple[str, str], HttpSession] = {}
         self._runner: web.AppRunner | None = None
         self._reaper: asyncio.Task[None] | None = None
 
@@ -105,7 +112,7 @@ class HttpFront:
     async def stop(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
-        for session in list(self._sessions.values()):
+        for session in [*self._sessions.values(), *self._stateless.values()]:
             await self._end(session, "daemon stopping")
         if self._runner is not None:
             await self._runner.cleanup()
@@ -115,7 +122,7 @@ class HttpFront:
         while True:
             await asyncio.sleep(min(30.0, idle / 2))
             now = time.monotonic()
-            for session in list(self._sessions.values()):
+            for session in [*self._sessions.values(), *self._stateless.values()]:
                 if session.streams == 0 and now - session.last_used > idle:
                     await self._end(session, "idle")
 
@@ -157,7 +164,7 @@ class HttpFront:
         if origin is not None and origin not in self._settings.http_allowed_origins:
             raise web.HTTPForbidden(text=f"origin {origin!r} is not allowed")
         version = request.headers.get(VERSION_HEADER)
-        if version is not None and version not in LEGACY_VERSIONS:
+        if version is not None and version not in LEGACY_VERSIONS | MODERN_VERSIONS:
             raise web.HTTPBadRequest(text=f"unsupported {VERSION_HEADER}: {version}")
         name = request.match_info["name"]
         try:
@@ -193,7 +200,13 @@ class HttpFront:
         except InvalidMessage as exc:
             body = jsonrpc.error_response(exc.request_id, exc.code, str(exc))
             return web.Response(body=body, status=400, content_type="application/json")
-        if request.headers.get(SESSION_HEADER) is None and message.method == "initialize":
+        if request.headers.get(VERSION_HEADER) in MODERN_VERSIONS:
+            mismatch = _header_mismatch(request, message)
+            if mismatch is not None:
+                body = jsonrpc.error_response(message.id, jsonrpc.HEADER_MISMATCH, mismatch)
+                return web.Response(body=body, status=400, content_type="application/json")
+            session = await self._stateless_seat(request, identity, server)
+        elif request.headers.get(SESSION_HEADER) is None and message.method == "initialize":
             session = await self._open(request, identity, server)
         else:
             session = self._session(request, identity, server)
@@ -213,6 +226,7 @@ class HttpFront:
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
         identity, server = self._common(request)
+        _no_modern_stream(request)
         if "text/event-stream" not in request.headers.get("Accept", ""):
             raise web.HTTPNotAcceptable(text="Accept must list text/event-stream")
         session = self._session(request, identity, server)
@@ -232,13 +246,26 @@ class HttpFront:
 
     async def _delete(self, request: web.Request) -> web.StreamResponse:
         identity, server = self._common(request)
+        _no_modern_stream(request)
         session = self._session(request, identity, server)
         await self._end(session, "host ended it (DELETE)")
         return web.Response(status=200)
 
     # -- sessions -----------------------------------------------------------------------
 
-    async def _open(self, request: web.Request, identity: str, server: str) -> HttpSession:
+    async def _stateless_seat(
+        self, request: web.Request, identity: str, server: str
+    ) -> HttpSession:
+        """The caller's sandbox for session-less (2026-07-28) requests, opened on first use."""
+        seat = self._stateless.get((identity, server))
+        if seat is None or seat.ended.is_set():
+            seat = await self._open(request, identity, server, register=False)
+            self._stateless[(identity, server)] = seat
+        return seat
+
+    async def _open(
+        self, request: web.Request, identity: str, server: str, *, register: bool = True
+    ) -> HttpSession:
         definition = self._registry.get(server)
         session_id = new_session_id()
         where = {"identity": identity, "server": server, "session": session_id}
@@ -262,7 +289,8 @@ class HttpFront:
             with contextlib.suppress(AuditUnavailable):
                 self._audit.write("session.close", outcome="error", reason=str(exc), **where)
             raise web.HTTPServiceUnavailable(text=f"could not start {server!r}: {exc}") from None
-        self._sessions[session_id] = session
+        if register:
+            self._sessions[session_id] = session
         SESSIONS.labels(server).inc()
         with log_context(session=session_id, server=server):
             log.info("HTTP session opened", identity=identity, instance=session.instance)
@@ -327,8 +355,11 @@ class HttpFront:
         return session
 
     async def _end(self, session: HttpSession, why: str) -> None:
-        if self._sessions.pop(session.id, None) is None:
+        stateless = self._stateless.get((session.identity, session.server)) is session
+        if self._sessions.pop(session.id, None) is None and not stateless:
             return
+        if stateless:
+            del self._stateless[(session.identity, session.server)]
         await session.end()
         SESSIONS.labels(session.server).dec()
         with contextlib.suppress(AuditUnavailable):
@@ -343,3 +374,38 @@ class HttpFront:
             )
         with log_context(session=session.id, server=session.server):
             log.info("HTTP session closed", reason=why)
+
+
+def _no_modern_stream(request: web.Request) -> None:
+    if request.headers.get(VERSION_HEADER) in MODERN_VERSIONS:
+        raise web.HTTPMethodNotAllowed(
+            request.method,
+            ["POST"],
+            text="2026-07-28 has no GET or DELETE here: every request is a POST",
+        )
+
+
+def _header_mismatch(request: web.Request, message: jsonrpc.Message) -> str | None:
+    """Why the 2026-07-28 routing headers disagree with the body, or None when they agree."""
+    params = message.params or {}
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    version = meta.get(VERSION_META_KEY) if isinstance(meta, dict) else None
+    if request.headers.get(VERSION_HEADER) != version:
+        return f"{VERSION_HEADER} does not match the request's _meta protocol version"
+    if message.kind is not Kind.RESPONSE and request.headers.get(METHOD_HEADER) != message.method:
+        return f"{METHOD_HEADER} does not match the request body's method"
+    name_key = NAME_BEARING.get(message.method or "")
+    named = params.get(name_key) if name_key and isinstance(params, dict) else None
+    if named is not None and _decoded(request.headers.get(NAME_HEADER)) != named:
+        return f"{NAME_HEADER} does not match the request body's {name_key!r}"
+    return None
+
+
+def _decoded(value: str | None) -> str | None:
+    """A header value, with MCP's `=?base64?...?=` form for non-ASCII names undone."""
+    if value is None or not (value.startswith("=?base64?") and value.endswith("?=")):
+        return value
+    try:
+        return base64.b64decode(value[9:-2], validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
