@@ -321,3 +321,30 @@ def test_the_sdk_client_negotiates_2026_07_28_through_stockade(daemon: Daemon) -
     version, text = anyio.run(scenario)
     assert text == "THROUGH STOCKADE"
     assert version == MODERN  # auto mode settled on the new era, not the legacy fallback
+
+
+def test_the_event_stream_numbers_events_and_replays_after_last_event_id() -> None:
+    from stockade.http.sessions import HttpSession  # the session alone: no daemon needed
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        session = HttpSession("s", "spiffe://stockade.local/host/a", "time", "i")
+        for n in range(5):  # server notifications while no request is pending
+            await session.to_host(json.dumps({"jsonrpc": "2.0", "method": f"n/{n}"}).encode())
+
+        async def take(after: int | None, count: int) -> list[int]:
+            got: list[int] = []
+            async for event in session.events(after):
+                if event is not None:
+                    got.append(event[0])
+                if len(got) == count:
+                    break
+            return got
+
+        first = await take(0, 5)  # from the start
+        resumed = await take(3, 2)  # a client that saw up to id 3 gets 4 and 5 only
+        await session.end()
+        return first, resumed
+
+    first, resumed = asyncio.run(scenario())
+    assert first == [1, 2, 3, 4, 5]
+    assert resumed == [4, 5]
