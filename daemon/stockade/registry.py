@@ -8,13 +8,12 @@ validated with pydantic; errors name the field.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from stockade.atomic import write_atomically
 from stockade.config import MiB
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
@@ -116,22 +115,7 @@ class Registry:
             "servers": [d.model_dump(mode="json") for d in self._servers.values()],
         }
         payload = json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=self._path.parent, prefix=".servers-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, self._path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
-        directory = os.open(self._path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_atomically(self._path, payload)
 
     def all(self) -> list[ServerDefinition]:
         return sorted(self._servers.values(), key=lambda d: d.name)

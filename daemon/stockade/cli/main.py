@@ -317,25 +317,11 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
 
 
 def cmd_cert_issue(args: argparse.Namespace) -> int:
-    from stockade.pki.authority import IssuedCertificate, write_credentials  # noqa: PLC0415
-
     out: Path = args.out or Path(f"stockade-{args.identity}")
     existing = [n for n in ("client.crt", "client.key") if (out / n).exists()]
     if existing and not args.force:
         raise CliError(f"{out} already holds credentials; use --force to replace them", 1)
-    request = control_pb2.IssueCertificateRequest(name=args.identity, role=args.role)
-    issued = call_control(args, lambda stub: stub.IssueCertificate(request, timeout=10))
-    write_credentials(
-        out,
-        IssuedCertificate(
-            identity=issued.identity,
-            serial=int(issued.serial),
-            key_pem=issued.key_pem,
-            cert_pem=issued.cert_pem,
-            ca_pem=issued.ca_pem,
-            not_after=datetime.fromisoformat(issued.not_after),
-        ),
-    )
+    issued = _issue_to(args, args.identity, out, role=args.role)
     if args.json:
         print(json.dumps({"identity": issued.identity, "serial": issued.serial, "out": str(out)}))
     else:
@@ -344,11 +330,11 @@ def cmd_cert_issue(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
-def _issue_to(args: argparse.Namespace, identity: str, out: Path) -> Any:
-    """Issue a host certificate for `identity` and write it to `out` (0600 key)."""
+def _issue_to(args: argparse.Namespace, identity: str, out: Path, role: str = "host") -> Any:
+    """Issue a certificate for `identity` and write it to `out` (0600 key)."""
     from stockade.pki.authority import IssuedCertificate, write_credentials  # noqa: PLC0415
 
-    request = control_pb2.IssueCertificateRequest(name=identity, role="host")
+    request = control_pb2.IssueCertificateRequest(name=identity, role=role)
     issued = call_control(args, lambda stub: stub.IssueCertificate(request, timeout=10))
     write_credentials(
         out,

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 
+from stockade.atomic import write_atomically
 from stockade.audit.chain import load_or_create_key
 
 PREFIX = "stk1"
@@ -105,9 +104,4 @@ class TokenIssuer:
 
     def _save(self) -> None:
         data = {"ids": sorted(self._revoked_ids), "identities": self._revoked_identities}
-        fd, temp = tempfile.mkstemp(dir=self._revoked_path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, self._revoked_path)
+        write_atomically(self._revoked_path, json.dumps(data).encode())

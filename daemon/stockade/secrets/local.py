@@ -22,7 +22,6 @@ import json
 import os
 import secrets
 import stat
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from stockade.atomic import write_atomically
 from stockade.secrets.model import (
     SecretError,
     SecretExists,
@@ -146,23 +146,7 @@ class LocalSecretStore:
 
     def _save(self) -> None:
         self._document["mac"] = self._mac(self._document)
-        payload = json.dumps(self._document, indent=1, sort_keys=True).encode()
-        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=self._path.parent, prefix=".secrets-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, self._path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
-        directory = os.open(self._path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_atomically(self._path, json.dumps(self._document, indent=1, sort_keys=True).encode())
 
     # -- sealing -------------------------------------------------------------------------
 
