@@ -192,6 +192,15 @@ def test_bad_input_gets_the_documented_4xx_and_harms_nothing(daemon: Daemon) -> 
     assert seen["delete"] == 200
     assert seen["after-delete"] == 404
     assert seen["no-credentials"] == (401, 'Bearer realm="stockade"')
+    refusals = [
+        json.loads(line)
+        for path in (daemon.state_dir / "audit").glob("audit-*.jsonl")
+        for line in path.read_text().splitlines()
+        if '"type":"access"' in line and '"transport":"http"' in line
+    ]
+    reasons = " | ".join(r["reason"] for r in refusals)
+    assert "origin 'https://evil.example' is not allowed" in reasons  # each refusal audited
+    assert "present a client certificate or a Stockade bearer token" in reasons
 
 
 def test_progress_arrives_on_the_requests_own_stream(daemon: Daemon) -> None:

@@ -24,6 +24,7 @@ import base64
 import contextlib
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -97,7 +98,9 @@ class HttpFront:
 
     async def start(self) -> str:
         assert self._settings.http_address is not None  # noqa: S101 - checked by the caller
-        app = web.Application(client_max_size=self._settings.max_message_bytes)
+        app = web.Application(
+            client_max_size=self._settings.max_message_bytes, middlewares=[self._audit_refusals]
+        )
         app.router.add_route("POST", "/servers/{name}/mcp", self._post)
         app.router.add_route("GET", "/servers/{name}/mcp", self._get)
         app.router.add_route("DELETE", "/servers/{name}/mcp", self._delete)
@@ -116,6 +119,26 @@ class HttpFront:
             await self._end(session, "daemon stopping")
         if self._runner is not None:
             await self._runner.cleanup()
+
+    @web.middleware
+    async def _audit_refusals(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Every refusal of a caller (401, 403) is an audit event, on disk before the answer."""
+        try:
+            return await handler(request)
+        except (web.HTTPUnauthorized, web.HTTPForbidden) as refusal:
+            with contextlib.suppress(AuditUnavailable):  # refused either way
+                await self._audit.record(
+                    "access",
+                    durable=True,
+                    outcome="deny",
+                    action=f"{request.method} {request.path}",
+                    reason=refusal.text,
+                    transport="http",
+                    peer=request.remote,
+                )
+            raise
 
     async def _reap_idle(self) -> None:
         idle = self._settings.http_session_idle_seconds
