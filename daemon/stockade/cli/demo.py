@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stockade.audit.chain import AUDIT_KEY_FILE, load_public_key, public_path
+from stockade.audit.verify import audit_files, default_head, verify
 from stockade.cli import exitcodes
 from stockade.cli.channel import CliError
 from stockade.config import load_settings
@@ -149,6 +151,18 @@ def _run_client(daemon: _ScratchDaemon, host: Path) -> tuple[list[str], dict[str
     return anyio.run(session)
 
 
+def _say_audit(state: Path) -> None:
+    """What the daemon recorded, checked the way a security team would (`audit verify`)."""
+    files = audit_files([state / "audit"])
+    key = load_public_key(public_path(state / "pki" / AUDIT_KEY_FILE))
+    result = verify(files, key, default_head(files))
+    verdict = "the hash chain and signatures verify" if result.ok else f"FAILED {result.problem}"
+    _say(
+        f"    audit: {result.records} records, {result.checkpoints} signed checkpoint(s);"
+        f" {verdict}  (stockade audit verify / tail)"
+    )
+
+
 def run_demo(ca_bundle: Path | None) -> int:
     settings = load_settings()
     started = time.monotonic()
@@ -194,6 +208,7 @@ def run_demo(ca_bundle: Path | None) -> int:
                 f"    {took * 1000:.0f} ms from launching the bridge to the answer"
                 " (a warm container from the pool; bridge start-up included)"
             )
+        _say_audit(root / "state")
     _say(
         f"done in {time.monotonic() - started:.1f}s; the daemon stopped and removed its containers"
     )
