@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import docker
 import httpx2
 import pytest
 from mcp import Client, types
@@ -293,6 +294,14 @@ def test_the_2026_07_28_era_is_stateless_and_checks_its_headers(daemon: Daemon) 
         async with http(daemon.alice) as alice:  # type: ignore[attr-defined]
             answer = await _post(alice, url, call, **routed)  # no initialize, no session
             seen["call"] = (answer.status_code, sse_messages(answer)[-1])
+            # Its sandbox dies: the next stateless request gets a fresh one, not an error.
+            for container in docker.from_env().containers.list(
+                filters={"label": "io.stockade.server=modern"}
+            ):
+                container.kill()
+            await asyncio.sleep(1)
+            again = await _post(alice, url, {**call, "id": 8}, **routed)
+            seen["after-crash"] = sse_messages(again)[-1]
             wrong = await _post(alice, url, call, **{**routed, "Mcp-Name": "shout"})
             seen["name-mismatch"] = (wrong.status_code, wrong.json()["error"]["code"])
             wrong = await _post(alice, url, call, **{**routed, "Mcp-Method": "tools/list"})
@@ -311,6 +320,7 @@ def test_the_2026_07_28_era_is_stateless_and_checks_its_headers(daemon: Daemon) 
     status, answer = seen["call"]
     assert status == 200
     assert answer["id"] == 7 and "5" in json.dumps(answer["result"])
+    assert seen["after-crash"]["id"] == 8 and "result" in seen["after-crash"]
     assert seen["name-mismatch"] == (400, -32020)  # MCP's HEADER_MISMATCH
     assert seen["method-mismatch"] == (400, -32020)
     assert seen["get"] == 405 and seen["delete"] == 405

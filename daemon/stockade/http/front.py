@@ -281,6 +281,9 @@ class HttpFront:
     ) -> HttpSession:
         """The caller's sandbox for session-less (2026-07-28) requests, opened on first use."""
         seat = self._stateless.get((identity, server))
+        if seat is not None and seat.server_gone:  # no session to keep: start a fresh sandbox
+            await self._end(seat, "its sandbox ended")
+            seat = None
         if seat is None or seat.ended.is_set():
             seat = await self._open(request, identity, server, register=False)
             self._stateless[(identity, server)] = seat
@@ -343,6 +346,7 @@ class HttpFront:
 
         async def watch() -> None:
             report = await asyncio.shield(instance.exited)
+            session.server_gone = True
             await relay.server_ended(report)
 
         watcher = asyncio.create_task(watch(), name=f"http-{session_id}")

@@ -53,6 +53,9 @@ class HttpSession:
         self._changed = asyncio.Condition()
         self._streams = 0
         self.ended = asyncio.Event()
+        self.server_gone = (
+            False  # its sandbox ended: a legacy session reports it, a seat is replaced
+        )
         # Set by the front once the relay side exists: how to hand a host message on.
         self.forward: Callable[[bytes], Awaitable[None]] | None = None
         self.close: Callable[[], Awaitable[None]] | None = None
