@@ -6,13 +6,8 @@ import struct
 
 import pytest
 
-from stockade.sandbox.stdio import (
-    LineSplitter,
-    MultiplexDecoder,
-    OversizedLine,
-    Stream,
-    StreamFormatError,
-)
+from stockade.sandbox.stdio import MultiplexDecoder, Stream, StreamFormatError
+from stockade.wire.lines import LineSplitter, OversizedLine
 
 
 def frame(stream: int, payload: bytes) -> bytes:

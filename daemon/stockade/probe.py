@@ -1,7 +1,8 @@
 """Speak just enough MCP to a sandboxed server to prove it serves: handshake and tools/list.
 
-Used by the demo and the tests. This is a client of the legacy (initialize) era, which every
-reference server speaks; it matches responses by id and skips notifications and server logs.
+Used by the sandbox tests (a raw attach, no daemon). This is a client of the legacy
+(initialize) era, which every reference server speaks; it matches responses by id and
+skips notifications and server logs.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stockade.registry import ServerDefinition, parse_definition
-from stockade.supervisor.supervisor import ServerState
+from stockade.supervisor.state import ServerState
 from stockade.v1 import control_pb2
 
 

@@ -7,7 +7,6 @@ file permissions are a second layer on top of the certificate, not a replacement
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from stockade.api.relay import RelayServicer
 from stockade.audit.log import AuditLog
 from stockade.config import Settings
 from stockade.pki.authority import CertificateAuthority
+from stockade.pki.server_cert import server_certificate
 from stockade.pki.tokens import TokenIssuer
 from stockade.policy.store import PolicyStore
 from stockade.registry import Registry
@@ -47,22 +47,6 @@ def grpc_message_limit(max_message_bytes: int) -> int:
     """gRPC's own frame limit, above the JSON-RPC limit: a message between the two gets a
     JSON-RPC error and the session survives; only a frame past this one ends the stream."""
     return 2 * max_message_bytes + 1024 * 1024
-
-
-def server_certificate(settings: Settings, authority: CertificateAuthority) -> tuple[Path, Path]:
-    """(key, certificate) of the daemon, naming every host it listens on (gRPC and HTTP)."""
-    names, ips = list(settings.tls_names), []
-    for address in (settings.tcp_address, settings.http_address):
-        if address:
-            names.append(address.rsplit(":", 1)[0].strip("[]"))
-    for name in list(names):
-        try:
-            ipaddress.ip_address(name)
-        except ValueError:
-            continue
-        names.remove(name)
-        ips.append(name)
-    return authority.ensure_server_certificate(names, ips)
 
 
 def server_credentials(

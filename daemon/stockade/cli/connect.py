@@ -18,8 +18,8 @@ import grpc
 from stockade.cli import exitcodes
 from stockade.cli.channel import CliError, Connection, rpc_error
 from stockade.relay import jsonrpc
-from stockade.sandbox.stdio import LineSplitter, OversizedLine
 from stockade.v1 import relay_pb2, relay_pb2_grpc
+from stockade.wire.lines import LineSplitter, OversizedLine
 
 READ_CHUNK = 64 * 1024
 

@@ -28,7 +28,6 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from stockade.api.server import server_certificate
 from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.config import Settings
 from stockade.http.sessions import HttpSession, new_session_id
@@ -36,6 +35,7 @@ from stockade.logs import get_logger, log_context
 from stockade.metrics import SESSIONS
 from stockade.pki.authority import CertificateAuthority
 from stockade.pki.identity import IdentityError, peer_from_pem
+from stockade.pki.server_cert import server_certificate
 from stockade.pki.tokens import TokenError, TokenIssuer
 from stockade.policy.store import PolicyStore
 from stockade.registry import Registry, UnknownServer

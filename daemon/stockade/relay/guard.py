@@ -184,7 +184,7 @@ class PolicyGuard:
         redactor = self._redactor()
         if redactor is None:
             return arguments
-        redacted, _ = redactor.apply(dumps(arguments))
+        redacted, _ = redactor.apply(jsonrpc.encode(arguments))
         return json.loads(redacted)
 
     async def check_server_request(self, message: Message) -> bytes | None:
@@ -270,7 +270,3 @@ class PolicyGuard:
 def _without(body: dict[str, Any], result: dict[str, Any], hidden: list[str]) -> dict[str, Any]:
     capabilities = {k: v for k, v in result["capabilities"].items() if k not in hidden}
     return {**body, "result": {**result, "capabilities": capabilities}}
-
-
-def dumps(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()

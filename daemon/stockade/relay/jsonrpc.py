@@ -15,7 +15,7 @@ from enum import Enum
 from typing import Any
 
 from stockade.logs import get_logger
-from stockade.sandbox.stdio import OversizedLine
+from stockade.wire.lines import OversizedLine
 
 log = get_logger("stockade.relay")
 
@@ -123,6 +123,11 @@ def parse(raw: bytes, max_bytes: int) -> Message:
         params=params if isinstance(params, dict) else None,
         body=body,
     )
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    """A message the relay itself builds or rewrites, as one compact line."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def error_response(request_id: Any, code: int, message: str, data: Any = None) -> bytes:

@@ -16,10 +16,10 @@ from typing import Any
 
 from stockade.logs import get_logger
 from stockade.relay import jsonrpc
-from stockade.relay.guard import PolicyGuard, dumps
+from stockade.relay.guard import PolicyGuard
 from stockade.relay.jsonrpc import InvalidMessage, Kind
-from stockade.sandbox.stdio import OversizedLine
-from stockade.supervisor.instance import ExitReport, Instance
+from stockade.sandbox.instance import ExitReport, Instance
+from stockade.wire.lines import OversizedLine
 
 log = get_logger("stockade.relay")
 
@@ -47,10 +47,6 @@ class RelaySession:
         self._pending: dict[str, tuple[Any, str, float]] = {}
         self._ended = False
         self._end_lock = asyncio.Lock()
-
-    @property
-    def pending_count(self) -> int:
-        return len(self._pending)
 
     async def drain(self, timeout: float) -> None:
         """After the host's last message: wait (bounded) for the answers it is owed."""
@@ -100,7 +96,7 @@ class RelaySession:
                 self._guard.answered(method, started, message.body)
             filtered = self._guard.filter_list(method, message.body)
             if filtered is not None:
-                await self._to_host(dumps(filtered))
+                await self._to_host(jsonrpc.encode(filtered))
                 return
         await self._to_host(message.raw)
 

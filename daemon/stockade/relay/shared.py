@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +28,9 @@ from stockade.relay import jsonrpc
 from stockade.relay.guard import PolicyGuard
 from stockade.relay.jsonrpc import InvalidMessage, Kind, Message
 from stockade.relay.session import ToHost
-from stockade.sandbox.stdio import OversizedLine
+from stockade.sandbox.instance import ExitReport, Instance
 from stockade.secrets.redact import Redactor
-from stockade.supervisor.instance import ExitReport, Instance
+from stockade.wire.lines import OversizedLine
 
 log = get_logger("stockade.shared")
 
@@ -41,10 +40,6 @@ HANDSHAKE_TIMEOUT = 60.0
 
 class HandshakeFailed(Exception):
     """The shared server did not complete `initialize`."""
-
-
-def _dumps(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 @dataclass(eq=False)
@@ -64,7 +59,6 @@ class SharedRouter:
         self._last_exit: ExitReport | None = None
         self.init_result: dict[str, Any] | None = None
         self._sessions: set[SharedSession] = set()
-        # rewritten id -> (owner, the host's original id, method)
         # rewritten id -> (session, the host's id, method, when it was forwarded)
         self._routes: dict[str, tuple[SharedSession, Any, str, float]] = {}
         self._tokens: dict[str, tuple[SharedSession, Any]] = {}  # rewritten token -> owner
@@ -93,13 +87,15 @@ class SharedRouter:
                 "clientInfo": {"name": "stockade-shared", "version": "1"},
             },
         }
-        await instance.send(_dumps(request))
+        await instance.send(jsonrpc.encode(request))
         waiting: set[asyncio.Future[Any]] = {self._handshake, instance.exited}
         await asyncio.wait(waiting, timeout=HANDSHAKE_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
         if not self._handshake.done():
             raise HandshakeFailed(f"shared server {self.server!r} did not answer initialize")
         result = self._handshake.result()
-        await instance.send(_dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        await instance.send(
+            jsonrpc.encode({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        )
         self.init_result = result
         return result
 
@@ -159,7 +155,9 @@ class SharedRouter:
             await session.to_host(self._unavailable(message.id))
         elif message.method == "initialize":
             body = {"jsonrpc": "2.0", "id": message.id, "result": self.init_result}
-            await session.to_host(_dumps(session.guard.filter_list("initialize", body) or body))
+            await session.to_host(
+                jsonrpc.encode(session.guard.filter_list("initialize", body) or body)
+            )
         elif self._instance is not None:  # (a notification while down has nowhere to go)
             payload = self._rewrite_from_host(session, message)
             if payload:
@@ -207,7 +205,7 @@ class SharedRouter:
                 return b""  # not one of this session's requests: never cancel another's
             self._routes.pop(jsonrpc.id_key(rewritten_id), None)  # no answer is owed now
             body["params"] = {**message.params, "requestId": rewritten_id}
-        return _dumps(body)
+        return jsonrpc.encode(body)
 
     # -- the server's output ---------------------------------------------------------
 
@@ -236,7 +234,7 @@ class SharedRouter:
         session.outstanding.pop(jsonrpc.id_key(original_id), None)
         session.guard.answered(method, started, message.body)
         body = {**message.body, "id": original_id}
-        await session.to_host(_dumps(session.guard.filter_list(method, body) or body))
+        await session.to_host(jsonrpc.encode(session.guard.filter_list(method, body) or body))
 
     async def _refuse_server_request(self, message: Message) -> None:
         if self._instance is None:
@@ -255,7 +253,7 @@ class SharedRouter:
             if owner is not None:
                 session, token = owner
                 body = {**message.body, "params": {**params, "progressToken": token}}
-                await session.to_host(_dumps(body))
+                await session.to_host(jsonrpc.encode(body))
             return
         if message.method == "notifications/cancelled":
             return  # the server cancelling its own requests: none reached a host

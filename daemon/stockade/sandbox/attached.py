@@ -4,6 +4,11 @@
 container's stdin and yields complete stdout lines, while stderr goes to a callback (stderr
 is for logs of any kind, never an error signal). Reads are pulled by the caller, so a slow
 consumer slows the container down (backpressure) instead of growing a queue.
+
+stdin is never half-closed. Containers are created with StdinOnce off, so that a shared
+instance survives a daemon restart and can be attached again; the price is that Docker ends
+the attachment's output on a half-close while the server's stdin stays open. A server is
+stopped with the runtime's `stop` (SIGTERM, grace, SIGKILL), never by closing its stdin.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
-from stockade.sandbox.docker_backend import Attachment
-from stockade.sandbox.stdio import LineSplitter, MultiplexDecoder, OversizedLine, Stream
+from stockade.sandbox.runtime import Attachment
+from stockade.sandbox.stdio import MultiplexDecoder, Stream
+from stockade.wire.lines import LineSplitter, OversizedLine
 
 READ_CHUNK = 64 * 1024
 StderrSink = Callable[[bytes], None]
@@ -69,28 +75,9 @@ class AttachedStdio:
                         if isinstance(err_line, bytes):
                             self._on_stderr(err_line)
 
-    async def close_stdin(self) -> None:
-        """Half-close the attach connection: we are done talking *and* listening.
-
-        Containers are created with StdinOnce off, so that a shared instance survives a
-        daemon restart and can be attached again. The price: on this half-close Docker ends
-        the attachment's stdout/stderr too (output after it is lost), and the server's stdin
-        stays open. So call this only when no more output is wanted; stop the server with
-        `DockerBackend.stop` (SIGTERM, grace, SIGKILL).
-        """
-        if not self._writer.is_closing():
-            try:
-                self._writer.write_eof()
-                await self._writer.drain()
-            except (OSError, RuntimeError):  # already gone: nothing to signal
-                pass
-
     async def close(self) -> None:
         self._writer.close()
         with contextlib.suppress(OSError):  # the engine may have closed it first
             await self._writer.wait_closed()
         with contextlib.suppress(OSError):
             self._attachment.close()
-
-
-__all__ = ["AttachedStdio", "OversizedLine"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,34 +25,10 @@ from stockade.sandbox.errors import (
     RuntimeMissing,
     SandboxError,
 )
+from stockade.sandbox.runtime import Attachment, ExitStatus
 from stockade.sandbox.spec import LABEL_MANAGED, ContainerSpec
 
 log = get_logger("stockade.sandbox")
-
-
-@dataclass(frozen=True)
-class ExitStatus:
-    """How a container ended: its exit code, and whether the kernel OOM-killed it."""
-
-    exit_code: int
-    oom_killed: bool
-
-
-@dataclass
-class Attachment:
-    """A container's stdin/stdout/stderr as one socket (multiplexed output, raw input).
-
-    `sock` is a private duplicate of the engine connection, so asyncio can own it; `_keep`
-    holds the SDK's wrapper so that its finaliser does not close the connection under us.
-    """
-
-    sock: socket.socket
-    _keep: Any
-
-    def close(self) -> None:
-        self.sock.close()
-        with contextlib.suppress(OSError):  # already closed by the engine
-            self._keep.close()
 
 
 def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:

@@ -7,10 +7,37 @@ errors of `stockade.sandbox.errors`.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from stockade.sandbox.docker_backend import Attachment, ExitStatus
 from stockade.sandbox.spec import ContainerSpec
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a container ended: its exit code, and whether the kernel OOM-killed it."""
+
+    exit_code: int
+    oom_killed: bool
+
+
+@dataclass
+class Attachment:
+    """A container's stdin/stdout/stderr as one socket (multiplexed output, raw input).
+
+    `sock` is a private duplicate of the engine connection, so asyncio can own it; `_keep`
+    holds the SDK's wrapper so that its finaliser does not close the connection under us.
+    """
+
+    sock: socket.socket
+    _keep: Any
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(OSError):  # already closed by the engine
+            self._keep.close()
 
 
 class SandboxRuntime(Protocol):

@@ -4,6 +4,8 @@
   server's warm pool when one is ready (else started cold), and stopped when the session ends.
 - The warm pool keeps `warm_pool` containers per server started and attached, refilled in
   the background; pooled containers older than `pool_max_age` are recycled.
+- Shared servers are kept running by `shared_runner`; what an instance is made from
+  (spec, secrets, redaction, egress) is `provisioning`'s job.
 - A reconcile loop runs every `RECONCILE_INTERVAL` seconds: it refills pools, recycles old
   pooled instances, samples pids-limit hits, and removes any container that carries this
   daemon's id but is not one of its instances (orphans of an earlier run, or leaks).
@@ -15,12 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,41 +27,25 @@ from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.config import Settings
 from stockade.logs import get_logger, log_context
 from stockade.metrics import CONTAINERS
-from stockade.policy.sandbox import DEFAULT_SANDBOX, SandboxPolicy
+from stockade.policy.sandbox import SandboxPolicy
 from stockade.registry import Registry, ServerDefinition
-from stockade.relay.shared import HandshakeFailed, SharedRouter
-from stockade.sandbox.egress import EgressAttachment, EgressGateways, gateway_key
+from stockade.relay.shared import SharedRouter
 from stockade.sandbox.errors import SandboxError
+from stockade.sandbox.instance import ExitReport, Instance, new_instance_id
 from stockade.sandbox.runtime import SandboxRuntime
-from stockade.sandbox.spec import (
-    LABEL_DAEMON,
-    LABEL_INSTANCE,
-    LABEL_SERVER,
-    LABEL_SESSION,
-    BindMount,
-    ContainerSpec,
-)
-from stockade.secrets.delivery import CONTAINER_TARGET, SecretDelivery
-from stockade.secrets.model import SecretError, SecretStore
-from stockade.secrets.redact import Redactor
-from stockade.supervisor.instance import ExitReport, Instance, Redaction, new_instance_id
-from stockade.supervisor.sandboxing import SandboxRefused, build_spec, sandbox_fingerprint
+from stockade.sandbox.spec import LABEL_DAEMON, LABEL_INSTANCE
+from stockade.secrets.delivery import SecretDelivery
+from stockade.secrets.model import SecretStore
+from stockade.supervisor.provisioning import Provisioner
+from stockade.supervisor.shared_runner import SharedRunner
+from stockade.supervisor.state import ServerState
 
 log = get_logger("stockade.supervisor")
 
 # Often enough that a leaked container or an empty pool is noticed within seconds, rarely
 # enough that listing containers costs the engine nothing measurable.
 RECONCILE_INTERVAL = 2.0
-# Exit reports kept per server for `stockade server status`.
-EXIT_HISTORY = 20
 DAEMON_ID_FILE = "daemon-id"
-SHARED_DIR = "shared"
-# Restart backoff for crashed shared instances: 0.5 s doubling to 30 s. The cap bounds how
-# long a fixed server waits to come back; the base keeps a crash loop from spinning the
-# engine. A run of STABLE_RUN seconds resets the count: that crash is not part of a loop.
-BACKOFF_BASE = 0.5
-BACKOFF_CAP = 30.0
-STABLE_RUN = 60.0
 
 
 def load_daemon_id(state_dir: Path) -> str:
@@ -75,22 +58,6 @@ def load_daemon_id(state_dir: Path) -> str:
     value = uuid.uuid4().hex[:16]
     path.write_text(value + "\n")
     return value
-
-
-@dataclass
-class ServerState:
-    """Live bookkeeping for one registered server."""
-
-    definition: ServerDefinition
-    pool: deque[Instance] = field(default_factory=deque)
-    in_use: dict[str, Instance] = field(default_factory=dict)  # instance id -> instance
-    starting: int = 0
-    restarts: int = 0
-    exits: deque[tuple[float, str, ExitReport]] = field(
-        default_factory=lambda: deque(maxlen=EXIT_HISTORY)
-    )
-    router: SharedRouter | None = None  # shared servers only
-    runner: asyncio.Task[None] | None = None  # keeps the shared instance running
 
 
 class Supervisor:
@@ -106,13 +73,18 @@ class Supervisor:
         secrets: SecretStore | None = None,
         delivery: SecretDelivery | None = None,
     ) -> None:
-        self._secrets = secrets
-        self._delivery = delivery
         self._audit = audit  # None only in tests of the supervisor alone
         self._settings = settings
-        # The policy in force for a server's sandbox, asked at every container start.
-        self._sandbox_policy = sandbox_policy or (lambda _name: DEFAULT_SANDBOX)
-        self._egress = EgressGateways(backend, settings, daemon_id)
+        self._provisioner = Provisioner(
+            settings,
+            backend,
+            daemon_id,
+            sandbox_policy=sandbox_policy,
+            audit=audit,
+            secrets=secrets,
+            delivery=delivery,
+        )
+        self._shared = SharedRunner(settings, backend, daemon_id, self._provisioner, self)
         self._backend = backend
         self._registry = registry
         self.daemon_id = daemon_id
@@ -123,20 +95,24 @@ class Supervisor:
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         for definition in self._registry.all():
             self._servers[definition.name] = ServerState(definition)
-        adopted = await self._adopt_shared_instances()
-        if self._delivery is not None:  # secrets of instances a crash left behind
-            self._delivery.remove_all_except(self._known_containers)
+        adopted = await self._shared.adopt_all(list(self._servers.values()))
+        # secrets of instances a crash left behind
+        self._provisioner.forget_secrets_except(self._known_containers)
         removed = await self._reap_unaccounted()
         if removed:
             log.info("removed containers left by an earlier run", count=removed)
         for state in self._servers.values():
             if state.definition.shared:
-                self._start_shared(state, adopted.get(state.definition.name))
+                self._shared.start(state, adopted.get(state.definition.name))
         self._loop_task = asyncio.create_task(self._reconcile_forever(), name="reconcile")
 
     async def shutdown(self) -> None:
@@ -151,9 +127,9 @@ class Supervisor:
             task.cancel()
         await asyncio.gather(*self._tasks, *runners, return_exceptions=True)
         instances = [i for s in self._servers.values() for i in (*s.pool, *s.in_use.values())]
-        await asyncio.gather(*(self._stop(i) for i in instances), return_exceptions=True)
+        await asyncio.gather(*(self.stop_instance(i) for i in instances), return_exceptions=True)
         await self._reap_unaccounted()
-        await asyncio.to_thread(self._egress.prune, set())
+        await self._provisioner.prune_egress(())
 
     # -- registry changes ------------------------------------------------------------
 
@@ -165,20 +141,20 @@ class Supervisor:
             state.definition = definition
             # Instances were made from the old definition: recycle pooled and shared ones
             # (sessions in progress keep theirs until they end).
-            await self._stop_shared(state)
+            await self._shared.stop(state)
             while state.pool:
-                self._spawn(self._stop(state.pool.popleft()))
+                self._spawn(self.stop_instance(state.pool.popleft()))
         if definition.shared:
-            self._start_shared(state, None)
+            self._shared.start(state, None)
 
     async def server_removed(self, name: str) -> None:
         state = self._servers.pop(name, None)
         if state is None:
             return
-        await self._stop_shared(state)
-        (self._settings.state_dir / SHARED_DIR / f"{name}.json").unlink(missing_ok=True)
+        await self._shared.stop(state)
+        self._shared.forget(name)
         instances = [*state.pool, *state.in_use.values()]
-        await asyncio.gather(*(self._stop(i) for i in instances), return_exceptions=True)
+        await asyncio.gather(*(self.stop_instance(i) for i in instances), return_exceptions=True)
 
     # -- sessions --------------------------------------------------------------------
 
@@ -188,15 +164,15 @@ class Supervisor:
         if state.definition.shared:
             raise SandboxError(f"server {name!r} is shared: sessions join its router")
         instance = None
-        wanted = self._fingerprint(state.definition)
+        wanted = self._provisioner.fingerprint(state.definition)
         while state.pool:
             candidate = state.pool.popleft()
             if candidate.alive and candidate.sandbox_fingerprint == wanted:
                 instance = candidate
                 break
-            self._spawn(self._stop(candidate))  # dead, or made under an older policy
+            self._spawn(self.stop_instance(candidate))  # dead, or made under an older policy
         if instance is None:
-            instance = await self._start_instance(state)
+            instance = await self.start_instance(state)
         instance.session_id = session_id
         state.in_use[instance.id] = instance
         self._spawn(self._refill(state))
@@ -205,7 +181,7 @@ class Supervisor:
     async def release(self, instance: Instance) -> ExitReport:
         """The session ended: stop its container (per-session instances are never reused)."""
         state = self._servers.get(instance.server)
-        report = await self._stop(instance)
+        report = await self.stop_instance(instance)
         if state is not None:
             state.in_use.pop(instance.id, None)
         return report
@@ -255,9 +231,9 @@ class Supervisor:
         Instances serving a session keep the value they started with until they end.
         """
         for name, state in self._servers.items():
-            if secret in self._sandbox_policy(name).secrets:
+            if self._provisioner.grants(name, secret):
                 while state.pool:
-                    self._spawn(self._stop(state.pool.popleft()))
+                    self._spawn(self.stop_instance(state.pool.popleft()))
                 self._spawn(self._refill(state))
 
     def router(self, name: str) -> SharedRouter:
@@ -265,134 +241,6 @@ class Supervisor:
         if state.router is None:
             raise SandboxError(f"server {name!r} is not shared")
         return state.router
-
-    # -- shared instances ------------------------------------------------------------
-
-    def _start_shared(
-        self, state: ServerState, adopted: tuple[Instance, dict[str, Any]] | None
-    ) -> None:
-        if state.router is None:
-            state.router = SharedRouter(state.definition.name, self._settings.max_message_bytes)
-        state.runner = asyncio.create_task(
-            self._run_shared(state, adopted), name=f"shared-{state.definition.name}"
-        )
-
-    async def _stop_shared(self, state: ServerState) -> None:
-        if state.runner is not None:
-            state.runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await state.runner
-            state.runner = None
-        for instance in list(state.in_use.values()):
-            if instance.session_id is None:  # the shared instance has no session of its own
-                state.in_use.pop(instance.id, None)
-                await self._stop(instance)
-
-    async def _run_shared(
-        self, state: ServerState, adopted: tuple[Instance, dict[str, Any]] | None
-    ) -> None:
-        """Keep one instance of a shared server running; restart it with backoff."""
-        router = state.router
-        assert router is not None  # noqa: S101 - set by _start_shared
-        name = state.definition.name
-        failures = 0
-        while not self._closing:
-            began = time.monotonic()
-            instance: Instance | None = None
-            try:
-                if adopted is not None:
-                    instance, init_result = adopted
-                    adopted = None
-                    router.adopt(instance, init_result)
-                else:
-                    instance = await self._start_instance(state)
-                    state.in_use[instance.id] = instance
-                    init_result = await router.attach(instance)
-                    self._save_shared_record(state.definition, instance, init_result)
-                state.in_use[instance.id] = instance
-                with log_context(server=name, instance=instance.id):
-                    log.info("shared instance serving")
-                report = await asyncio.shield(instance.exited)
-                await router.instance_ended(report)
-            except (SandboxError, HandshakeFailed) as exc:
-                with log_context(server=name):
-                    log.error("shared instance failed to start", error=str(exc))
-            finally:
-                if instance is not None:
-                    state.in_use.pop(instance.id, None)
-                    await asyncio.shield(self._stop(instance))
-            if self._closing or state.definition.restart_policy == "never":
-                return
-            failures = 0 if time.monotonic() - began >= STABLE_RUN else failures + 1
-            delay = min(BACKOFF_BASE * 2 ** (failures - 1), BACKOFF_CAP) if failures else 0.0
-            state.restarts += 1
-            with log_context(server=name):
-                log.warning(
-                    "restarting shared instance", delay_seconds=delay, restarts=state.restarts
-                )
-            await asyncio.sleep(delay)
-
-    def _save_shared_record(
-        self, definition: ServerDefinition, instance: Instance, init_result: dict[str, Any]
-    ) -> None:
-        """What a restarted daemon needs to take the instance over: no secret is in it."""
-        folder = self._settings.state_dir / SHARED_DIR
-        folder.mkdir(mode=0o700, exist_ok=True)
-        record = {
-            "instance": instance.id,
-            "container": instance.container_id,
-            "definition": definition.model_dump(mode="json"),
-            "sandbox": instance.sandbox_fingerprint,
-            "init_result": init_result,
-        }
-        temp = folder / f".{definition.name}.json.tmp"
-        temp.write_text(json.dumps(record))
-        temp.replace(folder / f"{definition.name}.json")
-
-    async def _adopt_shared_instances(self) -> dict[str, tuple[Instance, dict[str, Any]]]:
-        """Re-attach shared instances a previous run left running, if still what is defined."""
-        adopted: dict[str, tuple[Instance, dict[str, Any]]] = {}
-        folder = self._settings.state_dir / SHARED_DIR
-        for state in self._servers.values():
-            definition = state.definition
-            path = folder / f"{definition.name}.json"
-            if not definition.shared or not path.exists():
-                continue
-            try:
-                record = json.loads(path.read_text())
-                if record["definition"] != definition.model_dump(mode="json"):
-                    continue  # redefined since: start a fresh one
-                if record.get("sandbox") != self._fingerprint(definition):
-                    continue  # its sandbox policy changed since: never keep an older sandbox
-                policy = self._sandbox_policy(definition.name)
-                values = self._secret_values(definition.name, policy.secrets)
-                details = await asyncio.to_thread(self._backend.inspect, record["container"])
-                labels = details["Config"]["Labels"] or {}
-                if not details["State"]["Running"] or labels.get(LABEL_DAEMON) != self.daemon_id:
-                    continue
-                instance = await Instance.adopt(
-                    self._backend,
-                    record["container"],
-                    definition.name,
-                    record["instance"],
-                    self._settings.max_message_bytes,
-                    redaction=(
-                        self._redaction(definition.name, record["instance"], values)
-                        if values
-                        else None
-                    ),
-                )
-                instance.sandbox_fingerprint = record["sandbox"]
-            except (SandboxError, KeyError, ValueError, OSError) as exc:
-                with log_context(server=definition.name):
-                    log.info("shared instance not adoptable; starting a new one", reason=str(exc))
-                continue
-            self._known_containers.add(instance.id)
-            self._spawn(self._watch_exit(instance))
-            adopted[definition.name] = (instance, record["init_result"])
-            with log_context(server=definition.name, instance=instance.id):
-                log.info("adopted the shared instance of the previous run")
-        return adopted
 
     # -- status ----------------------------------------------------------------------
 
@@ -424,107 +272,34 @@ class Supervisor:
             raise SandboxError(f"server {name!r} is not loaded")
         return state
 
-    def _fingerprint(self, definition: ServerDefinition) -> str:
-        return sandbox_fingerprint(definition, self._sandbox_policy(definition.name))
-
-    async def _spec(
-        self, definition: ServerDefinition, instance_id: str
-    ) -> tuple[ContainerSpec, dict[str, bytes]]:
-        """The container to create, and the secret values it is granted (for redaction)."""
-        policy = self._sandbox_policy(definition.name)
-        egress: EgressAttachment | None = None
-        if policy.egress is not None:
-            egress = await asyncio.to_thread(self._egress.ensure, definition.name, policy.egress)
-        labels = {
-            LABEL_DAEMON: self.daemon_id,
-            LABEL_SERVER: definition.name,
-            LABEL_INSTANCE: instance_id,
-        }
-        values = self._secret_values(definition.name, policy.secrets)
-        secrets_mount = None
-        if values:
-            assert self._delivery is not None  # noqa: S101 - checked by _secret_values
-            user = policy.user or self._settings.container_user
-            folder = await asyncio.to_thread(self._delivery.write, instance_id, values, user)
-            secrets_mount = BindMount(source=str(folder), target=CONTAINER_TARGET)
-        try:
-            spec = build_spec(
-                self._settings, definition, policy, labels, egress, secrets_mount=secrets_mount
-            )
-        except BaseException:
-            self._forget_secrets(instance_id)
-            raise
-        return spec, values
-
-    def _secret_values(self, server: str, names: tuple[str, ...]) -> dict[str, bytes]:
-        if not names:
-            return {}
-        if self._secrets is None or self._delivery is None:
-            raise SandboxRefused(f"server {server!r} is granted secrets but no store is set up")
-        try:
-            return {name: self._secrets.get(name) for name in names}
-        except SecretError as exc:
-            raise SandboxRefused(f"server {server!r}: {exc}") from None
-
-    def _forget_secrets(self, instance_id: str) -> None:
-        if self._delivery is not None:
-            self._delivery.remove(instance_id)
-
-    def _redaction(self, server: str, instance_id: str, values: dict[str, bytes]) -> Redaction:
-        def on_redacted(names: list[str]) -> None:
-            with log_context(server=server, instance=instance_id):
-                log.warning("redacted a granted secret in server output", secrets=names)
-            if self._audit is not None:
-                with contextlib.suppress(AuditUnavailable):
-                    self._audit.write(
-                        "secret.redacted",
-                        outcome="ok",
-                        server=server,
-                        instance=instance_id,
-                        detail={"secrets": names},
-                    )
-
-        return Redaction(Redactor(values), on_redacted)
-
-    def _wanted_gateways(self) -> set[str]:
-        wanted = set()
-        for name in self._servers:
-            egress = self._sandbox_policy(name).egress
-            if egress is not None:
-                wanted.add(gateway_key(name, egress))
-        return wanted
-
-    async def _start_instance(self, state: ServerState) -> Instance:
+    async def start_instance(self, state: ServerState) -> Instance:
+        """Start a new instance of `state`'s server, known to this run from the first moment."""
         instance_id = new_instance_id()
         self._known_containers.add(instance_id)
         state.starting += 1
-        fingerprint = self._fingerprint(state.definition)
-        name = state.definition.name
         try:
-            spec, values = await self._spec(state.definition, instance_id)
-            instance = await Instance.start(
-                self._backend,
-                spec,
-                name,
-                instance_id,
-                self._settings.max_message_bytes,
-                redaction=self._redaction(name, instance_id, values) if values else None,
-            )
-            instance.sandbox_fingerprint = fingerprint
-            self._record(
-                "container.start",
-                "ok",
-                instance,
-                detail={"container": instance.container_id[:12], "secrets": sorted(values)},
-            )
+            instance = await self._provisioner.start(state.definition, instance_id)
         except BaseException:
             self._known_containers.discard(instance_id)
-            self._forget_secrets(instance_id)
             raise
         finally:
             state.starting -= 1
+        self._record(
+            "container.start",
+            "ok",
+            instance,
+            detail={
+                "container": instance.container_id[:12],
+                "secrets": list(instance.granted_secrets),
+            },
+        )
         self._spawn(self._watch_exit(instance))
         return instance
+
+    def keep_adopted(self, instance: Instance) -> None:
+        """An instance of an earlier run, taken over: this run owns and watches it now."""
+        self._known_containers.add(instance.id)
+        self._spawn(self._watch_exit(instance))
 
     async def _watch_exit(self, instance: Instance) -> None:
         report = await asyncio.shield(instance.exited)
@@ -532,14 +307,14 @@ class Supervisor:
         state = self._servers.get(instance.server)
         if state is not None and instance in state.pool:
             state.pool.remove(instance)  # a pooled instance died before use: drop it
-            self._spawn(self._stop(instance))
+            self._spawn(self.stop_instance(instance))
 
-    async def _stop(self, instance: Instance) -> ExitReport:
+    async def stop_instance(self, instance: Instance) -> ExitReport:
         try:
             return await instance.stop(self._settings.stop_grace_seconds)
         finally:
             self._known_containers.discard(instance.id)
-            self._forget_secrets(instance.id)  # the files go with the container
+            self._provisioner.forget_secrets(instance.id)  # the files go with the container
 
     async def _refill(self, state: ServerState) -> None:
         while (
@@ -548,13 +323,13 @@ class Supervisor:
             and len(state.pool) + state.starting < state.definition.warm_pool
         ):
             try:
-                instance = await self._start_instance(state)
+                instance = await self.start_instance(state)
             except SandboxError as exc:
                 with log_context(server=state.definition.name):
                     log.error("warm pool could not start an instance", error=str(exc))
                 return
             if self._closing or state.definition.name not in self._servers:
-                await self._stop(instance)
+                await self.stop_instance(instance)
                 return
             state.pool.append(instance)
 
@@ -571,7 +346,7 @@ class Supervisor:
             for instance in list(state.pool):
                 if instance.age > self._pool_max_age:
                     state.pool.remove(instance)
-                    self._spawn(self._stop(instance))
+                    self._spawn(self.stop_instance(instance))
             if (
                 not state.definition.shared
                 and len(state.pool) + state.starting < state.definition.warm_pool
@@ -580,7 +355,7 @@ class Supervisor:
             for instance in [*state.pool, *state.in_use.values()]:
                 await instance.sample_pids()
         await self._reap_unaccounted()
-        await asyncio.to_thread(self._egress.prune, self._wanted_gateways())
+        await self._provisioner.prune_egress(list(self._servers))
 
     async def _reap_unaccounted(self) -> int:
         """Remove containers with this daemon's id that are not instances of this run."""
@@ -602,6 +377,3 @@ class Supervisor:
         task: asyncio.Task[Any] = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-__all__ = ["LABEL_SESSION", "Supervisor", "load_daemon_id"]

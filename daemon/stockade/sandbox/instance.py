@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 
 from stockade.logs import get_logger, log_context
 from stockade.sandbox.attached import AttachedStdio
-from stockade.sandbox.docker_backend import ExitStatus
 from stockade.sandbox.errors import ContainerGone
-from stockade.sandbox.runtime import SandboxRuntime
+from stockade.sandbox.runtime import ExitStatus, SandboxRuntime
 from stockade.sandbox.spec import ContainerSpec
-from stockade.sandbox.stdio import OversizedLine
 from stockade.secrets.redact import Redactor
+from stockade.wire.lines import OversizedLine
 
 log = get_logger("stockade.instance")
 
@@ -98,6 +97,7 @@ class Instance:
     stderr: StderrLog = field(default_factory=StderrLog)
     session_id: str | None = None
     sandbox_fingerprint: str = ""  # what it was built from; a pool hands out only current ones
+    granted_secrets: tuple[str, ...] = ()  # names only, for audit records
     exited: asyncio.Future[ExitReport] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -192,6 +192,10 @@ class Instance:
     @property
     def alive(self) -> bool:
         return not self.exited.done()
+
+    def redactor(self) -> Redactor | None:
+        """The redactor of its granted secrets (None without secrets), for audit records."""
+        return self.redaction.redactor if self.redaction else None
 
     def bind(self, sink: LineSink) -> None:
         """Deliver stdout lines to `sink` from now on (held back until this is called)."""

@@ -1,0 +1,63 @@
+"""Split a byte stream into lines, bounded: the framing of MCP's stdio transport.
+
+Used on both sides of the relay: the bridge splits what the host writes, the daemon splits
+what a container prints. Neither may hold more than one message's worth of bytes, whatever
+the peer sends, so an over-long line is dropped and reported in-band (`OversizedLine`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class OversizedLine:
+    """Marks where a line longer than the limit was dropped; `seen` is how much of it arrived."""
+
+    seen: int
+
+
+@dataclass
+class LineSplitter:
+    """Split a byte stream on b"\\n", holding at most `max_line_bytes` of any one line.
+
+    A longer line is dropped (up to its newline) and reported in-band as `OversizedLine`, in
+    its place among the other lines, so one bad message does not poison what follows it and
+    memory stays bounded whatever the peer sends. Blank lines are skipped.
+    """
+
+    max_line_bytes: int
+    _buffer: bytearray = field(default_factory=bytearray)
+    _discarded: int = 0  # > 0 while dropping the rest of an oversized line
+
+    def feed(self, data: bytes) -> list[bytes | OversizedLine]:
+        out: list[bytes | OversizedLine] = []
+        start = 0
+        while start <= len(data):
+            newline = data.find(b"\n", start)
+            end = len(data) if newline < 0 else newline
+            self._take(data[start:end])
+            if newline < 0:
+                break
+            self._finish_line(out)
+            start = newline + 1
+        return out
+
+    def _take(self, piece: bytes) -> None:
+        if self._discarded:
+            self._discarded += len(piece)
+        elif len(self._buffer) + len(piece) > self.max_line_bytes:
+            self._discarded = len(self._buffer) + len(piece)
+            self._buffer.clear()
+        else:
+            self._buffer += piece
+
+    def _finish_line(self, out: list[bytes | OversizedLine]) -> None:
+        if self._discarded:
+            out.append(OversizedLine(seen=self._discarded))
+            self._discarded = 0
+            return
+        line = bytes(self._buffer).rstrip(b"\r")
+        self._buffer.clear()
+        if line.strip():
+            out.append(line)
