@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +47,9 @@ class Daemon:
     extra_env: dict[str, str] = field(default_factory=dict)
     policy: str | None = ALLOW_ALL_POLICY
     log_path: Path = field(init=False)
+    hosts: dict[str, Path] = field(default_factory=dict)  # host name -> its credentials
+    http_base: str = ""  # https://HOST:PORT/servers, when the test starts the HTTP front
+    tcp: str = ""  # the TCP listener's address, when the test starts one
 
     def __post_init__(self) -> None:
         self.log_path = self.root / "stockaded.log"
@@ -146,6 +149,7 @@ class Daemon:
         """A host certificate, written where `stockade cert issue --out` puts it."""
         folder = self.root / f"creds-{name}"
         self.cli("cert", "issue", "--identity", name, "--out", str(folder))
+        self.hosts[name] = folder
         return folder
 
     def bridge(self, server: str, credentials: Path) -> list[str]:
@@ -205,6 +209,15 @@ def secure_channel(target: str, folder: Path) -> grpc.aio.Channel:
             ("grpc.max_send_message_length", limit),
         ],
     )
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 @contextmanager

@@ -33,7 +33,7 @@ async def run_to_completion(
     )
     out: list[str] = []
     try:
-        # Keep stdin open: half-closing it would end Docker's output stream (see stockade.sandbox.attached).
+        # Keep stdin open: half-closing it would end Docker's output stream (sandbox/attached.py).
         await asyncio.to_thread(backend.start, container_id)
 
         async def collect() -> None:

@@ -34,13 +34,13 @@ INITIALIZE = {
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     with running_daemon(tmp_path_factory.mktemp("connect")) as running:
         running.add_server("time", TIME_IMAGE, "mcp-server-time", "--local-timezone", "UTC")
-        running.host = running.issue_host("test-host")  # type: ignore[attr-defined]
+        running.issue_host("test-host")
         yield running
 
 
 def host_args(daemon: Daemon, server: str) -> list[str]:
     """What a host's config holds: the bridge, the server, the socket and its certificate."""
-    return daemon.bridge(server, daemon.host)[1:]  # type: ignore[attr-defined]
+    return daemon.bridge(server, daemon.hosts["test-host"])[1:]
 
 
 def connect(daemon: Daemon, server: str, stdin: bytes) -> subprocess.CompletedProcess[bytes]:

@@ -25,12 +25,12 @@ pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     with running_daemon(tmp_path_factory.mktemp("everything")) as running:
         running.add_server("everything", "stockade/node:latest", "mcp-server-everything", warm=2)
-        running.host = running.issue_host("sdk-host")  # type: ignore[attr-defined]
+        running.issue_host("sdk-host")
         yield running
 
 
 def server_params(daemon: Daemon, server: str = "everything") -> StdioServerParameters:
-    command, *args = daemon.bridge(server, daemon.host)  # type: ignore[attr-defined]
+    command, *args = daemon.bridge(server, daemon.hosts["sdk-host"])
     return StdioServerParameters(command=command, args=args)
 
 

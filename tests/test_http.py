@@ -57,9 +57,9 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
             "/opt/mcp/servers/modern_server.py",
             warm=0,
         )
-        running.alice = running.issue_host("alice")  # type: ignore[attr-defined]
-        running.bob = running.issue_host("bob")  # type: ignore[attr-defined]
-        running.base = f"https://{address}/servers"  # type: ignore[attr-defined]
+        running.issue_host("alice")
+        running.issue_host("bob")
+        running.http_base = f"https://{address}/servers"
         yield running
 
 
@@ -72,10 +72,10 @@ def http(creds: Path | None, ca: Path | None = None, **options: Any) -> httpx2.A
 
 
 def test_the_sdk_http_client_works_through_stockade(daemon: Daemon) -> None:
-    url = f"{daemon.base}/time/mcp"  # type: ignore[attr-defined]
+    url = f"{daemon.http_base}/time/mcp"
 
     async def scenario() -> tuple[list[str], str]:
-        client = http(daemon.alice)  # type: ignore[attr-defined]
+        client = http(daemon.hosts["alice"])
         transport = streamable_http_client(url, http_client=client)
         async with client, Client(transport, mode="legacy") as mcp:
             names = [t.name for t in (await mcp.list_tools()).tools]
@@ -89,7 +89,7 @@ def test_the_sdk_http_client_works_through_stockade(daemon: Daemon) -> None:
 
 
 def test_server_requests_reach_the_host_over_the_event_stream(daemon: Daemon) -> None:
-    url = f"{daemon.base}/everything/mcp"  # type: ignore[attr-defined]
+    url = f"{daemon.http_base}/everything/mcp"
     asked: list[str] = []
 
     async def sampling(context: Any, params: types.CreateMessageRequestParams) -> Any:
@@ -101,7 +101,7 @@ def test_server_requests_reach_the_host_over_the_event_stream(daemon: Daemon) ->
         )
 
     async def scenario() -> str:
-        async with http(daemon.alice) as client:  # type: ignore[attr-defined]
+        async with http(daemon.hosts["alice"]) as client:
             transport = streamable_http_client(url, http_client=client)
             async with Client(transport, mode="legacy", sampling_callback=sampling) as mcp:
                 answer = await mcp.call_tool(
@@ -129,13 +129,13 @@ def sse_messages(response: httpx2.Response) -> list[dict[str, Any]]:
 
 
 def test_bad_input_gets_the_documented_4xx_and_harms_nothing(daemon: Daemon) -> None:
-    base = daemon.base  # type: ignore[attr-defined]
+    base = daemon.http_base
     url = f"{base}/time/mcp"
     listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
 
     async def scenario() -> dict[str, Any]:
         seen: dict[str, Any] = {}
-        async with http(daemon.alice) as alice, http(daemon.bob) as bob:  # type: ignore[attr-defined]
+        async with http(daemon.hosts["alice"]) as alice, http(daemon.hosts["bob"]) as bob:
             opened = await _post(alice, url, INIT)
             session = opened.headers["Mcp-Session-Id"]
             seen["init"] = opened.status_code
@@ -171,7 +171,7 @@ def test_bad_input_gets_the_documented_4xx_and_harms_nothing(daemon: Daemon) -> 
             seen["still"] = (still.status_code, "tools" in sse_messages(still)[-1]["result"])
             seen["delete"] = (await alice.delete(url, headers=ours)).status_code
             seen["after-delete"] = (await _post(alice, url, listing, **ours)).status_code
-        async with http(None, ca=daemon.alice) as anonymous:  # type: ignore[attr-defined]
+        async with http(None, ca=daemon.hosts["alice"]) as anonymous:
             bare = await _post(anonymous, url, INIT)
             seen["no-credentials"] = (bare.status_code, bare.headers.get("WWW-Authenticate"))
         return seen
@@ -205,14 +205,14 @@ def test_bad_input_gets_the_documented_4xx_and_harms_nothing(daemon: Daemon) -> 
 
 
 def test_progress_arrives_on_the_requests_own_stream(daemon: Daemon) -> None:
-    url = f"{daemon.base}/everything/mcp"  # type: ignore[attr-defined]
+    url = f"{daemon.http_base}/everything/mcp"
     seen: list[float] = []
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         seen.append(progress)
 
     async def scenario() -> str:
-        client = http(daemon.alice)  # type: ignore[attr-defined]
+        client = http(daemon.hosts["alice"])
         transport = streamable_http_client(url, http_client=client)
         async with client, Client(transport, mode="legacy") as mcp:
             answer = await mcp.call_tool(
@@ -231,13 +231,13 @@ NODE_BIN = Path(__file__).resolve().parents[1] / ".tools" / "node" / "node_modul
 
 
 def test_stockade_bearer_tokens_for_one_identity_and_one_server(daemon: Daemon) -> None:
-    base = daemon.base  # type: ignore[attr-defined]
+    base = daemon.http_base
     issued = daemon.cli("token", "issue", "--identity", "inspector", "--server", "time", "--json")
     token = json.loads(issued.stdout)
     bearer = {"Authorization": f"Bearer {token['token']}"}
 
     async def status(url: str, headers: dict[str, str]) -> int:
-        async with http(None, ca=daemon.alice) as client:  # type: ignore[attr-defined]
+        async with http(None, ca=daemon.hosts["alice"]) as client:
             return (await _post(client, url, INIT, **headers)).status_code
 
     assert asyncio.run(status(f"{base}/time/mcp", bearer)) == 200
@@ -246,7 +246,7 @@ def test_stockade_bearer_tokens_for_one_identity_and_one_server(daemon: Daemon) 
     assert asyncio.run(status(f"{base}/time/mcp", forged)) == 401
 
     # The MCP Inspector's CLI, over HTTP with the token (it cannot present a certificate).
-    env = {**os.environ, "NODE_EXTRA_CA_CERTS": str(daemon.alice / "ca.crt")}  # type: ignore[attr-defined]
+    env = {**os.environ, "NODE_EXTRA_CA_CERTS": str(daemon.hosts["alice"] / "ca.crt")}
     listed = subprocess.run(
         [
             str(NODE_BIN / "mcp-inspector"),
@@ -280,7 +280,7 @@ ENVELOPE = {
 
 
 def test_the_2026_07_28_era_is_stateless_and_checks_its_headers(daemon: Daemon) -> None:
-    url = f"{daemon.base}/modern/mcp"  # type: ignore[attr-defined]
+    url = f"{daemon.http_base}/modern/mcp"
     call = {
         "jsonrpc": "2.0",
         "id": 7,
@@ -291,7 +291,7 @@ def test_the_2026_07_28_era_is_stateless_and_checks_its_headers(daemon: Daemon) 
 
     async def scenario() -> dict[str, Any]:
         seen: dict[str, Any] = {}
-        async with http(daemon.alice) as alice:  # type: ignore[attr-defined]
+        async with http(daemon.hosts["alice"]) as alice:
             answer = await _post(alice, url, call, **routed)  # no initialize, no session
             seen["call"] = (answer.status_code, sse_messages(answer)[-1])
             # Its sandbox dies: the next stateless request gets a fresh one, not an error.
@@ -327,10 +327,10 @@ def test_the_2026_07_28_era_is_stateless_and_checks_its_headers(daemon: Daemon) 
 
 
 def test_the_sdk_client_negotiates_2026_07_28_through_stockade(daemon: Daemon) -> None:
-    url = f"{daemon.base}/modern/mcp"  # type: ignore[attr-defined]
+    url = f"{daemon.http_base}/modern/mcp"
 
     async def scenario() -> tuple[Any, str]:
-        client = http(daemon.alice)  # type: ignore[attr-defined]
+        client = http(daemon.hosts["alice"])
         transport = streamable_http_client(url, http_client=client)
         async with client, Client(transport, mode="auto") as mcp:
             answer = await mcp.call_tool("shout", {"text": "through stockade"})
@@ -346,7 +346,7 @@ def test_the_event_stream_numbers_events_and_replays_after_last_event_id() -> No
     from stockade.http.sessions import HttpSession  # the session alone: no daemon needed
 
     async def scenario() -> tuple[list[int], list[int]]:
-        session = HttpSession("s", "spiffe://stockade.local/host/a", "time", "i")
+        session = HttpSession("s", "spiffe://stockade.local/host/a", "time")
         for n in range(5):  # server notifications while no request is pending
             await session.to_host(json.dumps({"jsonrpc": "2.0", "method": f"n/{n}"}).encode())
 
@@ -361,7 +361,7 @@ def test_the_event_stream_numbers_events_and_replays_after_last_event_id() -> No
 
         first = await take(0, 5)  # from the start
         resumed = await take(3, 2)  # a client that saw up to id 3 gets 4 and 5 only
-        await session.end()
+        await session.end("test over")
         return first, resumed
 
     first, resumed = asyncio.run(scenario())

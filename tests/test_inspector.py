@@ -23,13 +23,13 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         pytest.fail("the Inspector is not installed: run scripts/node-tools.sh (test.sh does)")
     with running_daemon(tmp_path_factory.mktemp("inspector")) as running:
         running.add_server("everything", "stockade/node:latest", "mcp-server-everything")
-        running.host = running.issue_host("inspector")  # type: ignore[attr-defined]
+        running.issue_host("inspector")
         yield running
 
 
 def inspector(daemon: Daemon, *method: str) -> subprocess.CompletedProcess[str]:
     env = {**daemon.env, "PATH": f"{NODE_BIN}:{os.environ['PATH']}"}
-    bridge = daemon.bridge("everything", daemon.host)  # type: ignore[attr-defined]
+    bridge = daemon.bridge("everything", daemon.hosts["inspector"])
     return subprocess.run(
         [str(NODE_BIN / "mcp-inspector"), "--cli", *bridge, *method],
         capture_output=True,

@@ -47,7 +47,7 @@ def free_port() -> int:
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     tcp = f"127.0.0.1:{free_port()}"
     with running_daemon(tmp_path_factory.mktemp("mtls"), STOCKADE_TCP_ADDRESS=tcp) as running:
-        running.tcp = tcp  # type: ignore[attr-defined]
+        running.tcp = tcp
         running.add_server("time", "stockade/python:latest", "mcp-server-time", warm=0)
         yield running
 
@@ -70,7 +70,7 @@ def issue(daemon: Daemon, name: str, role: str = "host") -> Path:
 
 def test_a_host_certificate_works_over_the_socket_and_over_tcp(daemon: Daemon) -> None:
     folder = issue(daemon, "desktop")
-    for target in ([], ["--address", daemon.tcp]):  # type: ignore[attr-defined]
+    for target in ([], ["--address", daemon.tcp]):
         result = connect(daemon, folder, *target)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["result"]["serverInfo"]["name"] == "mcp-time"
@@ -121,7 +121,7 @@ def test_no_client_certificate_is_refused_at_the_handshake(daemon: Daemon) -> No
 
 def test_plaintext_to_the_tcp_listener_gets_nothing(daemon: Daemon) -> None:
     def plaintext() -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(daemon.tcp)  # type: ignore[attr-defined]
+        return grpc.aio.insecure_channel(daemon.tcp)
 
     assert status_code_of(plaintext) is grpc.StatusCode.UNAVAILABLE
 

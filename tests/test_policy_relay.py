@@ -14,8 +14,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters, types
 
-from tests.daemon_helper import Daemon, HostSession, running_daemon
-from tests.test_supervisor import wait_until
+from tests.daemon_helper import Daemon, HostSession, running_daemon, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
@@ -52,8 +51,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         running.add_server("time", "stockade/python:latest", "mcp-server-time", warm=1)
         running.add_server("everything", "stockade/node:latest", "mcp-server-everything")
         running.add_scratch_server("scratch", "--warm", "0")
-        running.alice = running.issue_host("alice")  # type: ignore[attr-defined]
-        running.bob = running.issue_host("bob")  # type: ignore[attr-defined]
+        running.issue_host("alice")
+        running.issue_host("bob")
         yield running
 
 
@@ -64,7 +63,7 @@ def client(daemon: Daemon, server: str, who: Path, **callbacks: Any) -> Client:
 
 def test_a_denied_tool_is_hidden_and_refused(daemon: Daemon) -> None:
     async def scenario() -> tuple[list[str], str]:
-        async with client(daemon, "time", daemon.alice) as alice:  # type: ignore[attr-defined]
+        async with client(daemon, "time", daemon.hosts["alice"]) as alice:
             names = [t.name for t in (await alice.list_tools()).tools]
             allowed = await alice.call_tool("get_current_time", {"timezone": "Europe/Oslo"})
             text = "".join(c.text for c in allowed.content if isinstance(c, types.TextContent))
@@ -80,7 +79,7 @@ def test_a_denied_tool_is_hidden_and_refused(daemon: Daemon) -> None:
             "capabilities": {},
             "clientInfo": {"name": "t", "version": "1"},
         }
-        async with HostSession(daemon, "time", daemon.alice) as host:  # type: ignore[attr-defined]
+        async with HostSession(daemon, "time", daemon.hosts["alice"]) as host:
             await host.request("initialize", init)
             hidden = await host.request(
                 "tools/call",
@@ -109,7 +108,7 @@ def test_a_denied_tool_is_hidden_and_refused(daemon: Daemon) -> None:
 
 def test_a_refused_request_never_reaches_the_server(daemon: Daemon) -> None:
     async def scenario() -> tuple[dict[str, Any], dict[str, Any], str]:
-        async with HostSession(daemon, "scratch", daemon.alice) as host:  # type: ignore[attr-defined]
+        async with HostSession(daemon, "scratch", daemon.hosts["alice"]) as host:
             echoed = await host.request("scratch/echo", {"x": 1})
             written = await host.request("scratch/write", {"text": "not allowed"})
             return echoed, written, daemon.cli("server", "logs", "scratch").stdout
@@ -128,7 +127,7 @@ def test_an_identity_without_rules_cannot_even_initialize(daemon: Daemon) -> Non
             "capabilities": {},
             "clientInfo": {"name": "t", "version": "1"},
         }
-        async with HostSession(daemon, "time", daemon.bob) as host:  # type: ignore[attr-defined]
+        async with HostSession(daemon, "time", daemon.hosts["bob"]) as host:
             return await host.request("initialize", init)
 
     answer = asyncio.run(scenario())
@@ -152,7 +151,7 @@ def test_sampling_is_refused_unless_the_policy_lists_it(daemon: Daemon) -> None:
         async with client(
             daemon,
             "everything",
-            daemon.alice,  # type: ignore[attr-defined]
+            daemon.hosts["alice"],
             sampling_callback=sampling,
         ) as alice:
             return await alice.call_tool("trigger-sampling-request", {"prompt": "hi"})
@@ -179,7 +178,7 @@ def test_a_broken_policy_is_refused_and_the_old_one_applies(daemon: Daemon) -> N
     assert f"{broken}:4: rules.0.effect" in refusal["error"]
 
     async def still_allowed() -> dict[str, Any]:
-        async with HostSession(daemon, "scratch", daemon.alice) as host:  # type: ignore[attr-defined]
+        async with HostSession(daemon, "scratch", daemon.hosts["alice"]) as host:
             return await host.request("scratch/echo", {"old": "policy"})
 
     assert asyncio.run(still_allowed())["result"]["echo"] == {"old": "policy"}
@@ -199,7 +198,7 @@ def test_capabilities_the_caller_cannot_use_are_not_advertised(daemon: Daemon) -
             "capabilities": {},
             "clientInfo": {"name": "t", "version": "1"},
         }
-        async with HostSession(daemon, "everything", daemon.alice) as host:  # type: ignore[attr-defined]
+        async with HostSession(daemon, "everything", daemon.hosts["alice"]) as host:
             return await host.request("initialize", init)
 
     capabilities = asyncio.run(scenario())["result"]["capabilities"]

@@ -94,7 +94,7 @@ def test_which_requests_a_limit_covers(tmp_path: Path) -> None:
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     with running_daemon(tmp_path, policy=LIMITED) as running:
         running.add_scratch_server("scratch", "--warm", "0")
-        running.host = running.issue_host("busy")  # type: ignore[attr-defined]
+        running.issue_host("busy")
         yield running
 
 
@@ -102,7 +102,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 @pytest.mark.usefixtures("images")
 def test_the_relay_refuses_past_the_limit_with_a_retry_time(daemon: Daemon) -> None:
     async def scenario() -> list[dict[str, object]]:
-        async with HostSession(daemon, "scratch", daemon.host) as host:  # type: ignore[attr-defined]
+        async with HostSession(daemon, "scratch", daemon.hosts["busy"]) as host:
             return [await host.request("scratch/echo", {"n": n}) for n in range(3)]
 
     first, second, third = asyncio.run(scenario())

@@ -12,8 +12,7 @@ from typing import Any
 import docker
 import pytest
 
-from tests.daemon_helper import Daemon, HostSession
-from tests.test_supervisor import wait_until
+from tests.daemon_helper import Daemon, HostSession, running_daemon, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
@@ -28,15 +27,12 @@ INIT = {
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    running = Daemon(tmp_path)
-    running.start()
-    running.add_scratch_server("shared", "--shared")
-    wait_until(lambda: running.status("shared").get("instances") == 1, 60, "the shared instance")
-    yield running
-    if running.process and running.process.poll() is None:
-        running.stop()
-    for summary in running.containers():
-        docker.from_env().api.remove_container(summary["Id"], force=True)
+    with running_daemon(tmp_path) as running:
+        running.add_scratch_server("shared", "--shared")
+        wait_until(
+            lambda: running.status("shared").get("instances") == 1, 60, "the shared instance"
+        )
+        yield running
 
 
 def test_sessions_share_one_container_and_ids_never_cross(daemon: Daemon) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from tests.daemon_helper import Daemon, HostSession, running_daemon
+from tests.daemon_helper import Daemon, HostSession, running_daemon, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
@@ -20,22 +20,8 @@ SERVER_EXITED = -32000
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    running = Daemon(tmp_path)
-    running.start()
-    yield running
-    if running.process and running.process.poll() is None:
-        running.stop()
-    for summary in running.containers():  # never leave anything behind, even on failure
-        docker.from_env().api.remove_container(summary["Id"], force=True)
-
-
-def wait_until(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    with running_daemon(tmp_path) as running:
+        yield running
 
 
 def test_each_session_gets_its_own_container_and_tmpfs(daemon: Daemon) -> None:

@@ -24,6 +24,7 @@ from stockade.pki.authority import CertificateAuthority, PkiError
 from stockade.pki.tokens import TokenIssuer
 from stockade.policy.store import PolicyError, PolicyStore
 from stockade.registry import Registry, RegistryError
+from stockade.relay.opening import SessionOpener
 from stockade.sandbox.docker_backend import DockerBackend
 from stockade.sandbox.errors import EngineUnavailable
 from stockade.secrets.delivery import SecretDelivery
@@ -91,6 +92,9 @@ async def _serve_audited(
         delivery=SecretDelivery(settings.secrets_runtime_dir, daemon_id),
     )
     await supervisor.start()
+    opener = SessionOpener(
+        registry, supervisor, policy, audit, max_message_bytes=settings.max_message_bytes
+    )
     activated = listen_fds()
     private = settings.state_dir / "grpc.sock" if activated else None
     try:
@@ -99,7 +103,7 @@ async def _serve_audited(
             registry,
             supervisor,
             authority,
-            policy,
+            opener,
             audit=audit,
             secrets=secrets,
             tokens=tokens,
@@ -121,9 +125,7 @@ async def _serve_audited(
         servers=len(registry.all()),
     )
     front = (
-        HttpFront(
-            settings, registry, supervisor, policy, audit=audit, authority=authority, tokens=tokens
-        )
+        HttpFront(settings, registry, opener, audit=audit, authority=authority, tokens=tokens)
         if settings.http_address
         else None
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,13 +12,13 @@ import grpc
 
 from stockade import __version__
 from stockade.api.convert import definition_from_proto, definition_to_proto, server_status_to_proto
-from stockade.api.relay import RelayServicer
 from stockade.audit.log import AuditLog
 from stockade.logs import get_logger
 from stockade.pki.authority import CertificateAuthority, PkiError
 from stockade.pki.identity import Identity, IdentityError
 from stockade.pki.tokens import TokenError, TokenIssuer
 from stockade.registry import Registry, RegistryError, ServerExists, UnknownServer
+from stockade.relay.opening import SessionRecord
 from stockade.secrets.model import (
     SecretBackendError,
     SecretError,
@@ -42,7 +42,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         listeners: list[str],
         registry: Registry,
         supervisor: Supervisor,
-        relay: RelayServicer,
+        sessions: Mapping[str, SessionRecord],
         authority: CertificateAuthority,
         *,
         audit: AuditLog,
@@ -57,7 +57,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         self._listeners = listeners
         self._registry = registry
         self._supervisor = supervisor
-        self._relay = relay
+        self._sessions = sessions  # live, kept by the session opener
 
     async def GetStatus(
         self, request: control_pb2.GetStatusRequest, context: Context
@@ -124,7 +124,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                 instance=session.instance,
                 started_at=session.started_at,
             )
-            for session in self._relay.sessions.values()
+            for session in self._sessions.values()
             if not request.server or session.server == request.server
         ]
         return control_pb2.ListSessionsResponse(sessions=sessions)

@@ -20,8 +20,8 @@ from stockade.config import Settings
 from stockade.pki.authority import CertificateAuthority
 from stockade.pki.server_cert import server_certificate
 from stockade.pki.tokens import TokenIssuer
-from stockade.policy.store import PolicyStore
 from stockade.registry import Registry
+from stockade.relay.opening import SessionOpener
 from stockade.secrets.model import SecretStore
 from stockade.supervisor.supervisor import Supervisor
 from stockade.v1 import control_pb2_grpc, relay_pb2_grpc
@@ -65,7 +65,7 @@ async def start_server(
     registry: Registry,
     supervisor: Supervisor,
     authority: CertificateAuthority,
-    policy: PolicyStore,
+    opener: SessionOpener,
     *,
     audit: AuditLog,
     secrets: SecretStore,
@@ -88,20 +88,13 @@ async def start_server(
             ("grpc.max_send_message_length", limit),
         ],
     )
-    relay = RelayServicer(
-        supervisor,
-        registry,
-        policy,
-        audit=audit,
-        max_message_bytes=settings.max_message_bytes,
-        drain_seconds=settings.session_drain_seconds,
-    )
+    relay = RelayServicer(opener, drain_seconds=settings.session_drain_seconds)
     relay_pb2_grpc.add_RelayServicer_to_server(relay, server)
     control = ControlServicer(
         addresses,
         registry,
         supervisor,
-        relay,
+        opener.live,
         authority,
         audit=audit,
         secrets=secrets,

@@ -31,20 +31,15 @@ from aiohttp import web
 from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.config import Settings
 from stockade.http.sessions import HttpSession, new_session_id
-from stockade.logs import get_logger, log_context
-from stockade.metrics import SESSIONS
+from stockade.logs import get_logger
 from stockade.pki.authority import CertificateAuthority
 from stockade.pki.identity import IdentityError, peer_from_pem
 from stockade.pki.server_cert import server_certificate
 from stockade.pki.tokens import TokenError, TokenIssuer
-from stockade.policy.store import PolicyStore
 from stockade.registry import Registry, UnknownServer
 from stockade.relay import jsonrpc
-from stockade.relay.guard import PolicyGuard
 from stockade.relay.jsonrpc import InvalidMessage, Kind
-from stockade.relay.session import RelaySession
-from stockade.sandbox.errors import SandboxError
-from stockade.supervisor.supervisor import Supervisor
+from stockade.relay.opening import OpenRefused, Refusal, SessionOpener
 
 log = get_logger("stockade.http")
 
@@ -56,6 +51,10 @@ METHOD_HEADER, NAME_HEADER = "Mcp-Method", "Mcp-Name"
 NAME_BEARING = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 VERSION_META_KEY = "io.modelcontextprotocol/protocolVersion"
 REQUEST_TIMEOUT_SECONDS = 300.0
+HTTP_REFUSAL: dict[Refusal, type[web.HTTPException]] = {
+    Refusal.UNKNOWN_SERVER: web.HTTPNotFound,
+    Refusal.UNAVAILABLE: web.HTTPServiceUnavailable,
+}
 
 
 class HttpFront:
@@ -63,8 +62,7 @@ class HttpFront:
         self,
         settings: Settings,
         registry: Registry,
-        supervisor: Supervisor,
-        policy: PolicyStore,
+        opener: SessionOpener,
         *,
         audit: AuditLog,
         authority: CertificateAuthority,
@@ -73,8 +71,7 @@ class HttpFront:
         self._tokens = tokens
         self._settings = settings
         self._registry = registry
-        self._supervisor = supervisor
-        self._policy = policy
+        self._opener = opener
         self._audit = audit
         self._authority = authority
         self._sessions: dict[str, HttpSession] = {}
@@ -292,93 +289,20 @@ class HttpFront:
     async def _open(
         self, request: web.Request, identity: str, server: str, *, register: bool = True
     ) -> HttpSession:
-        definition = self._registry.get(server)
-        session_id = new_session_id()
-        where = {"identity": identity, "server": server, "session": session_id}
+        session = HttpSession(new_session_id(), identity, server)
         try:
-            await self._audit.record(
-                "session.open",
-                durable=True,
-                outcome="ok",
+            session.relay = await self._opener.open(
+                server,
+                identity,
+                session.to_host,
                 transport="http",
                 peer=request.remote,
-                **where,
+                session_id=session.id,
             )
-        except AuditUnavailable as exc:
-            raise web.HTTPServiceUnavailable(text=f"refused: {exc}") from None
-        try:
-            if definition.shared:
-                session = self._join_shared(session_id, identity, server)
-            else:
-                session = await self._start_own(session_id, identity, server)
-        except SandboxError as exc:
-            with contextlib.suppress(AuditUnavailable):
-                self._audit.write("session.close", outcome="error", reason=str(exc), **where)
-            raise web.HTTPServiceUnavailable(text=f"could not start {server!r}: {exc}") from None
+        except OpenRefused as exc:
+            raise HTTP_REFUSAL[exc.refusal](text=str(exc)) from None
         if register:
-            self._sessions[session_id] = session
-        SESSIONS.labels(server).inc()
-        with log_context(session=session_id, server=server):
-            log.info("HTTP session opened", identity=identity, instance=session.instance)
-        return session
-
-    async def _start_own(self, session_id: str, identity: str, server: str) -> HttpSession:
-        instance = await self._supervisor.acquire(server, session_id)
-        session = HttpSession(session_id, identity, server, instance.id)
-        guard = PolicyGuard(
-            self._policy,
-            server,
-            identity,
-            self._audit,
-            session=session_id,
-            instance=instance.id,
-            redactor=lambda: instance.redaction.redactor if instance.redaction else None,
-        )
-        relay = RelaySession(
-            session_id,
-            server,
-            instance,
-            session.to_host,
-            max_message_bytes=self._settings.max_message_bytes,
-            guard=guard,
-        )
-        instance.bind(relay.from_server)
-
-        async def watch() -> None:
-            report = await asyncio.shield(instance.exited)
-            session.server_gone = True
-            await relay.server_ended(report)
-
-        watcher = asyncio.create_task(watch(), name=f"http-{session_id}")
-
-        async def close() -> None:
-            watcher.cancel()
-            self._supervisor.release_later(instance)
-
-        session.forward, session.close = relay.from_host, close
-        return session
-
-    def _join_shared(self, session_id: str, identity: str, server: str) -> HttpSession:
-        router = self._supervisor.router(server)
-        session = HttpSession(session_id, identity, server, "shared")
-        guard = PolicyGuard(
-            self._policy,
-            server,
-            identity,
-            self._audit,
-            session=session_id,
-            instance="shared",
-            redactor=router.redactor,
-        )
-        seat = router.join(session_id, session.to_host, guard)
-
-        async def forward(raw: bytes) -> None:
-            await router.from_host(seat, raw)
-
-        async def close() -> None:
-            router.leave(seat)
-
-        session.forward, session.close = forward, close
+            self._sessions[session.id] = session
         return session
 
     async def _end(self, session: HttpSession, why: str) -> None:
@@ -387,20 +311,7 @@ class HttpFront:
             return
         if stateless:
             del self._stateless[(session.identity, session.server)]
-        await session.end()
-        SESSIONS.labels(session.server).dec()
-        with contextlib.suppress(AuditUnavailable):
-            self._audit.write(
-                "session.close",
-                outcome="ok",
-                reason=why,
-                identity=session.identity,
-                server=session.server,
-                session=session.id,
-                instance=session.instance,
-            )
-        with log_context(session=session.id, server=session.server):
-            log.info("HTTP session closed", reason=why)
+        await session.end(why)
 
 
 def _no_modern_stream(request: web.Request) -> None:

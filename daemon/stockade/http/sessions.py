@@ -1,8 +1,8 @@
 """One Streamable HTTP session: a host's `Mcp-Session-Id` bound to a sandboxed instance.
 
-The relay pipeline is the gRPC one, unchanged: a `RelaySession` (per-session server) or a
-seat on the `SharedRouter` (shared server), with the same `PolicyGuard` and audit. This
-class only turns its single outgoing stream into HTTP shapes:
+The relay side is the gRPC one, unchanged: a `HostSession` opened by `relay.opening` (a
+per-session instance or a seat on a shared one, with the same `PolicyGuard` and audit).
+This class only turns its single outgoing stream into HTTP shapes:
 - the answer to a POSTed request goes back as that POST's response;
 - everything else the server sends (notifications, its own requests) goes to the session's
   GET event stream, numbered, with a bounded replay buffer for `Last-Event-ID`.
@@ -24,6 +24,7 @@ from typing import Any
 
 from stockade.relay import jsonrpc
 from stockade.relay.jsonrpc import Message
+from stockade.relay.opening import HostSession
 
 REPLAY_EVENTS = 1000  # server->host messages kept for Last-Event-ID resumption
 
@@ -37,13 +38,13 @@ def new_session_id() -> str:
 
 
 class HttpSession:
-    def __init__(self, session_id: str, identity: str, server: str, instance: str) -> None:
+    def __init__(self, session_id: str, identity: str, server: str) -> None:
         self.id = session_id
         self.identity = identity
         self.server = server
-        self.instance = instance
         self.last_used = time.monotonic()
-        self.protocol_version: str | None = None
+        # The relay side, set by the front as soon as the session is opened.
+        self.relay: HostSession | None = None
         self._waiting: dict[str, asyncio.Future[bytes]] = {}
         # Open POST streams, newest last: what the server says while a request is pending
         # (progress, logging, its own requests) goes to the newest one, as the spec prefers.
@@ -53,12 +54,16 @@ class HttpSession:
         self._changed = asyncio.Condition()
         self._streams = 0
         self.ended = asyncio.Event()
-        self.server_gone = (
-            False  # its sandbox ended: a legacy session reports it, a seat is replaced
-        )
-        # Set by the front once the relay side exists: how to hand a host message on.
-        self.forward: Callable[[bytes], Awaitable[None]] | None = None
-        self.close: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def server_gone(self) -> bool:
+        """Its sandbox ended: a legacy session reports it, a stateless seat is replaced."""
+        return self.relay is not None and self.relay.ended.done()
+
+    def _forward(self) -> Callable[[bytes], Awaitable[None]]:
+        if self.relay is None:
+            raise RuntimeError("HTTP session used before it was opened")
+        return self.relay.from_host
 
     @property
     def waiting(self) -> set[str]:
@@ -106,8 +111,7 @@ class HttpSession:
         waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._waiting[key] = waiter
         try:
-            assert self.forward is not None  # noqa: S101 - set when the session is opened
-            await self.forward(message.raw)
+            await self._forward()(message.raw)
             return await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except TimeoutError:
             return jsonrpc.error_response(
@@ -148,9 +152,8 @@ class HttpSession:
 
     async def send(self, message: Message) -> None:
         """Forward a notification, or the host's answer to a server request."""
-        assert self.forward is not None  # noqa: S101 - set when the session is opened
         self.last_used = time.monotonic()
-        await self.forward(message.raw)
+        await self._forward()(message.raw)
 
     async def events(self, after: int | None) -> Any:
         """Server->host messages as (event id, bytes), replaying those after `after`."""
@@ -171,7 +174,7 @@ class HttpSession:
         finally:
             self._streams -= 1
 
-    async def end(self) -> None:
+    async def end(self, reason: str) -> None:
         if self.ended.is_set():
             return
         self.ended.set()
@@ -180,5 +183,5 @@ class HttpSession:
         for waiter in self._waiting.values():
             if not waiter.done():
                 waiter.cancel()
-        if self.close is not None:
-            await self.close()
+        if self.relay is not None:
+            await self.relay.close(reason)
