@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import grpc
 import pytest
 from mcp import Client, StdioServerParameters, types
 
@@ -120,19 +121,20 @@ def test_a_refused_request_never_reaches_the_server(daemon: Daemon) -> None:
     assert "got scratch/write" not in logs
 
 
-def test_an_identity_without_rules_cannot_even_initialize(daemon: Daemon) -> None:
-    async def scenario() -> dict[str, Any]:
-        init = {
-            "protocolVersion": "2025-06-18",
-            "capabilities": {},
-            "clientInfo": {"name": "t", "version": "1"},
-        }
-        async with HostSession(daemon, "time", daemon.hosts["bob"]) as host:
-            return await host.request("initialize", init)
+def test_an_identity_without_rules_gets_no_session_and_no_sandbox(daemon: Daemon) -> None:
+    started_before = len(daemon.containers())
 
-    answer = asyncio.run(scenario())
-    assert answer["error"]["code"] == POLICY_DENIED
-    assert "spiffe://stockade.local/host/bob" in answer["error"]["message"]
+    async def scenario() -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async with HostSession(daemon, "scratch", daemon.hosts["bob"]):
+                pass
+        return refused.value
+
+    error = asyncio.run(scenario())
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "spiffe://stockade.local/host/bob" in (error.details() or "")
+    assert "no sandbox started" in (error.details() or "")
+    assert len(daemon.containers()) == started_before  # scratch has no warm pool: none made
 
 
 def test_sampling_is_refused_unless_the_policy_lists_it(daemon: Daemon) -> None:
@@ -256,10 +258,10 @@ def test_every_decision_above_is_in_the_audit_log(daemon: Daemon) -> None:
         },
         {"type": "request", "outcome": "deny", "server": "scratch", "action": "scratch/write"},
         {
-            "type": "request",
+            "type": "session.open",
             "outcome": "deny",
             "identity": "spiffe://stockade.local/host/bob",
-            "action": "initialize",
+            "server": "scratch",
         },
         {
             "type": "server_request",

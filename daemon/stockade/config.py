@@ -112,6 +112,15 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=4 * MiB, ge=1024, le=256 * MiB)
     # After a host's last message, how long its session waits for the answers it is owed.
     session_drain_seconds: float = Field(default=30.0, ge=0, le=600)
+    # Quotas: what one caller can make the daemon spend. Past one, a session is refused
+    # with a clear error (gRPC RESOURCE_EXHAUSTED, HTTP 429) naming the quota.
+    quota_sessions_per_identity: int = Field(default=32, ge=1, le=100_000)
+    quota_http_sessions_per_identity: int = Field(default=16, ge=1, le=100_000)
+    quota_opens_per_identity_per_minute: int = Field(default=120, ge=1, le=1_000_000)
+    quota_instances_per_server: int = Field(default=64, ge=1, le=100_000)
+    # Concurrent Relay.Connect streams for the whole daemon; the Control API has its own
+    # budget on top, so that hosts holding every stream never lock an admin out.
+    max_relay_streams: int = Field(default=256, ge=1, le=100_000)
 
     # Hardened container defaults; a server may ask for less, never silently for more.
     container_memory_bytes: int = Field(default=256 * MiB, ge=16 * MiB)

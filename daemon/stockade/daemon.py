@@ -24,6 +24,7 @@ from stockade.pki.authority import CertificateAuthority, PkiError
 from stockade.pki.tokens import TokenIssuer
 from stockade.policy.store import PolicyError, PolicyStore
 from stockade.registry import Registry, RegistryError
+from stockade.relay.admission import Quotas
 from stockade.relay.opening import SessionOpener
 from stockade.sandbox.docker_backend import DockerBackend
 from stockade.sandbox.errors import EngineUnavailable
@@ -93,7 +94,17 @@ async def _serve_audited(
     )
     await supervisor.start()
     opener = SessionOpener(
-        registry, supervisor, policy, audit, max_message_bytes=settings.max_message_bytes
+        registry,
+        supervisor,
+        policy,
+        audit,
+        max_message_bytes=settings.max_message_bytes,
+        quotas=Quotas(
+            sessions_per_identity=settings.quota_sessions_per_identity,
+            http_sessions_per_identity=settings.quota_http_sessions_per_identity,
+            opens_per_identity_per_minute=settings.quota_opens_per_identity_per_minute,
+            instances_per_server=settings.quota_instances_per_server,
+        ),
     )
     activated = listen_fds()
     private = settings.state_dir / "grpc.sock" if activated else None

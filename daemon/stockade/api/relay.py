@@ -26,14 +26,20 @@ Context = grpc.aio.ServicerContext[relay_pb2.ClientFrame, relay_pb2.ServerFrame]
 
 GRPC_STATUS = {
     Refusal.UNKNOWN_SERVER: grpc.StatusCode.NOT_FOUND,
+    Refusal.DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    Refusal.QUOTA: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Refusal.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
 
 
 class RelayServicer(relay_pb2_grpc.RelayServicer):
-    def __init__(self, opener: SessionOpener, *, drain_seconds: float = 30.0) -> None:
+    def __init__(
+        self, opener: SessionOpener, *, drain_seconds: float = 30.0, max_streams: int = 256
+    ) -> None:
         self._opener = opener
         self._drain_seconds = drain_seconds
+        self._max_streams = max_streams
+        self._streams = 0
 
     # The read/write style (context.read/context.write) lets two tasks share one stream; the
     # stubs only know the generator style, hence the override note.
@@ -42,6 +48,18 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         request_iterator: AsyncIterator[relay_pb2.ClientFrame],
         context: Context,
     ) -> None:
+        if self._streams >= self._max_streams:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the daemon carries {self._streams} sessions, its limit (max_relay_streams)",
+            )
+        self._streams += 1
+        try:
+            await self._connect(context)
+        finally:
+            self._streams -= 1
+
+    async def _connect(self, context: Context) -> None:
         # Tell the client it is authenticated before it writes anything: a client write that
         # races a refusal makes grpc.aio report INTERNAL instead of it (grpc/grpc#36066).
         await context.send_initial_metadata(())

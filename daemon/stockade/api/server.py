@@ -26,7 +26,9 @@ from stockade.secrets.model import SecretStore
 from stockade.supervisor.supervisor import Supervisor
 from stockade.v1 import control_pb2_grpc, relay_pb2_grpc
 
-MAX_CONCURRENT_RPCS = 256
+# The Control API's own budget: gRPC's limit is the relay's plus this, and the relay
+# refuses streams past its own, so these are always left for admins.
+CONTROL_CONCURRENT_RPCS = 32
 
 
 class ListenerError(Exception):
@@ -82,13 +84,17 @@ async def start_server(
     credentials = server_credentials(settings, authority)
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(authority, audit)],
-        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+        maximum_concurrent_rpcs=settings.max_relay_streams + CONTROL_CONCURRENT_RPCS,
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
         ],
     )
-    relay = RelayServicer(opener, drain_seconds=settings.session_drain_seconds)
+    relay = RelayServicer(
+        opener,
+        drain_seconds=settings.session_drain_seconds,
+        max_streams=settings.max_relay_streams,
+    )
     relay_pb2_grpc.add_RelayServicer_to_server(relay, server)
     control = ControlServicer(
         addresses,

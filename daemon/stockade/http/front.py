@@ -53,6 +53,8 @@ VERSION_META_KEY = "io.modelcontextprotocol/protocolVersion"
 REQUEST_TIMEOUT_SECONDS = 300.0
 HTTP_REFUSAL: dict[Refusal, type[web.HTTPException]] = {
     Refusal.UNKNOWN_SERVER: web.HTTPNotFound,
+    Refusal.DENIED: web.HTTPForbidden,
+    Refusal.QUOTA: web.HTTPTooManyRequests,
     Refusal.UNAVAILABLE: web.HTTPServiceUnavailable,
 }
 
@@ -125,6 +127,8 @@ class HttpFront:
         try:
             return await handler(request)
         except (web.HTTPUnauthorized, web.HTTPForbidden) as refusal:
+            if getattr(refusal, "audited", False):  # the session opener said it already
+                raise
             with contextlib.suppress(AuditUnavailable):  # refused either way
                 await self._audit.record(
                     "access",
@@ -300,7 +304,9 @@ class HttpFront:
                 session_id=session.id,
             )
         except OpenRefused as exc:
-            raise HTTP_REFUSAL[exc.refusal](text=str(exc)) from None
+            answer = HTTP_REFUSAL[exc.refusal](text=str(exc))
+            answer.audited = True  # type: ignore[attr-defined]  # read by _audit_refusals
+            raise answer from None
         if register:
             self._sessions[session.id] = session
         return session

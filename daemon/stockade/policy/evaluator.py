@@ -232,6 +232,11 @@ class Evaluator:
             for a in allows
         )
 
+    def may_use_server(self, identity: str, server: str) -> bool:
+        """Whether some allow rule lets the caller use the server at all (else: no session)."""
+        _, allows = self._rules_for(server)
+        return any(a.covers(identity, server) for a in allows)
+
     def server_request(self, server: str, method: str) -> Decision:
         """May this server send `method` (sampling, elicitation, roots) to the host?"""
         if method in self.policy.server_requests.get(server, frozenset()):

@@ -23,13 +23,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.logs import get_logger, log_context
 from stockade.metrics import SESSIONS
 from stockade.policy.store import PolicyStore
 from stockade.registry import Registry, UnknownServer
+from stockade.relay.admission import Admission, Quotas, RefusalDigest, Refused
 from stockade.relay.guard import PolicyGuard
 from stockade.relay.session import RelaySession, ToHost
 from stockade.relay.shared import SharedRouter, SharedSession
@@ -38,6 +39,8 @@ from stockade.sandbox.instance import ExitReport, Instance
 from stockade.secrets.redact import Redactor
 
 log = get_logger("stockade.relay")
+
+SHARED = "shared"  # the instance name sessions on a shared server report
 
 
 class InstanceSource(Protocol):
@@ -54,6 +57,8 @@ class Refusal(Enum):
     """Why a session was not opened; each transport maps it to its own status."""
 
     UNKNOWN_SERVER = "unknown server"
+    DENIED = "denied"  # no policy rule lets the caller use the server
+    QUOTA = "quota"  # a quota of the caller (or of the server) is reached
     UNAVAILABLE = "unavailable"  # the server could not be started, or the audit log is down
 
 
@@ -73,6 +78,10 @@ class SessionRecord:
     instance: str
     transport: str
     started_at: float = field(default_factory=time.time)
+
+    @property
+    def shared(self) -> bool:
+        return self.instance == SHARED
 
 
 def new_session_id() -> str:
@@ -149,7 +158,10 @@ class SessionOpener:
         audit: AuditLog,
         *,
         max_message_bytes: int,
+        quotas: Quotas | None = None,
     ) -> None:
+        self._admission = Admission(policy, quotas or Quotas())
+        self._refusals = RefusalDigest()
         self._registry = registry
         self._instances = instances
         self._policy = policy
@@ -179,6 +191,11 @@ class SessionOpener:
                     "session.open", durable=True, outcome="deny", reason=str(exc), **audit_fields
                 )
             raise OpenRefused(Refusal.UNKNOWN_SERVER, str(exc)) from None
+        refused = self._admission.check(
+            identity, server, transport, definition.shared, self.live.values()
+        )
+        if refused is not None:
+            await self._refused(refused, audit_fields)
         with log_context(session=session_id, server=server):
             if definition.shared:
                 session = self._join_shared(session_id, identity, server, to_host, transport)
@@ -201,6 +218,25 @@ class SessionOpener:
             self.live[session_id] = session.record
             log.info("session opened", instance=session.instance, transport=transport)
         return session
+
+    async def _refused(self, refused: Refused, audit_fields: dict[str, str | None]) -> NoReturn:
+        """Audit a refusal (once per window for repeats, with the count) and raise it."""
+        kind = Refusal.DENIED if refused.quota is None else Refusal.QUOTA
+        key = (str(audit_fields["identity"]), str(audit_fields["server"]), refused.quota or "")
+        count = self._refusals.due(key)
+        if count is not None:
+            with contextlib.suppress(AuditUnavailable):  # refused either way
+                await self._audit.record(
+                    "session.open",
+                    durable=True,
+                    outcome="deny",
+                    reason=refused.reason,
+                    detail={"quota": refused.quota, "refusals": count},
+                    **audit_fields,
+                )
+        with log_context(server=audit_fields["server"]):
+            log.info("session refused", reason=refused.reason, quota=refused.quota)
+        raise OpenRefused(kind, refused.reason)
 
     def _guard(
         self,
@@ -250,7 +286,7 @@ class SessionOpener:
             router = self._instances.router(server)
         except SandboxError as exc:
             raise OpenRefused(Refusal.UNAVAILABLE, str(exc)) from None
-        guard = self._guard(session_id, identity, server, "shared", router.redactor)
+        guard = self._guard(session_id, identity, server, SHARED, router.redactor)
         seat: SharedSession = router.join(session_id, to_host, guard)
 
         async def forward(raw: bytes) -> None:
@@ -260,7 +296,7 @@ class SessionOpener:
             await router.drain(seat, timeout)
 
         return HostSession(
-            SessionRecord(session_id, server, identity, "shared", transport),
+            SessionRecord(session_id, server, identity, SHARED, transport),
             forward=forward,
             drain=drain,
             release=lambda: router.leave(seat),
