@@ -10,7 +10,7 @@ what one identity can make the daemon spend:
 - concurrent per-session instances per server.
 
 Refusals of one kind by one caller are audited once per window with a count
-(`RefusalDigest`), so a caller hammering a closed door cannot grow the audit log with it.
+(`relay.digest.Digest`), so a caller hammering a closed door cannot grow the audit log.
 """
 
 from __future__ import annotations
@@ -117,24 +117,3 @@ class Admission:
 
 def _over(quota: str, limit: int, identity: str) -> Refused:
     return Refused(quota, f"{identity} is at its quota {quota} = {limit}; try again later")
-
-
-class RefusalDigest:
-    """Say a repeated refusal once per window, with how many were not said since."""
-
-    def __init__(self, window_seconds: float = OPEN_WINDOW_SECONDS, max_keys: int = 10_000) -> None:
-        self._window = window_seconds
-        self._max_keys = max_keys
-        self._seen: dict[tuple[str, ...], tuple[float, int]] = {}  # key -> (said at, unsaid)
-
-    def due(self, key: tuple[str, ...]) -> int | None:
-        """The count of refusals this record stands for, or None when it is not due yet."""
-        now = time.monotonic()
-        said = self._seen.get(key)
-        if said is not None and now - said[0] < self._window:
-            self._seen[key] = (said[0], said[1] + 1)
-            return None
-        if said is None and len(self._seen) >= self._max_keys:
-            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self._window}
-        self._seen[key] = (now, 0)
-        return 1 + (said[1] if said is not None else 0)

@@ -30,6 +30,7 @@ from stockade.policy.evaluator import Request
 from stockade.policy.model import NAMED_METHODS
 from stockade.policy.store import PolicyStore
 from stockade.relay import jsonrpc
+from stockade.relay.budget import HostBudget, capped
 from stockade.relay.jsonrpc import Kind, Message
 from stockade.secrets.redact import Redactor
 
@@ -83,7 +84,9 @@ class PolicyGuard:
         session: str | None = None,
         instance: str | None = None,
         redactor: Callable[[], Redactor | None] = lambda: None,
+        budget: HostBudget | None = None,
     ) -> None:
+        self._budget = budget or HostBudget()
         self._redactor = redactor  # granted secrets (of the instance now serving), for records
         self._store = store
         self.server = server
@@ -115,12 +118,26 @@ class PolicyGuard:
 
     async def _decide_host(self, message: Message) -> bytes | None:
         assert message.method is not None  # noqa: S101 - checked by the caller
+        if message.kind is Kind.NOTIFICATION and not self._budget.notification_allowed(
+            self.identity
+        ):
+            count = self._budget.due("notifications-dropped", self.identity, self.server)
+            if count is not None:
+                await self._record(
+                    "request",
+                    durable=False,
+                    outcome="deny",
+                    action="notifications",
+                    reason="notification rate of this identity exceeded; dropped",
+                    count=count,
+                )
+            return b""
         name, arguments = _target(message)
         request = Request(self.identity, self.server, message.method, name, arguments)
         decision = self._store.evaluator.decide(request)
         fields = {
-            "action": message.method,
-            "target": name,
+            "action": capped(message.method),
+            "target": capped(name),
             "args_sha256": arguments_digest(arguments),
             "rule": decision.rule,
             "rule_source": decision.source,
@@ -130,31 +147,91 @@ class PolicyGuard:
             refusal = self._rate_limit(message, request)
             REQUESTS.labels(self.server, "allow" if refusal is None else "deny").inc()
             if refusal is not None:
-                await self._record(
-                    "request", durable=True, outcome="deny", **fields, reason="rate limit reached"
-                )
-                return refusal
+                return await self._denied(message, fields, "rate limit reached", refusal)
             await self._record("request", durable=False, outcome="allow", **fields)
             return None
         REQUESTS.labels(self.server, "deny").inc()
-        await self._record(
-            "request", durable=True, outcome="deny", **fields, reason=decision.reason
-        )
-        log.warning(
-            "policy denied a request",
-            method=message.method,
-            name=name,
-            rule=decision.rule,
-            reason=decision.reason,
-        )
-        if message.kind is Kind.NOTIFICATION:
-            return b""
-        return jsonrpc.error_response(
+        error = jsonrpc.error_response(
             message.id,
             jsonrpc.POLICY_DENIED,
             f"denied by policy: {decision.reason}",
             {"rule": decision.rule, "source": decision.source},
         )
+        return await self._denied(message, fields, decision.reason, error)
+
+    async def _denied(
+        self, message: Message, fields: dict[str, Any], reason: str, error: bytes
+    ) -> bytes:
+        """Record a denial within this identity's budget; what to answer the host with."""
+        answer = b"" if message.kind is Kind.NOTIFICATION else error
+        if not self._budget.denial_allowed(self.identity):
+            count = self._budget.due("denials-over-budget", self.identity, self.server)
+            if count is not None:
+                await self._record(
+                    "request",
+                    durable=True,
+                    outcome="deny",
+                    action="requests",
+                    reason="this identity is refused too often; denials are summarised",
+                    count=count,
+                )
+            if not answer:
+                return answer
+            return jsonrpc.error_response(
+                message.id,
+                jsonrpc.RATE_LIMITED,
+                "too many refused requests from this identity; slow down",
+            )
+        key = (str(fields["action"]), str(fields["target"]), reason)
+        count = self._budget.due("denial", self.identity, self.server, *key)
+        if count is not None:  # else: said within this window; counted for the next record
+            await self._record(
+                "request", durable=True, outcome="deny", **fields, reason=reason, count=count
+            )
+            log.warning(
+                "policy denied a request",
+                method=fields["action"],
+                name=fields["target"],
+                rule=fields.get("rule"),
+                reason=reason,
+                count=count,
+            )
+        return answer
+
+    async def refuse(self, message: Message, code: int, reason: str) -> bytes:
+        """A host message the relay itself refuses (not the policy): recorded, answered."""
+        fields = {"action": capped(message.method or "response"), "target": None}
+        try:
+            if message.kind is Kind.RESPONSE:  # nothing to answer: dropped, on record
+                await self._denied(message, fields, reason, b"")
+                return b""
+            error = jsonrpc.error_response(message.id, code, reason)
+            return await self._denied(message, fields, reason, error)
+        except AuditUnavailable:
+            if message.kind is not Kind.REQUEST:
+                return b""
+            return jsonrpc.error_response(message.id, jsonrpc.AUDIT_UNAVAILABLE, "refused")
+
+    def may_read(self, uri: str) -> bool:
+        """Whether the policy lets this caller read `uri` (resources/read), for routing."""
+        return self._store.evaluator.may_see(self.identity, self.server, "resources/read", uri)
+
+    async def summarise(self) -> None:
+        """Record the repeats of this identity's denials not yet on record (session end)."""
+        for key, count in self._budget.unsaid(self.identity):
+            kind, _, server, *rest = key
+            if server != self.server:
+                continue
+            with contextlib.suppress(AuditUnavailable):
+                await self._record(
+                    "request",
+                    durable=True,
+                    outcome="deny",
+                    action=rest[0] if rest else kind,
+                    target=rest[1] if len(rest) > 1 else None,
+                    reason=(rest[2] if len(rest) > 2 else kind) + " (repeats)",
+                    count=count,
+                )
 
     def _rate_limit(self, message: Message, request: Request) -> bytes | None:
         if message.kind is not Kind.REQUEST:
@@ -162,14 +239,7 @@ class PolicyGuard:
         for limit in self._store.evaluator.limits_for(request):
             key = (limit.name, self.identity, self.server, request.name or request.method)
             wait = self._store.limiter.take(key, limit.per_minute, limit.burst)
-            if wait > 0:
-                log.warning(
-                    "rate limit reached",
-                    limit=limit.name,
-                    method=request.method,
-                    name=request.name,
-                    retry_after=round(wait, 2),
-                )
+            if wait > 0:  # logged with the denial record, once per window
                 return jsonrpc.error_response(
                     message.id,
                     jsonrpc.RATE_LIMITED,

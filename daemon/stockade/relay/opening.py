@@ -30,7 +30,9 @@ from stockade.logs import get_logger, log_context
 from stockade.metrics import SESSIONS
 from stockade.policy.store import PolicyStore
 from stockade.registry import Registry, UnknownServer
-from stockade.relay.admission import Admission, Quotas, RefusalDigest, Refused
+from stockade.relay.admission import Admission, Quotas, Refused
+from stockade.relay.budget import HostBudget
+from stockade.relay.digest import Digest
 from stockade.relay.guard import PolicyGuard
 from stockade.relay.session import RelaySession, ToHost
 from stockade.relay.shared import SharedRouter, SharedSession
@@ -95,12 +97,14 @@ class HostSession:
         self,
         record: SessionRecord,
         *,
+        guard: PolicyGuard,
         forward: Callable[[bytes], Awaitable[None]],
         drain: Callable[[float], Awaitable[None]],
         release: Callable[[], None],
         on_close: Callable[[HostSession, str], None],
     ) -> None:
         self.record = record
+        self._guard = guard
         self.from_host = forward
         self.drain = drain
         self._release = release
@@ -131,6 +135,7 @@ class HostSession:
     async def close(self, reason: str) -> None:
         """Give the instance back and record the end. Idempotent."""
         if await self._give_back():
+            await self._guard.summarise()  # repeats of denials not yet on record
             self._on_close(self, reason)
 
     async def abandon(self) -> None:
@@ -161,7 +166,8 @@ class SessionOpener:
         quotas: Quotas | None = None,
     ) -> None:
         self._admission = Admission(policy, quotas or Quotas())
-        self._refusals = RefusalDigest()
+        self._refusals = Digest()
+        self._budget = HostBudget()  # per identity, across every session of it
         self._registry = registry
         self._instances = instances
         self._policy = policy
@@ -254,6 +260,7 @@ class SessionOpener:
             session=session_id,
             instance=instance,
             redactor=redactor,
+            budget=self._budget,
         )
 
     async def _start_own(
@@ -270,6 +277,7 @@ class SessionOpener:
         )
         session = HostSession(
             SessionRecord(session_id, server, identity, instance.id, transport),
+            guard=guard,
             forward=relay.from_host,
             drain=relay.drain,
             release=lambda: self._instances.release_later(instance),
@@ -297,6 +305,7 @@ class SessionOpener:
 
         return HostSession(
             SessionRecord(session_id, server, identity, SHARED, transport),
+            guard=guard,
             forward=forward,
             drain=drain,
             release=lambda: router.leave(seat),

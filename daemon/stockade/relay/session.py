@@ -1,10 +1,12 @@
 """One host session bound to one sandboxed instance: both directions, and how it ends.
 
-host -> server: validate (size, UTF-8, JSON-RPC shape), remember request ids, forward the
-original bytes. server -> host: note answered ids, forward the original bytes. Ids are per
-direction, so the server's own requests (sampling, elicitation, roots) and the host's answers
-to them pass through untouched. When the server ends, every request still pending gets a
-JSON-RPC error that says how it ended, so nothing the host waits for hangs.
+host -> server: validate (size, UTF-8, JSON-RPC shape), decide (policy), remember request
+ids, forward. server -> host: note answered ids, forward. Ids are per direction, so the
+server's own requests (sampling, elicitation, roots) and the host's answers to them pass
+through; a host answer reaches the server only if it answers a server request that is still
+outstanding in this session (anything else is dropped and on record). When the server ends,
+every request still pending gets a JSON-RPC error that says how it ended, so nothing the
+host waits for hangs.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from stockade.wire.lines import OversizedLine
 log = get_logger("stockade.relay")
 
 ToHost = Callable[[bytes], Awaitable[None]]
+# A server's own requests (sampling, elicitation) waiting for the host: a bound on memory a
+# server can make the relay hold; an honest server has a handful at most.
+MAX_OUTSTANDING_SERVER_REQUESTS = 256
 
 
 class RelaySession:
@@ -45,6 +50,8 @@ class RelaySession:
         self._guard = guard
         # id key -> (host's id, method, when it was forwarded)
         self._pending: dict[str, tuple[Any, str, float]] = {}
+        # id keys of the server's own requests the host was asked and has not answered
+        self._asked: set[str] = set()
         self._ended = False
         self._end_lock = asyncio.Lock()
 
@@ -68,6 +75,13 @@ class RelaySession:
             if message.kind is Kind.REQUEST:
                 await self._to_host(self._ended_error(message.id))
             return
+        if message.kind is Kind.RESPONSE:
+            if message.id_key not in self._asked:
+                await self._guard.refuse(
+                    message, jsonrpc.INVALID_REQUEST, "a response to no outstanding server request"
+                )
+                return
+            self._asked.discard(message.id_key)
         refusal = await self._guard.check_host(message)
         if refusal is not None:  # never forwarded
             if refusal:
@@ -87,9 +101,14 @@ class RelaySession:
             return
         if message.kind is Kind.REQUEST:  # the server asks the host (sampling, roots, ...)
             refusal = await self._guard.check_server_request(message)
+            if refusal is None and len(self._asked) >= MAX_OUTSTANDING_SERVER_REQUESTS:
+                refusal = jsonrpc.error_response(
+                    message.id, jsonrpc.INVALID_REQUEST, "too many requests awaiting the host"
+                )
             if refusal is not None:
                 await self.instance.send(refusal)
                 return
+            self._asked.add(message.id_key)
         elif message.kind is Kind.RESPONSE:
             _, method, started = self._pending.pop(message.id_key, (None, "", 0.0))
             if method:

@@ -6,10 +6,22 @@ An MCP stdio server expects one client. So the router is that client: it perform
 
 Request ids are rewritten to ids unique on the instance (`stk-N`) and restored on the way
 back, so answers never cross between sessions. Progress tokens and cancellations are
-rewritten the same way. Server notifications go to every session, except progress, which
-goes to the session that owns the token. A shared server's own requests to a host
-(sampling, elicitation, roots) cannot be attributed to one session, so they are refused
-with a JSON-RPC error to the server.
+rewritten the same way. A shared server's own requests to a host (sampling, elicitation,
+roots) cannot be attributed to one session, so they are refused with a JSON-RPC error to
+the server, and host responses are never forwarded (dropped, on record).
+
+Server notifications never broadcast what one host caused to another:
+- progress goes to the session that owns the token;
+- `notifications/resources/updated` goes to the sessions that subscribed to that URI and
+  that the policy lets read it;
+- `notifications/*/list_changed` goes to every session (it says nothing of any host);
+- anything else (`notifications/message` logs above all) goes to the one session with
+  requests in flight, and is dropped when that is not exactly one session: a log line the
+  server wrote while serving two hosts cannot be told apart, and one written while serving
+  none belongs to no host.
+`logging/setLevel` is refused on a shared server: one level serves every host, so one
+host must not set it for the others (per-session levels would need the server to log per
+request, which stdio servers do not).
 
 While the instance is down (crashed, restarting), pending requests fail with an error that
 says how it ended, and new requests fail at once with SERVER_UNAVAILABLE: no hangs.
@@ -49,6 +61,7 @@ class SharedSession:
     guard: PolicyGuard
     # original id key -> rewritten id, to translate this session's cancellations
     outstanding: dict[str, str] = field(default_factory=dict)
+    subscriptions: set[str] = field(default_factory=set)  # resource URIs it subscribed to
 
 
 class SharedRouter:
@@ -64,6 +77,7 @@ class SharedRouter:
         self._tokens: dict[str, tuple[SharedSession, Any]] = {}  # rewritten token -> owner
         self._handshake: asyncio.Future[dict[str, Any]] | None = None
         self._seq = itertools.count(1)
+        self.unattributed = 0  # notifications dropped: no single session they belong to
 
     # -- the instance ----------------------------------------------------------------
 
@@ -149,8 +163,18 @@ class SharedRouter:
 
     async def from_host(self, session: SharedSession, raw: bytes) -> None:
         message = await self._screen(session, raw)
-        if message is None or message.method == "notifications/initialized":
-            return  # refused, answered, or the host's half of a handshake done once already
+        if message is None:
+            return  # refused and answered
+        if message.method == "notifications/initialized":
+            if message.kind is Kind.REQUEST:
+                await session.to_host(
+                    jsonrpc.error_response(
+                        message.id,
+                        jsonrpc.INVALID_REQUEST,
+                        "notifications/initialized is a notification: it takes no id",
+                    )
+                )
+            return  # the host's half of a handshake done once already
         if message.kind is Kind.REQUEST and not self.up:
             await session.to_host(self._unavailable(message.id))
         elif message.method == "initialize":
@@ -170,8 +194,20 @@ class SharedRouter:
         except InvalidMessage as exc:
             await session.to_host(jsonrpc.error_response(exc.request_id, exc.code, str(exc)))
             return None
-        if message.kind is Kind.RESPONSE:
-            return None  # answers to server requests: shared servers never get to send those
+        if message.kind is Kind.RESPONSE:  # shared servers never get to ask a host anything
+            await session.guard.refuse(
+                message, jsonrpc.INVALID_REQUEST, "a response to no outstanding server request"
+            )
+            return None
+        if message.method == "logging/setLevel":
+            answer = await session.guard.refuse(
+                message,
+                jsonrpc.METHOD_NOT_FOUND,
+                "logging/setLevel is not available on a shared server: one level serves every host",
+            )
+            if answer:
+                await session.to_host(answer)
+            return None
         refusal = await session.guard.check_host(message)
         if refusal is not None:  # never forwarded
             if refusal:
@@ -198,6 +234,11 @@ class SharedRouter:
                 self._tokens[jsonrpc.id_key(token)] = (session, meta["progressToken"])
                 assert isinstance(params, dict)  # noqa: S101 - meta was found inside it
                 body["params"] = {**params, "_meta": {**meta, "progressToken": token}}
+            uri = params.get("uri") if isinstance(params, dict) else None
+            if message.method == "resources/subscribe" and isinstance(uri, str):
+                session.subscriptions.add(uri)
+            elif message.method == "resources/unsubscribe" and isinstance(uri, str):
+                session.subscriptions.discard(uri)
         elif message.method == "notifications/cancelled" and message.params is not None:
             original = jsonrpc.id_key(message.params.get("requestId"))
             rewritten_id = session.outstanding.pop(original, None)
@@ -257,8 +298,25 @@ class SharedRouter:
             return
         if message.method == "notifications/cancelled":
             return  # the server cancelling its own requests: none reached a host
-        for session in list(self._sessions):
+        for session in self._recipients(message.method or "", params):
             await session.to_host(message.raw)
+
+    def _recipients(self, method: str, params: dict[str, Any]) -> list[SharedSession]:
+        """Who may hear a server notification (see the module docstring)."""
+        if method.startswith("notifications/") and method.endswith("/list_changed"):
+            return list(self._sessions)
+        if method == "notifications/resources/updated":
+            uri = params.get("uri")
+            return [
+                s
+                for s in self._sessions
+                if isinstance(uri, str) and uri in s.subscriptions and s.guard.may_read(uri)
+            ]
+        busy = [s for s in self._sessions if s.outstanding]
+        if len(busy) != 1:
+            self.unattributed += 1
+            return []
+        return busy
 
     def _unavailable(self, request_id: Any) -> bytes:
         why = f" (last {self._last_exit.describe()})" if self._last_exit else ""
