@@ -15,9 +15,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from stockade import exitcodes
 from stockade.audit.chain import AUDIT_KEY_FILE, HEAD_FILE, load_public_key, public_path
 from stockade.audit.verify import audit_files, default_head, verify
-from stockade.cli import exitcodes
 from stockade.cli.channel import CliError
 from stockade.config import load_settings
 
@@ -78,7 +78,9 @@ def _since(value: str | None) -> str | None:
         try:
             moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            raise CliError(f"--since {value!r}: give 10m, 2h, 1d or an ISO time", 1) from None
+            raise CliError(
+                f"--since {value!r}: give 10m, 2h, 1d or an ISO time", exitcodes.USAGE
+            ) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
