@@ -21,6 +21,7 @@ import grpc
 
 from stockade import exitcodes
 from stockade.cli.channel import CliError, Connection, connection, rpc_error, with_socket
+from stockade.cli.terminal import printable
 from stockade.relay import jsonrpc
 from stockade.sandbox.stdio import LineSplitter, OversizedLine
 from stockade.v1 import relay_pb2, relay_pb2_grpc
@@ -129,7 +130,7 @@ async def bridge(target: Connection, server: str) -> int:
                 elif kind == "message":
                     await emit(frame.message)
                 elif kind == "closed":
-                    print(f"stockade connect: {frame.closed.reason}", file=sys.stderr)
+                    print(f"stockade connect: {printable(frame.closed.reason)}", file=sys.stderr)
                     return exitcodes.FAILED
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(exc, target.target) from None

@@ -4,6 +4,8 @@ This module holds only the root parser, the dispatch to a command's handler, and
 of failures to exit codes (`stockade.exitcodes`). Each command group lives in its own module
 with its parsers and handlers together: `servers` (status, server, session), `credentials`
 (cert, client, token), `secrets`, `policy`, `audit`, `connect`, `images` (image, demo).
+An error message may quote what the daemon, a server or a file said, so it is printed
+through `printable`: one line, with no control character reaching the terminal.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from stockade.cli.images import add_demo_parser, add_image_parsers
 from stockade.cli.policy import add_policy_parsers
 from stockade.cli.secrets import add_secret_parsers
 from stockade.cli.servers import add_server_parsers, add_session_parsers, add_status_parser
+from stockade.cli.terminal import printable
 from stockade.config import SettingsError
 from stockade.logs import configure_logging
 from stockade.sandbox.errors import EngineUnavailable, SandboxError
@@ -73,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except CliError as exc:
-        print(f"stockade: {exc}", file=sys.stderr)
+        print(f"stockade: {printable(exc)}", file=sys.stderr)
         return exc.code
     except EngineUnavailable as exc:
-        print(f"stockade: {exc} (run scripts/docker-engine.sh)", file=sys.stderr)
+        print(f"stockade: {printable(exc)} (run scripts/docker-engine.sh)", file=sys.stderr)
         return exitcodes.UNREACHABLE
     except (SandboxError, SettingsError) as exc:
-        print(f"stockade: {exc}", file=sys.stderr)
+        print(f"stockade: {printable(exc)}", file=sys.stderr)
         return exitcodes.FAILED
     except KeyboardInterrupt:
         print("stockade: interrupted", file=sys.stderr)

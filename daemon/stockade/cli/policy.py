@@ -15,6 +15,7 @@ from typing import Any
 
 from stockade import exitcodes
 from stockade.cli.channel import CliError
+from stockade.cli.terminal import printable
 from stockade.config import SettingsError, load_settings
 
 
@@ -44,7 +45,7 @@ def cmd_policy_lint(args: argparse.Namespace) -> int:
         try:
             loaded = load_file(path)
         except PolicyError as exc:
-            print(f"stockade: {exc}", file=sys.stderr)
+            print(f"stockade: {printable(exc)}", file=sys.stderr)
             failed = True
             continue
         print(f"{path}: ok ({len(loaded.rules)} rules)")

@@ -1,7 +1,8 @@
 """`stockade status`, `stockade server add|ls|inspect|rm|status|logs`, `stockade session ls`.
 
 The daemon's servers and what runs for them: each command makes Control API calls and
-prints the answer, for people or (`--json`) for scripts.
+prints the answer, for people or (`--json`) for scripts. A server's stderr and a session's
+fields are printed through `printable`: a server chose those bytes, not the operator.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from stockade.cli.channel import (
     rpc_error,
     with_socket,
 )
+from stockade.cli.terminal import printable
 from stockade.v1 import control_pb2
 
 UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -154,7 +156,7 @@ def cmd_server_logs(args: argparse.Namespace) -> int:
     async def run() -> None:
         async with target.channel() as channel:
             async for line in control_stub(channel).GetServerLogs(request):
-                print(f"{line.instance} {line.line}", flush=True)
+                print(log_line(line), flush=True)
 
     try:
         asyncio.run(run())
@@ -172,9 +174,20 @@ def cmd_session_ls(args: argparse.Namespace) -> int:
     if not listed.sessions:
         print("no open sessions")
     for session in listed.sessions:
-        since = time.strftime("%H:%M:%S", time.localtime(session.started_at))
-        print(f"{session.id}\t{session.server}\t{session.identity}\t{session.instance}\t{since}")
+        print(session_row(session))
     return exitcodes.OK
+
+
+def log_line(line: control_pb2.LogLine) -> str:
+    """`INSTANCE TEXT`: one line of a server's stderr, its control characters escaped."""
+    return f"{printable(line.instance)} {printable(line.line)}"
+
+
+def session_row(session: control_pb2.SessionInfo) -> str:
+    """One tab-separated row of `session ls`; no field can add a tab, a line or an escape."""
+    since = time.strftime("%H:%M:%S", time.localtime(session.started_at))
+    fields = (session.id, session.server, session.identity, session.instance)
+    return "\t".join([*(printable(field) for field in fields), since])
 
 
 def add_status_parser(sub: Any) -> None:
