@@ -11,12 +11,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from stockade import __version__, metrics
+from stockade import __version__, exitcodes, metrics
 from stockade.api.activation import describe, relay_activated
 from stockade.api.server import ListenerError, start_server
 from stockade.audit.chain import AUDIT_KEY_FILE, load_or_create_key
 from stockade.audit.log import AuditLog, AuditStartError, AuditUnavailable
-from stockade.cli import exitcodes
 from stockade.config import Settings, SettingsError, load_settings, setting_names
 from stockade.http.front import HttpFront
 from stockade.logs import configure_logging, get_logger

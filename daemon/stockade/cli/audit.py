@@ -1,7 +1,9 @@
 """`stockade audit verify|tail|export|key`: the security team's view of the audit trail.
 
 These read the files directly (no daemon needed): a verifier needs only the files and the
-public key, which `stockade audit key` prints for export.
+public key, which `stockade audit key` prints for export. Records hold strings hosts and
+servers chose (tool names, reasons): the human and CEF forms show their control characters
+escaped (`cli/terminal.py`); the JSON forms escape them by being JSON.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from stockade import exitcodes
 from stockade.audit.chain import AUDIT_KEY_FILE, HEAD_FILE, load_public_key, public_path
 from stockade.audit.verify import audit_files, default_head, verify
-from stockade.cli import exitcodes
 from stockade.cli.channel import CliError
+from stockade.cli.terminal import printable
 from stockade.config import load_settings
 
 
@@ -51,9 +54,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
                 f"seq {result.first_seq}..{result.last_seq}"
             )
         else:
-            print(f"FAILED: {result.problem}")
+            print(f"FAILED: {printable(result.problem)}")
         for note in result.notes:
-            print(f"  note: {note}")
+            print(f"  note: {printable(note)}")
     return exitcodes.OK if result.ok else exitcodes.REFUSED
 
 
@@ -78,7 +81,9 @@ def _since(value: str | None) -> str | None:
         try:
             moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            raise CliError(f"--since {value!r}: give 10m, 2h, 1d or an ISO time", 1) from None
+            raise CliError(
+                f"--since {value!r}: give 10m, 2h, 1d or an ISO time", exitcodes.USAGE
+            ) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -112,11 +117,12 @@ def _records(directory: Path, follow: bool) -> Iterator[dict[str, Any]]:
 
 
 def _human(record: dict[str, Any]) -> str:
+    """One line for people; what a host or server put in the record shows escaped."""
     parts = [record.get("ts", ""), record.get("type", ""), record.get("outcome", "")]
     for key in ("identity", "server", "action", "target", "rule", "reason", "latency_ms"):
         if record.get(key) is not None:
             parts.append(f"{key}={record[key]}")
-    return "  ".join(str(p) for p in parts)
+    return printable("  ".join(str(p) for p in parts))
 
 
 def cmd_audit_tail(args: argparse.Namespace) -> int:
@@ -169,7 +175,11 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     since = _since(args.since)
     for record in _records(_audit_dir(args), follow=False):
         if _matches(record, args, since):
-            print(json.dumps(record, sort_keys=True) if args.format == "jsonl" else to_cef(record))
+            print(
+                json.dumps(record, sort_keys=True)
+                if args.format == "jsonl"
+                else printable(to_cef(record))
+            )
     return exitcodes.OK
 
 

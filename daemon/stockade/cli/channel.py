@@ -10,15 +10,18 @@ folder in the state dir, so that a host certificate in the same account never sh
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 
-from stockade.cli import exitcodes
+from stockade import exitcodes
 from stockade.config import SettingsError, load_settings
 from stockade.pki import SERVER_NAME
 from stockade.v1 import control_pb2_grpc
@@ -27,6 +30,7 @@ if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     from stockade.v1.control_pb2_grpc import ControlAsyncStub
 
 CREDENTIAL_FILES = ("client.crt", "client.key", "ca.crt")
+T = TypeVar("T")
 
 
 class CliError(Exception):
@@ -91,6 +95,13 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cert", type=Path, help="client certificate (default: see docs)")
     group.add_argument("--key", type=Path, help="client private key")
     group.add_argument("--ca", type=Path, help="the daemon's CA certificate")
+
+
+def with_socket(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    """The connection options of a command that calls the daemon, and `--json` if it prints data."""
+    add_connection_options(parser)
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def connection(args: argparse.Namespace, as_host: bool = False) -> Connection:
@@ -174,3 +185,23 @@ def rpc_error(exc: grpc.aio.AioRpcError, target: str) -> CliError:
     if code is grpc.StatusCode.NOT_FOUND:
         return CliError(details or "not found", exitcodes.REFUSED)
     return CliError(f"the daemon refused: {details}", exitcodes.REFUSED)
+
+
+def call_control(args: argparse.Namespace, rpc: Callable[[ControlAsyncStub], Awaitable[T]]) -> T:
+    """Run one Control RPC against the daemon; gRPC failures become `CliError`."""
+    target = connection(args)
+
+    async def run() -> T:
+        async with target.channel() as channel:
+            return await rpc(control_stub(channel))
+
+    try:
+        return asyncio.run(run())
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc, target.target) from None
+
+
+def as_dict(message: Any) -> dict[str, Any]:
+    """A Control API answer as JSON-ready data, with the proto's own field names (`--json`)."""
+    result: dict[str, Any] = MessageToDict(message, preserving_proto_field_name=True)
+    return result

@@ -1,5 +1,8 @@
 """`stockade connect NAME`: the stdio bridge an MCP host launches as its server command.
 
+With `--listen`, a loopback plain-HTTP door to the daemon's HTTPS front instead
+(`cli/http_bridge.py`).
+
 stdin lines go to the daemon as frames, one JSON-RPC message each; frames from the daemon go
 to stdout, one per line. Diagnostics go to stderr only (stdout belongs to the protocol).
 A line over the size limit is answered here with a JSON-RPC error and never sent.
@@ -7,6 +10,7 @@ A line over the size limit is answered here with a JSON-RPC error and never sent
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import stat
@@ -15,8 +19,9 @@ from typing import Any
 
 import grpc
 
-from stockade.cli import exitcodes
-from stockade.cli.channel import CliError, Connection, rpc_error
+from stockade import exitcodes
+from stockade.cli.channel import CliError, Connection, connection, rpc_error, with_socket
+from stockade.cli.terminal import printable
 from stockade.relay import jsonrpc
 from stockade.v1 import relay_pb2, relay_pb2_grpc
 from stockade.wire.lines import LineSplitter, OversizedLine
@@ -125,7 +130,7 @@ async def bridge(target: Connection, server: str) -> int:
                 elif kind == "message":
                     await emit(frame.message)
                 elif kind == "closed":
-                    print(f"stockade connect: {frame.closed.reason}", file=sys.stderr)
+                    print(f"stockade connect: {printable(frame.closed.reason)}", file=sys.stderr)
                     return exitcodes.FAILED
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(exc, target.target) from None
@@ -144,4 +149,44 @@ def run_connect(target: Connection, server: str) -> int:
         return exitcodes.OK
 
 
-__all__ = ["CliError", "run_connect"]
+def cmd_connect(args: argparse.Namespace) -> int:
+    target = connection(args, as_host=True)
+    if args.listen is None:
+        return run_connect(target, args.name)
+    from stockade.cli.http_bridge import BridgeError, HttpBridge  # noqa: PLC0415
+
+    if not args.front:
+        raise CliError(
+            "--listen needs --front https://HOST:PORT (the daemon's http_address)", exitcodes.USAGE
+        )
+    url = f"{args.front.rstrip('/')}/servers/{args.name}/mcp"
+    http_bridge = HttpBridge(url, target.cert, target.key, target.ca)
+    print(f"serving http://{args.listen}/mcp -> {url}", file=sys.stderr)
+    try:
+        asyncio.run(http_bridge.serve(args.listen))
+    except BridgeError as exc:
+        raise CliError(str(exc), exitcodes.USAGE) from None
+    except OSError as exc:
+        raise CliError(
+            f"cannot listen on {args.listen}: {exc.strerror}", exitcodes.FAILED
+        ) from None
+    return exitcodes.OK
+
+
+def add_connect_parser(sub: Any) -> None:
+    connect = sub.add_parser(
+        "connect",
+        help="stdio bridge for MCP hosts: use as the server command in a host's config",
+        epilog="example: stockade connect time   (as a host's server command; see "
+        "`stockade client config`)",
+    )
+    connect.add_argument("name", help="registered server to connect to")
+    connect.add_argument(
+        "--listen",
+        help="instead of stdio, serve plain Streamable HTTP on this loopback HOST:PORT (/mcp)",
+    )
+    connect.add_argument(
+        "--front", help="with --listen: the daemon's HTTPS front, https://HOST:PORT"
+    )
+    with_socket(connect, json_flag=False)
+    connect.set_defaults(handler=cmd_connect)

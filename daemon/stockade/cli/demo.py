@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stockade import exitcodes
 from stockade.audit.chain import AUDIT_KEY_FILE, load_public_key, public_path
 from stockade.audit.verify import audit_files, default_head, verify
-from stockade.cli import exitcodes
 from stockade.cli.channel import CliError
 from stockade.config import load_settings
 from stockade.sandbox.docker_backend import DockerBackend
@@ -111,7 +111,7 @@ class _ScratchDaemon:
             timeout=120,
             check=False,
         )
-        if result.returncode != 0:
+        if result.returncode != exitcodes.OK:
             raise CliError(f"stockade {args[0]} failed: {result.stderr.strip()}", result.returncode)
         return result.stdout
 
