@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any, cast
 
@@ -24,7 +24,13 @@ import grpc
 from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.logs import get_logger, log_context
 from stockade.pki.authority import CertificateAuthority
-from stockade.pki.identity import Identity, IdentityError, Role, peer_from_pem
+from stockade.pki.identity import (
+    Identity,
+    IdentityError,
+    PeerCertificate,
+    Role,
+    peer_from_pem,
+)
 
 log = get_logger("stockade.auth")
 
@@ -55,6 +61,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 # The verified caller of the RPC being served, for servicers that record who did what.
 current_identity: ContextVar[Identity | None] = ContextVar("stockade_identity", default=None)
+# The credential it presented ("cert:SERIAL"), so that revoking it can end its streams.
+current_credential: ContextVar[str | None] = ContextVar("stockade_credential", default=None)
 
 
 class Denied(Exception):
@@ -63,8 +71,8 @@ class Denied(Exception):
         self.code = code
 
 
-def caller_identity(context: Context, authority: CertificateAuthority) -> Identity:
-    """The verified identity of the caller, or `Denied` with the reason."""
+def caller_identity(context: Context, authority: CertificateAuthority) -> PeerCertificate:
+    """The verified identity (and certificate serial) of the caller, or `Denied`."""
     auth = context.auth_context()
     pems = list(auth.get("x509_pem_cert") or [])
     if not pems:
@@ -80,7 +88,7 @@ def caller_identity(context: Context, authority: CertificateAuthority) -> Identi
             grpc.StatusCode.UNAUTHENTICATED,
             f"certificate {peer.serial} ({peer.identity.uri}) has been revoked",
         )
-    return peer.identity
+    return peer
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -106,14 +114,27 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 def _authorize(
     context: Context, method: str, roles: frozenset[Role], ca: CertificateAuthority
-) -> Identity:
-    identity = caller_identity(context, ca)
-    if identity.role not in roles:
+) -> PeerCertificate:
+    peer = caller_identity(context, ca)
+    if peer.identity.role not in roles:
         raise Denied(
             grpc.StatusCode.PERMISSION_DENIED,
-            f"{identity.uri} (role {identity.role}) may not call {method}",
+            f"{peer.identity.uri} (role {peer.identity.role}) may not call {method}",
         )
-    return identity
+    return peer
+
+
+@contextlib.contextmanager
+def _as_caller(peer: PeerCertificate) -> Iterator[None]:
+    """The verified caller, bound for the servicer (contextvars) and the log."""
+    identity = current_identity.set(peer.identity)
+    credential = current_credential.set(f"cert:{peer.serial}")
+    try:
+        with log_context(identity=peer.identity.uri):
+            yield
+    finally:
+        current_identity.reset(identity)
+        current_credential.reset(credential)
 
 
 def _wrap(
@@ -138,7 +159,7 @@ def _wrap(
         inner = cast(Callable[..., Any], handler.stream_stream)
         factory = grpc.stream_stream_rpc_method_handler
 
-    async def check(context: Context) -> Identity:
+    async def check(context: Context) -> PeerCertificate:
         try:
             return _authorize(context, method, roles, ca)
         except Denied as exc:
@@ -158,31 +179,26 @@ def _wrap(
     if inspect.isasyncgenfunction(inner):
 
         async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
-            identity = await check(context)
-            token = current_identity.set(identity)
-            try:
-                with log_context(identity=identity.uri):
-                    async for item in inner(request, context):
-                        yield item
-            finally:
-                current_identity.reset(token)
+            peer = await check(context)
+            with _as_caller(peer):
+                async for item in inner(request, context):
+                    yield item
 
         behaviour: Callable[..., Any] = streaming
     else:
 
         async def calling(request: Any, context: Context) -> Any:
-            identity = await check(context)
+            peer = await check(context)
+            identity = peer.identity
             if method.startswith(CONTROL_PREFIX):
                 await _admin_record(audit, context, method, identity, "requested")
-            token = current_identity.set(identity)
             outcome = "error"
             try:
-                with log_context(identity=identity.uri):
+                with _as_caller(peer):
                     answer = await inner(request, context)
                 outcome = "ok"
                 return answer
             finally:
-                current_identity.reset(token)
                 if method.startswith(CONTROL_PREFIX) and method not in READ_ONLY:
                     with contextlib.suppress(AuditUnavailable):
                         audit.write("admin", outcome=outcome, action=method, identity=identity.uri)

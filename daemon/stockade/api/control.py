@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +18,7 @@ from stockade.pki.authority import CertificateAuthority, PkiError
 from stockade.pki.identity import Identity, IdentityError
 from stockade.pki.tokens import TokenError, TokenIssuer
 from stockade.registry import Registry, RegistryError, ServerExists, UnknownServer
-from stockade.relay.opening import SessionRecord
+from stockade.relay.opening import SessionOpener
 from stockade.secrets.model import (
     SecretBackendError,
     SecretError,
@@ -42,7 +42,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         listeners: list[str],
         registry: Registry,
         supervisor: Supervisor,
-        sessions: Mapping[str, SessionRecord],
+        opener: SessionOpener,
         authority: CertificateAuthority,
         *,
         audit: AuditLog,
@@ -57,7 +57,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         self._listeners = listeners
         self._registry = registry
         self._supervisor = supervisor
-        self._sessions = sessions  # live, kept by the session opener
+        self._opener = opener  # the live sessions, and ending them on revocation
 
     async def GetStatus(
         self, request: control_pb2.GetStatusRequest, context: Context
@@ -124,7 +124,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                 instance=session.instance,
                 started_at=session.started_at,
             )
-            for session in self._sessions.values()
+            for session in self._opener.live.values()
             if not request.server or session.server == request.server
         ]
         return control_pb2.ListSessionsResponse(sessions=sessions)
@@ -171,6 +171,11 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         identity = identities.pop() if len(identities) == 1 else ""
         if request.identity:  # and every bearer token that identity holds
             await asyncio.to_thread(self._tokens.revoke, identity=uri)
+        await self._opener.revoke(
+            f"credential revoked: certificate {', '.join(str(s) for s in serials)}",
+            credentials={f"cert:{serial}" for serial in serials},
+            identity=uri if request.identity else "",
+        )
         log.warning("certificate revoked", subject=identity, serials=[str(s) for s in serials])
         return control_pb2.RevokeCertificateResponse(
             identity=identity, serials=[str(s) for s in serials]
@@ -214,6 +219,10 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         if not request.token_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give a token id")
         await asyncio.to_thread(self._tokens.revoke, token_id=request.token_id)
+        await self._opener.revoke(
+            f"credential revoked: token {request.token_id}",
+            credentials={f"token:{request.token_id}"},
+        )
         log.warning("token revoked", id=request.token_id)
         return control_pb2.RevokeTokenResponse()
 

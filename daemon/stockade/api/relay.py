@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from stockade.api.auth import current_identity
+from stockade.api.auth import current_credential, current_identity
 from stockade.logs import get_logger, log_context
 from stockade.relay.opening import HostSession, OpenRefused, Refusal, SessionOpener
 from stockade.v1 import relay_pb2, relay_pb2_grpc
@@ -81,6 +81,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                 host.message,
                 transport="grpc",
                 peer=context.peer(),
+                credential=current_credential.get() or "",
             )
         except OpenRefused as exc:
             await context.abort(GRPC_STATUS[exc.refusal], str(exc))
@@ -98,8 +99,11 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                 )
             )
             host_task = asyncio.create_task(_pump_host(context, session))
-            waiting: set[asyncio.Future[Any]] = {host_task, session.ended}
+            waiting: set[asyncio.Future[Any]] = {host_task, session.ended, session.revoked}
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if session.revoked.done():
+                reason = session.revoked.result()
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
             if session.ended.done():
                 report = session.ended.result()
                 reason = f"server {session.record.server!r} {report.describe()}"

@@ -100,7 +100,7 @@ async def start_server(
         addresses,
         registry,
         supervisor,
-        opener.live,
+        opener,
         authority,
         audit=audit,
         secrets=secrets,

@@ -51,6 +51,7 @@ METHOD_HEADER, NAME_HEADER = "Mcp-Method", "Mcp-Name"
 NAME_BEARING = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 VERSION_META_KEY = "io.modelcontextprotocol/protocolVersion"
 REQUEST_TIMEOUT_SECONDS = 300.0
+CREDENTIAL = "stockade.credential"  # request key: "cert:SERIAL" or "token:ID"
 HTTP_REFUSAL: dict[Refusal, type[web.HTTPException]] = {
     Refusal.UNKNOWN_SERVER: web.HTTPNotFound,
     Refusal.DENIED: web.HTTPForbidden,
@@ -81,6 +82,7 @@ class HttpFront:
         self._stateless: dict[tuple[str, str], HttpSession] = {}
         self._runner: web.AppRunner | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._ending: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -164,6 +166,7 @@ class HttpFront:
             raise web.HTTPUnauthorized(text=f"unusable client certificate: {exc}") from None
         if peer.serial in self._authority.revoked:
             raise web.HTTPForbidden(text=f"certificate {peer.serial} has been revoked")
+        request[CREDENTIAL] = f"cert:{peer.serial}"
         return peer.identity.uri
 
     def _token_identity(self, request: web.Request) -> str:
@@ -176,7 +179,9 @@ class HttpFront:
                 headers=challenge,
             )
         try:
-            return self._tokens.verify(token.strip(), request.match_info["name"])
+            identity, token_id = self._tokens.verify(token.strip(), request.match_info["name"])
+            request[CREDENTIAL] = f"token:{token_id}"
+            return identity
         except TokenError as exc:
             challenge["WWW-Authenticate"] += ', error="invalid_token"'
             raise web.HTTPUnauthorized(text=str(exc), headers=challenge) from None
@@ -301,7 +306,11 @@ class HttpFront:
                 session.to_host,
                 transport="http",
                 peer=request.remote,
+                credential=request.get(CREDENTIAL, ""),
                 session_id=session.id,
+            )
+            session.relay.revoked.add_done_callback(
+                lambda done: self._spawn_end(session, done.result())
             )
         except OpenRefused as exc:
             answer = HTTP_REFUSAL[exc.refusal](text=str(exc))
@@ -310,6 +319,12 @@ class HttpFront:
         if register:
             self._sessions[session.id] = session
         return session
+
+    def _spawn_end(self, session: HttpSession, why: str) -> None:
+        """End a session from a callback (its credential was revoked); kept until done."""
+        task = asyncio.create_task(self._end(session, why))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     async def _end(self, session: HttpSession, why: str) -> None:
         stateless = self._stateless.get((session.identity, session.server)) is session

@@ -74,8 +74,8 @@ class TokenIssuer:
         value = f"{signed}.{_encode(self._key.sign(signed.encode()))}"
         return Token(value, identity, audience, now + ttl_seconds, token_id)
 
-    def verify(self, value: str, audience: str) -> str:
-        """The identity a valid token for `audience` stands for; TokenError otherwise."""
+    def verify(self, value: str, audience: str) -> tuple[str, str]:
+        """(identity, token id) of a valid token for `audience`; TokenError otherwise."""
         parts = value.split(".")
         if len(parts) != 3 or parts[0] != PREFIX:
             raise TokenError("not a Stockade token")
@@ -93,7 +93,7 @@ class TokenIssuer:
         identity = str(claims.get("sub", ""))
         if int(claims.get("iat", 0)) <= self._revoked_identities.get(identity, -1):
             raise TokenError(f"tokens of {identity} have been revoked")
-        return identity
+        return identity, str(claims.get("jti", ""))
 
     def revoke(self, token_id: str | None = None, identity: str | None = None) -> None:
         if token_id:

@@ -21,7 +21,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import NoReturn, Protocol
 
@@ -79,6 +79,7 @@ class SessionRecord:
     identity: str
     instance: str
     transport: str
+    credential: str = ""  # "cert:SERIAL" or "token:ID": what revoking ends it
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -113,6 +114,9 @@ class HostSession:
         # Resolves when the session's own instance ended (never for a shared instance,
         # which the supervisor restarts while its sessions go on).
         self.ended: asyncio.Future[ExitReport] = asyncio.get_running_loop().create_future()
+        # Resolves (with the reason) when the caller's credential was revoked: the transport
+        # ends the session at once.
+        self.revoked: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._watcher: asyncio.Task[None] | None = None
 
     @property
@@ -174,6 +178,29 @@ class SessionOpener:
         self._audit = audit
         self._max = max_message_bytes
         self.live: dict[str, SessionRecord] = {}
+        self._open: dict[str, HostSession] = {}
+
+    async def revoke(self, reason: str, *, credentials: set[str], identity: str = "") -> int:
+        """End every open session that used one of `credentials` (or of `identity`)."""
+        ending = [
+            s
+            for s in self._open.values()
+            if s.record.credential in credentials or (identity and s.record.identity == identity)
+        ]
+        for session in ending:
+            if not session.revoked.done():
+                session.revoked.set_result(reason)
+        if ending:
+            with contextlib.suppress(AuditUnavailable):
+                await self._audit.record(
+                    "session.revoked",
+                    durable=True,
+                    outcome="ok",
+                    reason=reason,
+                    detail={"sessions": sorted(s.id for s in ending)},
+                )
+            log.warning("ended sessions of a revoked credential", sessions=len(ending))
+        return len(ending)
 
     async def open(
         self,
@@ -183,6 +210,7 @@ class SessionOpener:
         *,
         transport: str,
         peer: str | None,
+        credential: str = "",
         session_id: str | None = None,
     ) -> HostSession:
         """Open a session of `identity` on `server`; raises `OpenRefused` with the reason."""
@@ -207,6 +235,7 @@ class SessionOpener:
                 session = self._join_shared(session_id, identity, server, to_host, transport)
             else:
                 session = await self._start_own(session_id, identity, server, to_host, transport)
+            session.record = replace(session.record, credential=credential)
             try:
                 await self._audit.record(
                     "session.open",
@@ -222,6 +251,7 @@ class SessionOpener:
                 raise
             SESSIONS.labels(server).inc()
             self.live[session_id] = session.record
+            self._open[session_id] = session
             log.info("session opened", instance=session.instance, transport=transport)
         return session
 
@@ -315,6 +345,7 @@ class SessionOpener:
     def _closed(self, session: HostSession, reason: str) -> None:
         record = session.record
         self.live.pop(record.id, None)
+        self._open.pop(record.id, None)
         SESSIONS.labels(record.server).dec()
         with contextlib.suppress(AuditUnavailable):  # the failure is already said and shown
             self._audit.write(
