@@ -32,6 +32,7 @@ from stockade.policy.store import PolicyStore
 from stockade.relay import jsonrpc
 from stockade.relay.jsonrpc import Kind, Message
 from stockade.secrets.redact import Redactor
+from stockade.wire import strict_json
 
 log = get_logger("stockade.policy")
 
@@ -273,4 +274,5 @@ def _without(body: dict[str, Any], result: dict[str, Any], hidden: list[str]) ->
 
 
 def dumps(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    """A message the relay changed (a filtered list), in the one canonical serialisation."""
+    return strict_json.dumps(body)

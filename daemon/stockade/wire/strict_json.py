@@ -88,9 +88,8 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         if keys in _CLEAN_KEYS:
             return value
         joined = "".join(keys)
-        if not (joined.isascii() and joined.isprintable()):
-            _refuse_folded(keys)
-        elif len(set(map(str.lower, keys))) != len(keys):  # plain ASCII: lower() is the fold
+        plain = joined.isascii() and joined.isprintable()  # then lower() is the fold
+        if not plain or len(set(map(str.lower, keys))) != len(keys):
             _refuse_folded(keys)
         if len(joined) <= CLEAN_KEYS_CHARS:
             if len(_CLEAN_KEYS) >= CLEAN_KEYS_LIMIT:
