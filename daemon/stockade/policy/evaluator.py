@@ -23,6 +23,7 @@ from typing import Any
 from stockade.policy.constraints import CompiledArgument, Verdict, shown
 from stockade.policy.loader import Policy
 from stockade.policy.model import NAMED_METHODS, RateLimit, Rule
+from stockade.wire.strict_json import fold_key
 
 SERVER_CACHE_LIMIT = 1024
 SESSION_METHODS = frozenset(
@@ -76,6 +77,7 @@ class _CompiledRule:
     any_method: bool
     validators: tuple[CompiledArgument, ...]
     named: frozenset[str]  # the argument names the rule lists
+    folded: frozenset[str]  # the same, as `fold_key` forms
 
     @classmethod
     def of(cls, rule: Rule) -> _CompiledRule:
@@ -88,6 +90,7 @@ class _CompiledRule:
             any_method="*" in rule.methods,
             validators=checks,
             named=frozenset(check.name for check in checks),
+            folded=frozenset(fold_key(check.name) for check in checks),
         )
 
     def covers(self, identity: str, server: str) -> bool:
@@ -102,9 +105,24 @@ class _CompiledRule:
             return request.name is not None and bool(self.names.match(request.name))
         return True
 
+    def look_alike(self, arguments: Mapping[str, Any]) -> str | None:
+        """An argument spelled like a constrained one but not exactly ("PATH", "path\\u0000").
+
+        Some servers' parsers take it for the constrained argument, which the checks here
+        would not have seen.
+        """
+        if not self.folded:
+            return None
+        return next(
+            (k for k in arguments if k not in self.named and fold_key(k) in self.folded), None
+        )
+
     def argument_problem(self, arguments: Mapping[str, Any]) -> str | None:
         """Why the arguments fail this (allow) rule's constraints, or None when they all hold."""
         name = self.rule.name
+        alike = self.look_alike(arguments)
+        if alike is not None:
+            return f"argument {shown(alike)} looks like one rule {name!r} constrains"
         for check in self.validators:
             if check.name not in arguments:
                 if check.optional:
@@ -124,6 +142,8 @@ class _CompiledRule:
 
     def deny_applies(self, arguments: Mapping[str, Any]) -> bool:
         """A deny rule applies when each constraint holds or cannot be vouched for."""
+        if self.look_alike(arguments) is not None:
+            return True
         return all(
             check.name in arguments and check.for_deny(arguments[check.name])
             for check in self.validators

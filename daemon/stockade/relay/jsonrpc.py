@@ -8,7 +8,8 @@ cannot see another message than the policy saw.
 
 Refused, with `InvalidMessage` (code -32700 or -32600; the request's id when it can be read):
 everything `strict_json` refuses; batches; members other than jsonrpc, id, method, params,
-result, error; `jsonrpc` other than "2.0"; a message with `method` and `result`/`error`, or
+result, error; in params, a look-alike of name, uri, arguments or _meta (e.g. "Name");
+`jsonrpc` other than "2.0"; a message with `method` and `result`/`error`, or
 with both `result` and `error`; ids that are not a string or an integer within +-(2^53 - 1);
 a null id except on an error response; an error without an integer code and a string message.
 A server's bad line is dropped and logged (at a bounded rate), never raised.
@@ -81,6 +82,9 @@ def id_key(value: Any) -> str:
 
 
 ENVELOPE = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
+# Members of params the policy reads: a look-alike spelling (case, invisible characters) that
+# another parser could take for one of them is refused, even alone.
+POLICY_PARAMS = frozenset({"name", "uri", "arguments", "_meta"})
 MAX_ID = 2**53 - 1  # ids beyond this are not exact in JavaScript (and many other) hosts
 
 
@@ -158,8 +162,18 @@ def _call_kind(body: dict[str, Any], request_id: Any) -> Kind:
         )
     if not isinstance(method, str) or not method:
         raise InvalidMessage(INVALID_REQUEST, "method must be a non-empty string", request_id)
-    if "params" in body and not isinstance(body["params"], (dict, list)):
+    params = body.get("params")
+    if "params" in body and not isinstance(params, (dict, list)):
         raise InvalidMessage(INVALID_REQUEST, "params must be an object or an array", request_id)
+    if isinstance(params, dict):
+        for key in params:
+            if key not in POLICY_PARAMS and strict_json.fold_key(key) in POLICY_PARAMS:
+                raise InvalidMessage(
+                    INVALID_REQUEST,
+                    f"params member {json.dumps(key[:40])} looks like "
+                    f"{json.dumps(strict_json.fold_key(key))} to some parsers; spell it exactly",
+                    request_id,
+                )
     if "id" not in body:
         return Kind.NOTIFICATION
     if body["id"] is None:

@@ -8,8 +8,9 @@ reading and forwards the original bytes lets a server execute what the policy re
 
 - `loads` refuses every such input with `StrictJSONError` (and never raises anything else,
   whatever the bytes): invalid UTF-8, syntax errors, `NaN`/`Infinity`, lone surrogates (also
-  escaped ones) are `PARSE_ERROR` (-32700); duplicate keys, two keys in one object that are
-  equal under `fold_key`, nesting deeper than `MAX_DEPTH`, integers of more than
+  escaped ones) are `PARSE_ERROR` (-32700); duplicate keys, keys holding a control character
+  (escaped NUL...), two keys in one object that are equal under `fold_key`, nesting deeper
+  than `MAX_DEPTH`, integers of more than
   `MAX_INT_DIGITS` digits, number literals over `MAX_NUMBER_CHARS` characters and numbers
   that overflow a double are `INVALID_REQUEST` (-32600);
 - `dumps` is the one canonical serialisation: compact, UTF-8 (non-ASCII kept as is, control
@@ -77,7 +78,7 @@ def fold_key(key: str) -> str:
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Build one object; refuse duplicate keys and keys equal under `fold_key`."""
+    """Build one object; refuse duplicate keys, keys equal under `fold_key`, control keys."""
     value = dict(pairs)
     if len(pairs) > 1:
         if len(value) != len(pairs):
@@ -95,19 +96,26 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             if len(_CLEAN_KEYS) >= CLEAN_KEYS_LIMIT:
                 _CLEAN_KEYS.clear()
             _CLEAN_KEYS[keys] = None
+    elif pairs and not pairs[0][0].isprintable():
+        _refuse_folded((pairs[0][0],))
     return value
 
 
 def _refuse_folded(keys: tuple[str, ...]) -> None:
-    """Raise when two of `keys` have the same `fold_key`."""
+    """Raise when a key holds a control character, or two keys have the same `fold_key`."""
     folded: dict[str, str] = {}
     for key in keys:
+        if any(unicodedata.category(c) == "Cc" for c in key):
+            raise StrictJSONError(
+                INVALID_REQUEST,
+                f"key {_shown(key)} holds a control character; some parsers drop it",
+            )
         other = folded.setdefault(fold_key(key), key)
         if other is not key:
             raise StrictJSONError(
                 INVALID_REQUEST,
                 f"keys {_shown(other)} and {_shown(key)} in one object differ only in case "
-                "or by control characters; some parsers take them for the same key",
+                "or by invisible characters; some parsers take them for the same key",
             )
 
 
