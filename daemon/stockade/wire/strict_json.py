@@ -63,18 +63,21 @@ class StrictJSONError(ValueError):
 def fold_key(key: str) -> str:
     """The form under which two keys count as the same key to some parser.
 
-    ASCII: lower case, control characters removed. Otherwise the Unicode compatibility
-    caseless form (Unicode 3.13, D146: NFKD(casefold(NFKD(casefold(NFD(s)))))) with control
-    and format characters removed. It covers Go's simple folding (U+212A KELVIN SIGN ~ k,
-    U+017F LONG S ~ s, U+212B ANGSTROM SIGN ~ å) and full-width or ligature look-alikes.
+    ASCII: lower case, control characters removed. Otherwise, with control and format
+    characters removed: upper case, then the Unicode compatibility caseless form (Unicode
+    3.13, D146), without U+0307 COMBINING DOT ABOVE. That covers Go's simple folding
+    (U+212A KELVIN SIGN ~ k, U+017F LONG S ~ s, U+212B ANGSTROM SIGN ~ å), per-character
+    upper/lower comparisons such as Java's equalsIgnoreCase (U+0131 dotless i ~ i, U+0130
+    dotted I ~ i), and full-width or ligature look-alikes.
     """
     if key.isascii():
         if key.isprintable():
             return key.lower()
         return key.translate(_ASCII_CONTROLS).lower()
     kept = "".join(c for c in key if unicodedata.category(c) not in ("Cc", "Cf"))
-    nfd = unicodedata.normalize("NFD", kept).casefold()
-    return unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", nfd).casefold())
+    upper = unicodedata.normalize("NFD", kept).upper()
+    caseless = unicodedata.normalize("NFKD", upper.casefold()).casefold()
+    return unicodedata.normalize("NFKD", caseless).replace("\u0307", "")
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
