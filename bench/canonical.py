@@ -98,12 +98,13 @@ def main() -> None:
         print(f"\n### {label} ({n} rounds)\n")
         print("| path | p50 µs | p99 µs |")
         print("|---|---:|---:|")
-        base = None
+        figures = {}
         for name, function in rows:
             p50, p99 = timed(function, data, n)
-            base = base if base is not None else p50
+            figures[name] = p50
             print(f"| {name} | {p50:.1f} | {p99:.1f} |")
-        print(f"\n(added by the canonical path at p50: see the rows above minus {base:.1f} µs)")
+        added = figures["jsonrpc.parse"] - figures["json.loads"]
+        print(f"\njsonrpc.parse adds {added:.1f} µs at p50 over a plain json.loads.")
 
 
 if __name__ == "__main__":
