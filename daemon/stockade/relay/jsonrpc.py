@@ -8,7 +8,8 @@ cannot see another message than the policy saw.
 
 Refused, with `InvalidMessage` (code -32700 or -32600; the request's id when it can be read):
 everything `strict_json` refuses; batches; members other than jsonrpc, id, method, params,
-result, error; in params, a look-alike of name, uri, arguments or _meta (e.g. "Name");
+result, error; in params, a look-alike of name, uri, arguments or _meta (e.g. "Name"), and
+in a result, of the members the guard filters (e.g. "Tools");
 `jsonrpc` other than "2.0"; a message with `method` and `result`/`error`, or
 with both `result` and `error`; ids that are not a string or an integer within +-(2^53 - 1);
 a null id except on an error response; an error without an integer code and a string message.
@@ -82,9 +83,11 @@ def id_key(value: Any) -> str:
 
 
 ENVELOPE = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
-# Members of params the policy reads: a look-alike spelling (case, invisible characters) that
-# another parser could take for one of them is refused, even alone.
+# Members the guard reads, in params and in results (list answers, capabilities): a look-alike
+# spelling (case, invisible characters) that another parser could take for one of them is
+# refused, even alone, or the guard would decide on (or filter) something else than is read.
 POLICY_PARAMS = frozenset({"name", "uri", "arguments", "_meta"})
+POLICY_RESULTS = frozenset({"tools", "prompts", "resources", "resourceTemplates", "capabilities"})
 MAX_ID = 2**53 - 1  # ids beyond this are not exact in JavaScript (and many other) hosts
 
 
@@ -166,14 +169,7 @@ def _call_kind(body: dict[str, Any], request_id: Any) -> Kind:
     if "params" in body and not isinstance(params, (dict, list)):
         raise InvalidMessage(INVALID_REQUEST, "params must be an object or an array", request_id)
     if isinstance(params, dict):
-        for key in params:
-            if key not in POLICY_PARAMS and strict_json.fold_key(key) in POLICY_PARAMS:
-                raise InvalidMessage(
-                    INVALID_REQUEST,
-                    f"params member {json.dumps(key[:40])} looks like "
-                    f"{json.dumps(strict_json.fold_key(key))} to some parsers; spell it exactly",
-                    request_id,
-                )
+        _refuse_look_alike("params", params, POLICY_PARAMS, request_id)
     if "id" not in body:
         return Kind.NOTIFICATION
     if body["id"] is None:
@@ -194,6 +190,12 @@ def _response_kind(body: dict[str, Any], request_id: Any) -> Kind:
         )
     if "params" in body:
         raise InvalidMessage(INVALID_REQUEST, "a response carries no params", request_id)
+    result = body.get("result")
+    if isinstance(result, dict):
+        _refuse_look_alike("result", result, POLICY_RESULTS, request_id)
+        capabilities = result.get("capabilities")
+        if isinstance(capabilities, dict):
+            _refuse_look_alike("capabilities", capabilities, POLICY_RESULTS, request_id)
     if "id" not in body:
         raise InvalidMessage(INVALID_REQUEST, "a response needs the id it answers")
     if has_result and body["id"] is None:
@@ -211,6 +213,21 @@ def _response_kind(body: dict[str, Any], request_id: Any) -> Kind:
             request_id,
         )
     return Kind.RESPONSE
+
+
+def _refuse_look_alike(
+    where: str, members: dict[str, Any], exact: frozenset[str], request_id: Any
+) -> None:
+    folded = {strict_json.fold_key(name): name for name in exact}
+    for key in members:
+        if key not in exact and strict_json.fold_key(key) in folded:
+            raise InvalidMessage(
+                INVALID_REQUEST,
+                f"{where} member {json.dumps(key[:40])} looks like "
+                f"{json.dumps(folded[strict_json.fold_key(key)])} to some parsers; spell it "
+                "exactly",
+                request_id,
+            )
 
 
 def _readable_id(raw: bytes) -> Any:
