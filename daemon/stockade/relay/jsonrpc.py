@@ -6,13 +6,15 @@ serialisation of exactly that object, never the bytes as they arrived. A parser 
 JSON differently (Go's case-insensitive keys, NUL-suffixed keys, first-of-duplicates) thus
 cannot see another message than the policy saw.
 
-Refused, with `InvalidMessage` (code -32700 or -32600; the request's id when it can be read):
-everything `strict_json` refuses; batches; members other than jsonrpc, id, method, params,
-result, error; in params, a look-alike of name, uri, arguments or _meta (e.g. "Name"), and
-in a result, of the members the guard filters (e.g. "Tools");
-`jsonrpc` other than "2.0"; a message with `method` and `result`/`error`, or
-with both `result` and `error`; ids that are not a string or an integer within +-(2^53 - 1);
-a null id except on an error response; an error without an integer code and a string message.
+Refused with `InvalidMessage` (-32700 or -32600, and the request's id when it can be read):
+- everything `strict_json` refuses (duplicate or look-alike keys, NaN, huge numbers, deep
+  nesting, lone surrogates, invalid UTF-8), and batches;
+- members other than jsonrpc, id, method, params, result and error; `jsonrpc` not "2.0";
+- `method` with `result` or `error`; `result` with `error`; a response without an id;
+- ids that are not a string or an integer within +-(2^53 - 1); a null id, except on an error;
+- an error without an integer code and a string message;
+- a look-alike (e.g. "Name", "Tools") of a member the guard reads, even alone: in params
+  (name, uri, arguments, _meta) and in a result (the lists and capabilities it filters).
 A server's bad line is dropped and logged (at a bounded rate), never raised.
 """
 
