@@ -9,19 +9,20 @@ reading and forwards the original bytes lets a server execute what the policy re
 - `loads` refuses every such input with `StrictJSONError` (and never raises anything else,
   whatever the bytes): invalid UTF-8, syntax errors, `NaN`/`Infinity`, lone surrogates (also
   escaped ones) are `PARSE_ERROR` (-32700); duplicate keys, keys holding a control character
-  (escaped NUL...), two keys in one object that are equal under `fold_key`, nesting deeper
-  than `MAX_DEPTH`, integers of more than
-  `MAX_INT_DIGITS` digits, number literals over `MAX_NUMBER_CHARS` characters and numbers
-  that overflow a double are `INVALID_REQUEST` (-32600);
+  (an escaped NUL...), two keys in one object that are equal under `fold_key`, nesting
+  deeper than `MAX_DEPTH`, integers of more than `MAX_INT_DIGITS` digits, number literals
+  over `MAX_NUMBER_CHARS` characters and numbers that overflow a double are
+  `INVALID_REQUEST` (-32600);
 - `dumps` is the one canonical serialisation: compact, UTF-8 (non-ASCII kept as is, control
   characters escaped), object members in the order they arrived. The same value always gives
   the same bytes, and they never contain a raw newline (one message per line on stdio).
 
 The parser is the C scanner of the standard library with hooks (measured in
 `bench/canonical.py`): objects go through a duplicate and fold check, integers and floats
-through a size and finiteness check, and a cheap bracket count (a full scan only when a
-message has more brackets than `MAX_DEPTH`) keeps the recursive scanner far from Python's
-recursion limit.
+through a size and finiteness check, and a bracket count before parsing (a full scan only
+when a message has more brackets than `MAX_DEPTH`) keeps the recursive scanner far from
+Python's recursion limit. Cost: a few µs on a typical message; on large ones about 1 µs per
+object plus 2-3x a plain `json.loads` for the scan and the serialiser.
 """
 
 from __future__ import annotations
