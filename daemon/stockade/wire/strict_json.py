@@ -177,7 +177,9 @@ def _check_depth(raw: bytes) -> None:
     """
     if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
         return  # cannot be deeper, even counting brackets inside strings
-    shape = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    if b"\\" in raw:  # escaped backslashes first, then escaped quotes: neither ends a string
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    shape = raw.translate(None, _NOT_STRUCTURE)
     shape = shape.replace(b'""', b"")  # empty strings (or two strings merged: same brackets)
     if b'"' in shape:
         shape = _STRING.sub(b"", shape)
