@@ -40,7 +40,7 @@ def write_policy(folder: Path) -> Path:
         '    methods: ["tools/call"]',
         '    names: ["read_*"]',
         "    arguments:",
-        '      path: {pattern: "^/data/"}',
+        '      path: {pattern: "/data/.*"}',
     ]
     path = folder / "big.yaml"
     path.write_text("\n".join(lines) + "\n")

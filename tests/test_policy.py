@@ -28,7 +28,7 @@ rules:
     methods: ["tools/call", "resources/read"]
     names: ["read_*", "file:///data/*"]
     arguments:
-      path: {pattern: "^/data/"}
+      path: {pattern: "/data/.*"}
   - name: anyone-lists-limited
     effect: allow
     identities: ["spiffe://stockade.local/host/*"]
@@ -44,7 +44,7 @@ rules:
     methods: ["tools/call"]
     names: ["read_*"]
     arguments:
-      path: {pattern: "secret"}
+      path: {pattern: ".*secret.*"}
   - name: phone-is-blocked
     effect: deny
     identities: ["spiffe://stockade.local/host/phone"]

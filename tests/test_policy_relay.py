@@ -30,7 +30,7 @@ rules:
     methods: ["tools/call"]
     names: ["get_current_time"]
     arguments:
-      timezone: {pattern: "^Europe/"}
+      timezone: {pattern: "Europe/.*"}
     audit_arguments: true
   - name: alice-echoes
     effect: allow

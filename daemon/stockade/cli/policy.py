@@ -32,9 +32,15 @@ def _load_policy(paths: list[Path]) -> Any:
     from stockade.policy.loader import PolicyError, load_policy  # noqa: PLC0415
 
     try:
-        return load_policy(paths)
+        policy = load_policy(paths)
     except PolicyError as exc:
         raise CliError(str(exc), exitcodes.USAGE) from None
+    for name in policy.ignored:
+        print(
+            f"stockade: {printable(name)}: not a policy file (*.yaml, *.yml); ignored",
+            file=sys.stderr,
+        )
+    return policy
 
 
 def cmd_policy_lint(args: argparse.Namespace) -> int:
@@ -98,6 +104,7 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
     policy = _load_policy(_policy_paths(args))
     shown = {
         "files": list(policy.files),
+        "ignored": list(policy.ignored),
         "combining": "deny overrides; allow needs a matching rule; default deny",
         "rules": [
             {"source": r.source, **r.model_dump(mode="json", by_alias=True, exclude_defaults=False)}

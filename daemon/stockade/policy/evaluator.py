@@ -2,8 +2,10 @@
 
 Combining rule (also in the README):
 1. **Deny overrides.** A matching `deny` rule refuses the request, whatever else allows it.
-   A deny rule's argument constraints narrow it: it applies when they all hold.
-2. **Allow** needs a matching `allow` rule whose argument constraints all hold.
+   A deny rule's argument constraints narrow it: it applies when they all hold, or when a
+   value cannot be vouched for (see `policy/constraints.py`).
+2. **Allow** needs a matching `allow` rule whose argument constraints all hold (and, with
+   `additional_arguments: false`, no argument the rule does not name).
 3. **Session methods** (initialize, ping, list calls, notifications…) are allowed to a
    caller that some allow rule lets use the server at all; list answers are then filtered
    to what it may use.
@@ -18,10 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from jsonschema import Draft202012Validator
-
+from stockade.policy.constraints import CompiledArgument, Verdict, shown
 from stockade.policy.loader import Policy
-from stockade.policy.model import NAMED_METHODS, ArgumentConstraint, RateLimit, Rule
+from stockade.policy.model import NAMED_METHODS, RateLimit, Rule
+from stockade.wire.strict_json import fold_key
 
 SERVER_CACHE_LIMIT = 1024
 SESSION_METHODS = frozenset(
@@ -73,13 +75,13 @@ class _CompiledRule:
     servers: re.Pattern[str]
     names: re.Pattern[str]
     any_method: bool
-    validators: dict[str, Draft202012Validator | re.Pattern[str]]
+    validators: tuple[CompiledArgument, ...]
+    named: frozenset[str]  # the argument names the rule lists
+    folded: frozenset[str]  # the same, as `fold_key` forms
 
     @classmethod
     def of(cls, rule: Rule) -> _CompiledRule:
-        checks: dict[str, Draft202012Validator | re.Pattern[str]] = {}
-        for argument, constraint in rule.arguments.items():
-            checks[argument] = _compile_constraint(constraint)
+        checks = tuple(CompiledArgument.of(key, c) for key, c in rule.arguments.items())
         return cls(
             rule=rule,
             identities=_glob(rule.identities),
@@ -87,6 +89,8 @@ class _CompiledRule:
             names=_glob(rule.names),
             any_method="*" in rule.methods,
             validators=checks,
+            named=frozenset(check.name for check in checks),
+            folded=frozenset(fold_key(check.name) for check in checks),
         )
 
     def covers(self, identity: str, server: str) -> bool:
@@ -101,29 +105,49 @@ class _CompiledRule:
             return request.name is not None and bool(self.names.match(request.name))
         return True
 
+    def look_alike(self, arguments: Mapping[str, Any]) -> str | None:
+        """An argument spelled like a constrained one but not exactly ("PATH", "path\\u0000").
+
+        Some servers' parsers take it for the constrained argument, which the checks here
+        would not have seen.
+        """
+        if not self.folded:
+            return None
+        return next(
+            (k for k in arguments if k not in self.named and fold_key(k) in self.folded), None
+        )
+
     def argument_problem(self, arguments: Mapping[str, Any]) -> str | None:
-        """Why the arguments fail this rule's constraints, or None when they all hold."""
-        for argument, check in self.validators.items():
-            if argument not in arguments:
-                return f"argument {argument!r} is required by rule {self.rule.name!r}"
-            value = arguments[argument]
-            if isinstance(check, re.Pattern):
-                if not isinstance(value, str) or not check.search(value):
-                    return (
-                        f"argument {argument!r} does not match {check.pattern!r} "
-                        f"(rule {self.rule.name!r})"
-                    )
-            else:
-                error = next(iter(check.iter_errors(value)), None)
-                if error is not None:
-                    return f"argument {argument!r}: {error.message} (rule {self.rule.name!r})"
+        """Why the arguments fail this (allow) rule's constraints, or None when they all hold."""
+        name = self.rule.name
+        alike = self.look_alike(arguments)
+        if alike is not None:
+            return f"argument {shown(alike)} looks like one rule {name!r} constrains"
+        for check in self.validators:
+            if check.name not in arguments:
+                if check.optional:
+                    continue
+                return f"argument {check.name!r} is required by rule {name!r}"
+            outcome = check.for_allow(arguments[check.name])
+            if outcome.verdict is not Verdict.HOLDS:
+                return f"argument {check.name!r} {outcome.why} (rule {name!r})"
+        if not self.rule.additional_arguments:
+            extra = next((key for key in arguments if key not in self.named), None)
+            if extra is not None:
+                return (
+                    f"argument {shown(extra)} is not one rule {name!r} names "
+                    "(additional_arguments: false)"
+                )
         return None
 
-
-def _compile_constraint(constraint: ArgumentConstraint) -> Draft202012Validator | re.Pattern[str]:
-    if constraint.pattern is not None:
-        return re.compile(constraint.pattern)
-    return Draft202012Validator(constraint.schema_ or {})
+    def deny_applies(self, arguments: Mapping[str, Any]) -> bool:
+        """A deny rule applies when each constraint holds or cannot be vouched for."""
+        if self.look_alike(arguments) is not None:
+            return True
+        return all(
+            check.name in arguments and check.for_deny(arguments[check.name])
+            for check in self.validators
+        )
 
 
 @dataclass(frozen=True)
@@ -179,7 +203,7 @@ class Evaluator:
     def decide(self, request: Request) -> Decision:
         denies, allows = self._rules_for(request.server)
         for deny in denies:
-            if deny.matches(request) and deny.argument_problem(request.arguments) is None:
+            if deny.matches(request) and deny.deny_applies(request.arguments):
                 return _said(deny, False, f"denied by rule {deny.rule.name!r}")
         near_miss: tuple[_CompiledRule, str] | None = None
         for allow in allows:

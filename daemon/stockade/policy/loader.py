@@ -2,7 +2,9 @@
 
 YAML is parsed into nodes first (they carry line numbers), converted to plain data while
 remembering which path came from which line, then validated with pydantic. A pydantic error
-location is mapped back to the closest line. A directory's `*.yaml` files are one policy.
+location is mapped back to the closest line. A directory's `*.yaml` and `*.yml` files are one
+policy; anything else in it is not loaded and is listed in `Policy.ignored`, so that whoever
+loads the policy says so (a policy file saved under another name must not vanish silently).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Policy:
     server_requests: dict[str, frozenset[str]] = field(default_factory=dict)
     sandboxes: dict[str, SandboxPolicy] = field(default_factory=dict)
     files: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()  # entries of a policy directory that are not policy files
 
     def sandbox(self, server: str) -> SandboxPolicy:
         """The server's sandbox policy; the hardened default when no file names it."""
@@ -99,12 +102,28 @@ def load_file(path: Path) -> PolicyFile:
     return parsed.model_copy(update={"rules": rules, "sandboxes": sandboxes})
 
 
+POLICY_SUFFIXES = (".yaml", ".yml")
+
+
+def policy_files(directory: Path) -> tuple[list[Path], list[Path]]:
+    """A policy directory's policy files (*.yaml, *.yml), and its other entries; sorted."""
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as exc:
+        raise PolicyError(f"{directory}: {exc.strerror}") from None
+    files = [p for p in entries if p.suffix in POLICY_SUFFIXES and p.is_file()]
+    return files, [p for p in entries if p not in files]
+
+
 def load_policy(paths: list[Path]) -> Policy:
-    """Load files and directories (their *.yaml, sorted) into one policy."""
+    """Load files and directories (their *.yaml and *.yml, sorted) into one policy."""
     files: list[Path] = []
+    ignored: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files.extend(sorted(path.glob("*.yaml")))
+            found, others = policy_files(path)
+            files.extend(found)
+            ignored.extend(others)
         elif path.exists():
             files.append(path)
         else:
@@ -138,4 +157,5 @@ def load_policy(paths: list[Path]) -> Policy:
         server_requests={s: frozenset(m) for s, m in requests.items()},
         sandboxes=sandboxes,
         files=tuple(str(f) for f in files),
+        ignored=tuple(str(f) for f in ignored),
     )

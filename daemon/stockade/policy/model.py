@@ -10,8 +10,11 @@ rules:
     methods: ["tools/call"]            # exact MCP methods, or "*"
     names: ["read_*"]                  # globs over the tool / prompt name or resource URI
     arguments:                         # every listed argument must satisfy its constraint
-      path: {pattern: "^/data/"}       # a regular expression (full match not required)
-      limit: {schema: {type: integer, maximum: 100}}   # or a JSON-schema fragment
+      path: {path: {under: /data}}     # an absolute path inside /data ("." and "//" resolved)
+      paths[]: {path: {under: /data}}  # an array; every element must satisfy the constraint
+      mode: {pattern: "r|rw"}          # a regular expression matching the WHOLE value
+      limit: {schema: {type: integer, maximum: 100}, optional: true}  # JSON schema; may be absent
+    additional_arguments: false        # refuse arguments not listed above (allow rules only)
     audit_arguments: false             # true: the audit keeps full arguments, not a digest
 server_requests:                       # what a server may ask the host (default: nothing)
   everything: ["sampling/createMessage", "roots/list"]
@@ -28,6 +31,7 @@ sandboxes:                             # how each server's container runs (polic
 
 from __future__ import annotations
 
+import posixpath
 import re
 from typing import Any, Literal
 
@@ -46,6 +50,32 @@ NAMED_METHODS: dict[str, str] = {
     "resources/unsubscribe": "uri",
 }
 SERVER_REQUEST_METHODS = ("sampling/createMessage", "elicitation/create", "roots/list")
+# JSON-schema formats the installed checker really checks; any other `format` would pass
+# everything silently, so a policy naming one is refused.
+CHECKED_FORMATS = frozenset(Draft202012Validator.FORMAT_CHECKER.checkers)
+
+
+class PathConstraint(BaseModel):
+    """An absolute path under one of `under` (itself, or below it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    under: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("under", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("under")
+    @classmethod
+    def _absolute(cls, roots: tuple[str, ...]) -> tuple[str, ...]:
+        for root in roots:
+            if not root.startswith("/") or any(ord(c) < 0x20 or c == "\x7f" for c in root):
+                raise ValueError(f"{root!r}: `under` takes absolute paths (starting with /)")
+            if ".." in root.split("/"):
+                raise ValueError(f"{root!r}: write the path without '..'")
+        return tuple(posixpath.normpath("/" + root.lstrip("/")) for root in roots)
 
 
 class ArgumentConstraint(BaseModel):
@@ -53,11 +83,19 @@ class ArgumentConstraint(BaseModel):
 
     pattern: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    path: PathConstraint | None = None
+    # The argument may be absent; when present it must satisfy the constraint (allow rules).
+    optional: bool = False
+    # `pattern` only: the value may hold line breaks and tabs (never NUL or other controls).
+    multiline: bool = False
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ArgumentConstraint:
-        if (self.pattern is None) == (self.schema_ is None):
-            raise ValueError("give exactly one of `pattern` or `schema`")
+        given = [self.pattern is not None, self.schema_ is not None, self.path is not None]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of `pattern`, `schema` or `path`")
+        if self.multiline and self.pattern is None:
+            raise ValueError("`multiline` applies to `pattern` only")
         if self.pattern is not None:
             try:
                 re.compile(self.pattern)
@@ -68,7 +106,28 @@ class ArgumentConstraint(BaseModel):
                 Draft202012Validator.check_schema(self.schema_)
             except SchemaError as exc:
                 raise ValueError(f"invalid JSON schema: {exc.message}") from None
+            unknown = sorted(_formats(self.schema_) - CHECKED_FORMATS)
+            if unknown:
+                raise ValueError(
+                    f"format {', '.join(unknown)} cannot be checked here (checked: "
+                    f"{', '.join(sorted(CHECKED_FORMATS))}); use `pattern` instead"
+                )
         return self
+
+
+def _formats(schema: Any) -> set[str]:
+    """Every `format` a schema fragment asks for, at any depth."""
+    found: set[str] = set()
+    stack = [schema]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if isinstance(item.get("format"), str):
+                found.add(item["format"])
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
 
 
 class Rule(BaseModel):
@@ -80,7 +139,10 @@ class Rule(BaseModel):
     servers: tuple[str, ...] = Field(min_length=1)
     methods: tuple[str, ...] = Field(min_length=1)
     names: tuple[str, ...] = ("*",)
+    # Argument name -> constraint; `name[]` means an array whose every element satisfies it.
     arguments: dict[str, ArgumentConstraint] = Field(default_factory=dict)
+    # False: a call with an argument the rule does not name is refused (allow rules only).
+    additional_arguments: bool = True
     # Record the full arguments of the requests this rule decides (granted secrets redacted);
     # otherwise the audit log keeps only their SHA-256.
     audit_arguments: bool = False
@@ -94,6 +156,31 @@ class Rule(BaseModel):
             if method != "*" and "/" not in method and method not in ("initialize", "ping"):
                 raise ValueError(f"{method!r} is not an MCP method (e.g. tools/call) or '*'")
         return methods
+
+    @field_validator("arguments")
+    @classmethod
+    def _argument_names(
+        cls, arguments: dict[str, ArgumentConstraint]
+    ) -> dict[str, ArgumentConstraint]:
+        names = [key.removesuffix("[]") for key in arguments]
+        for key, name in zip(arguments, names, strict=True):
+            if not name or name.endswith("[]"):
+                raise ValueError(f"{key!r}: an argument name, or a name followed by []")
+            if names.count(name) > 1:
+                raise ValueError(f"argument {name!r} is constrained twice")
+        return arguments
+
+    @model_validator(mode="after")
+    def _allow_only_options(self) -> Rule:
+        if self.effect == "deny":
+            if not self.additional_arguments:
+                raise ValueError("additional_arguments applies to allow rules only")
+            optional = [k for k, c in self.arguments.items() if c.optional]
+            if optional:
+                raise ValueError(
+                    f"`optional` applies to allow rules only (here: {', '.join(optional)})"
+                )
+        return self
 
     @model_validator(mode="after")
     def _arguments_need_named_methods(self) -> Rule:

@@ -13,7 +13,7 @@ from pathlib import Path
 from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.logs import get_logger
 from stockade.policy.evaluator import Evaluator
-from stockade.policy.loader import Policy, PolicyError, load_policy
+from stockade.policy.loader import Policy, PolicyError, load_policy, policy_files
 from stockade.policy.ratelimit import RateLimiter
 from stockade.policy.sandbox import SandboxPolicy
 
@@ -23,6 +23,7 @@ log = get_logger("stockade.policy")
 class PolicyStore:
     def __init__(self, directory: Path, audit: AuditLog | None = None) -> None:
         self._directory = directory
+        self.ignored: tuple[str, ...] = ()  # entries of the folder that are not policy files
         self._audit = audit  # None only for offline use (the CLI); the daemon always audits
         self._fingerprint = self._scan()
         self.evaluator = Evaluator(self._load())
@@ -35,18 +36,27 @@ class PolicyStore:
         return self._directory
 
     def _scan(self) -> tuple[tuple[str, int, int], ...]:
-        """Names, sizes and mtimes of the policy files: a change means a reload."""
+        """Names, sizes and mtimes of the folder's entries: a change means a reload.
+
+        Every entry counts, not only policy files: a file added under a name the loader
+        does not take is reported on the reload it causes.
+        """
         if not self._directory.is_dir():
             return ()
-        return tuple(
-            (p.name, p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(self._directory.glob("*.yaml"))
-        )
+        try:
+            entries = sorted(self._directory.iterdir())
+            return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in entries)
+        except OSError:
+            return ((str(self._directory), -1, -1),)  # unreadable now: try again on reload
 
     def _load(self) -> Policy:
-        if not self._directory.is_dir() or not any(self._directory.glob("*.yaml")):
+        files, others = policy_files(self._directory) if self._directory.is_dir() else ([], [])
+        self.ignored = tuple(str(p) for p in others)
+        for name in self.ignored:
+            log.warning("not a policy file (only *.yaml and *.yml are loaded); ignored", path=name)
+        if not files:
             log.warning("no policy files: every request is denied", directory=str(self._directory))
-            return Policy()
+            return Policy(ignored=self.ignored)
         policy = load_policy([self._directory])
         log.info(
             "policy loaded",
@@ -91,6 +101,8 @@ class PolicyStore:
         detail = None
         if policy is not None:
             detail = {"files": list(policy.files), "rules": len(policy.rules)}
+            if policy.ignored:
+                detail["ignored"] = list(policy.ignored)
         with contextlib.suppress(AuditUnavailable):  # the failure is said and refuses traffic
             self._audit.write(event, outcome=outcome, reason=reason, detail=detail)
 

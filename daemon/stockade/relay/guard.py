@@ -212,6 +212,23 @@ class PolicyGuard:
                 return b""
             return jsonrpc.error_response(message.id, jsonrpc.AUDIT_UNAVAILABLE, "refused")
 
+    async def malformed(self, code: int, reason: str, request_id: Any) -> bytes:
+        """A host message that did not parse: on record (within budget), and the error."""
+        error = jsonrpc.error_response(request_id, code, reason)
+        fields = {"action": "malformed", "target": None}
+        with contextlib.suppress(AuditUnavailable):  # refused either way
+            await self._denied_unparsed(fields, capped(reason) or "", error)
+        return error
+
+    async def _denied_unparsed(self, fields: dict[str, Any], reason: str, error: bytes) -> None:
+        if not self._budget.denial_allowed(self.identity):
+            return  # summarised with the other denials over budget
+        count = self._budget.due("denial", self.identity, self.server, "malformed", "", reason)
+        if count is not None:
+            await self._record(
+                "request", durable=True, outcome="deny", **fields, reason=reason, count=count
+            )
+
     def may_read(self, uri: str) -> bool:
         """Whether the policy lets this caller read `uri` (resources/read), for routing."""
         return self._store.evaluator.may_see(self.identity, self.server, "resources/read", uri)

@@ -1,21 +1,35 @@
-"""I/O-free JSON-RPC inspection: parse only what the relay needs, keep the original bytes.
+"""I/O-free JSON-RPC: check a message strictly, and forward only its canonical bytes.
 
-The relay forwards each message as the bytes it arrived as. It parses a message once to learn
-its kind, id, method and params (what the checks need). It never re-serialises a message it
-only forwards. The one exception is line endings: JSON strings cannot hold raw CR or LF, so a
-CR or LF in a message is whitespace between tokens, and becomes a space. That keeps one
-message on one line on stdio.
+What the relay forwards is what it checked: `parse` reads a message with the strict parser
+(`wire.strict_json`), checks the JSON-RPC envelope, and `Message.raw` is Stockade's own
+serialisation of exactly that object, never the bytes as they arrived. A parser that reads
+JSON differently (Go's case-insensitive keys, NUL-suffixed keys, first-of-duplicates) thus
+cannot see another message than the policy saw.
+
+Refused with `InvalidMessage` (-32700 or -32600, and the request's id when it can be read):
+- everything `strict_json` refuses (duplicate or look-alike keys, NaN, huge numbers, deep
+  nesting, lone surrogates, invalid UTF-8), and batches;
+- members other than jsonrpc, id, method, params, result and error; `jsonrpc` not "2.0";
+- `method` with `result` or `error`; `result` with `error`; a response without an id;
+- ids that are not a string or an integer within +-(2^53 - 1); a null id, except on an error;
+- an error without an integer code and a string message;
+- a look-alike (e.g. "Name", "Tools") of a member the guard reads, even alone: in params
+  (name, uri, arguments, _meta) and in a result (the lists and capabilities it filters).
+A server's bad line is dropped and logged (at a bounded rate), never raised.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 from stockade.logs import get_logger
+from stockade.wire import strict_json
 from stockade.wire.lines import OversizedLine
+from stockade.wire.strict_json import StrictJSONError
 
 log = get_logger("stockade.relay")
 
@@ -53,7 +67,7 @@ class InvalidMessage(ValueError):
 
 @dataclass(frozen=True)
 class Message:
-    raw: bytes  # exactly what is forwarded (one line, no newline)
+    raw: bytes  # what is forwarded: the canonical serialisation of `body` (one line)
     kind: Kind
     id: Any  # JSON value of "id" (None for notifications)
     method: str | None
@@ -70,64 +84,186 @@ def id_key(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _single_line(raw: bytes) -> bytes:
-    if b"\n" in raw or b"\r" in raw:
-        return raw.replace(b"\r", b" ").replace(b"\n", b" ")
-    return raw
+ENVELOPE = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
+# Members the guard reads, in params and in results (list answers, capabilities): a look-alike
+# spelling (case, invisible characters) that another parser could take for one of them is
+# refused, even alone, or the guard would decide on (or filter) something else than is read.
+POLICY_PARAMS = frozenset({"name", "uri", "arguments", "_meta"})
+POLICY_RESULTS = frozenset({"tools", "prompts", "resources", "resourceTemplates", "capabilities"})
+MAX_ID = 2**53 - 1  # ids beyond this are not exact in JavaScript (and many other) hosts
+
+
+def valid_id(value: Any) -> bool:
+    """A JSON-RPC id Stockade relays: a string, or an integer within +-(2^53 - 1)."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, int) and not isinstance(value, bool) and -MAX_ID <= value <= MAX_ID
 
 
 def parse(raw: bytes, max_bytes: int) -> Message:
-    """Inspect one message. Raises `InvalidMessage` with the code to answer."""
+    """Check one message. Raises `InvalidMessage` (only) with the code to answer."""
     if len(raw) > max_bytes:
         raise InvalidMessage(
             MESSAGE_TOO_LARGE, f"message of {len(raw)} bytes is over the {max_bytes}-byte limit"
         )
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidMessage(PARSE_ERROR, "message is not valid UTF-8") from None
+        body = strict_json.loads(raw)
+    except StrictJSONError as exc:
+        raise InvalidMessage(exc.code, exc.reason, _readable_id(raw)) from None
+    kind = _envelope(body)
     try:
-        body = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidMessage(PARSE_ERROR, f"invalid JSON: {exc.msg} at char {exc.pos}") from None
-    if isinstance(body, list):
-        raise InvalidMessage(INVALID_REQUEST, "JSON-RPC batches are not supported")
-    if not isinstance(body, dict) or body.get("jsonrpc") != "2.0":
-        raise InvalidMessage(INVALID_REQUEST, 'not a JSON-RPC 2.0 message (need "jsonrpc": "2.0")')
-    request_id = body.get("id")
-    if request_id is not None and (
-        isinstance(request_id, bool) or not isinstance(request_id, (str, int))
-    ):
-        raise InvalidMessage(INVALID_REQUEST, "id must be a string or an integer")
-    method = body.get("method")
+        canonical = strict_json.dumps(body)
+    except StrictJSONError as exc:  # not reached: what loads returns always serialises
+        raise InvalidMessage(INVALID_REQUEST, exc.reason, body.get("id")) from None
     params = body.get("params")
-    if params is not None and not isinstance(params, (dict, list)):
-        raise InvalidMessage(INVALID_REQUEST, "params must be an object or an array", request_id)
-    if method is not None:
-        if not isinstance(method, str) or not method:
-            raise InvalidMessage(INVALID_REQUEST, "method must be a non-empty string", request_id)
-        kind = Kind.NOTIFICATION if "id" not in body else Kind.REQUEST
-        if kind is Kind.REQUEST and request_id is None:
-            raise InvalidMessage(INVALID_REQUEST, "a request id must not be null")
-    elif "result" in body or "error" in body:
-        kind = Kind.RESPONSE
-    else:
-        raise InvalidMessage(
-            INVALID_REQUEST, "neither a request, a notification nor a response", request_id
-        )
     return Message(
-        raw=_single_line(raw),
+        raw=canonical,
         kind=kind,
-        id=request_id,
-        method=method,
+        id=body.get("id"),
+        method=body.get("method"),
         params=params if isinstance(params, dict) else None,
         body=body,
     )
 
 
 def encode(body: dict[str, Any]) -> bytes:
-    """A message the relay itself builds or rewrites, as one compact line."""
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    """A message the relay itself builds or rewrites, in the one canonical serialisation."""
+    return strict_json.dumps(body)
+
+
+def _envelope(body: Any) -> Kind:
+    """The kind of a parsed message, once its envelope is checked."""
+    if isinstance(body, list):
+        raise InvalidMessage(INVALID_REQUEST, "JSON-RPC batches are not supported")
+    if not isinstance(body, dict):
+        raise InvalidMessage(INVALID_REQUEST, "a JSON-RPC message is a JSON object")
+    request_id = body.get("id")
+    readable = request_id if valid_id(request_id) else None
+    unknown = set(body) - ENVELOPE
+    if unknown:
+        shown = ", ".join(json.dumps(k[:40]) for k in sorted(unknown)[:5])
+        raise InvalidMessage(
+            INVALID_REQUEST,
+            f"unknown member(s) {shown}: a JSON-RPC message has only "
+            "jsonrpc, id, method, params, result and error",
+            readable,
+        )
+    if body.get("jsonrpc") != "2.0":
+        raise InvalidMessage(
+            INVALID_REQUEST, 'not a JSON-RPC 2.0 message (need "jsonrpc": "2.0")', readable
+        )
+    if request_id is not None and not valid_id(request_id):
+        raise InvalidMessage(
+            INVALID_REQUEST, f"id must be a string or an integer within +-{MAX_ID}"
+        )
+    if "method" in body:
+        return _call_kind(body, readable)
+    return _response_kind(body, readable)
+
+
+def _call_kind(body: dict[str, Any], request_id: Any) -> Kind:
+    """A request or a notification; refused when it also looks like a response."""
+    method = body["method"]
+    if "result" in body or "error" in body:
+        raise InvalidMessage(
+            INVALID_REQUEST,
+            "a message with a method cannot carry result or error (is it a request or a response?)",
+            request_id,
+        )
+    if not isinstance(method, str) or not method:
+        raise InvalidMessage(INVALID_REQUEST, "method must be a non-empty string", request_id)
+    params = body.get("params")
+    if "params" in body and not isinstance(params, (dict, list)):
+        raise InvalidMessage(INVALID_REQUEST, "params must be an object or an array", request_id)
+    if isinstance(params, dict):
+        _refuse_look_alike("params", params, POLICY_PARAMS, request_id)
+    if "id" not in body:
+        return Kind.NOTIFICATION
+    if body["id"] is None:
+        raise InvalidMessage(INVALID_REQUEST, "a request id must not be null")
+    return Kind.REQUEST
+
+
+def _response_kind(body: dict[str, Any], request_id: Any) -> Kind:
+    """A response: exactly one of result and error, an id, no params."""
+    has_result, has_error = "result" in body, "error" in body
+    if not has_result and not has_error:
+        raise InvalidMessage(
+            INVALID_REQUEST, "neither a request, a notification nor a response", request_id
+        )
+    if has_result and has_error:
+        raise InvalidMessage(
+            INVALID_REQUEST, "a response carries result or error, not both", request_id
+        )
+    if "params" in body:
+        raise InvalidMessage(INVALID_REQUEST, "a response carries no params", request_id)
+    result = body.get("result")
+    if isinstance(result, dict):
+        _refuse_look_alike("result", result, POLICY_RESULTS, request_id)
+        capabilities = result.get("capabilities")
+        if isinstance(capabilities, dict):
+            _refuse_look_alike("capabilities", capabilities, POLICY_RESULTS, request_id)
+    if "id" not in body:
+        raise InvalidMessage(INVALID_REQUEST, "a response needs the id it answers")
+    if has_result and body["id"] is None:
+        raise InvalidMessage(INVALID_REQUEST, "a result must answer a non-null id")
+    error = body.get("error")
+    if has_error and not (
+        isinstance(error, dict)
+        and isinstance(error.get("code"), int)
+        and not isinstance(error.get("code"), bool)
+        and isinstance(error.get("message"), str)
+    ):
+        raise InvalidMessage(
+            INVALID_REQUEST,
+            "error must be an object with an integer code and a string message",
+            request_id,
+        )
+    return Kind.RESPONSE
+
+
+def _refuse_look_alike(
+    where: str, members: dict[str, Any], exact: frozenset[str], request_id: Any
+) -> None:
+    folded = {strict_json.fold_key(name): name for name in exact}
+    for key in members:
+        if key not in exact and strict_json.fold_key(key) in folded:
+            raise InvalidMessage(
+                INVALID_REQUEST,
+                f"{where} member {json.dumps(key[:40])} looks like "
+                f"{json.dumps(folded[strict_json.fold_key(key)])} to some parsers; spell it "
+                "exactly",
+                request_id,
+            )
+
+
+def _readable_id(raw: bytes) -> Any:
+    """The id of a message the strict parser refused, when a lenient reading is unambiguous.
+
+    Only to address the error to the right request: a top-level "id" member that is the only
+    key folding to "id", and a valid id. Otherwise None (JSON-RPC: null when unknown).
+    """
+    try:
+        top = json.loads(
+            raw.decode("utf-8", errors="replace"),
+            object_pairs_hook=lambda pairs: ("object", pairs),
+            parse_int=lambda s: int(s) if len(s) <= 20 else None,
+            parse_constant=lambda s: None,
+        )
+    except (ValueError, RecursionError):
+        return None
+    if not (isinstance(top, tuple) and top[0] == "object"):
+        return None
+    ids = [(key, value) for key, value in top[1] if strict_json.fold_key(key) == "id"]
+    if len(ids) != 1 or ids[0][0] != "id" or not valid_id(ids[0][1]):
+        return None
+    request_id = ids[0][1]
+    if isinstance(request_id, str):
+        try:
+            request_id.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
+    return request_id
 
 
 def error_response(request_id: Any, code: int, message: str, data: Any = None) -> bytes:
@@ -139,17 +275,53 @@ def error_response(request_id: Any, code: int, message: str, data: Any = None) -
     ).encode()
 
 
+class _DropLog:
+    """Warnings about dropped server lines, at most `burst` per `window` seconds.
+
+    A server flooding stdout with garbage must not flood the daemon's log: past the burst,
+    lines are counted and the count is said with the next warning.
+    """
+
+    def __init__(self, burst: int = 20, window: float = 10.0) -> None:
+        self._burst = burst
+        self._window = window
+        self._began = -window
+        self._said = 0
+        self._quiet = 0
+
+    def warn(self, message: str, **fields: Any) -> None:
+        now = time.monotonic()
+        if now - self._began >= self._window:
+            self._began, self._said = now, 0
+        if self._said >= self._burst:
+            self._quiet += 1
+            return
+        self._said += 1
+        if self._quiet:
+            fields["not_logged_before"] = self._quiet
+            self._quiet = 0
+        log.warning(message, **fields)
+
+
+_dropped = _DropLog()
+
+
 def parse_server_line(line: bytes | OversizedLine, max_bytes: int) -> Message | None:
     """A server's stdout line as a message, or None (logged) when it cannot be forwarded.
 
-    A server that writes something other than JSON-RPC to stdout (a stray print, a line over
-    the limit) breaks no session: the line is dropped and said in the daemon's log.
+    A server that writes something other than strict JSON-RPC to stdout (a stray print, a
+    line over the limit, a message another parser could read differently) breaks no session:
+    the line is dropped and said in the daemon's log. Nothing here raises.
     """
     if isinstance(line, OversizedLine):
-        log.warning("server sent a message over the limit; dropped", bytes=line.seen)
+        _dropped.warn("server sent a message over the limit; dropped", bytes=line.seen)
         return None
     try:
         return parse(line, max_bytes)
     except InvalidMessage as exc:
-        log.warning("server wrote a non-JSON-RPC line to stdout; dropped", reason=str(exc))
+        _dropped.warn(
+            "server wrote a line that is not strict JSON-RPC; dropped",
+            code=exc.code,
+            reason=str(exc),
+        )
         return None

@@ -1,12 +1,13 @@
 """One host session bound to one sandboxed instance: both directions, and how it ends.
 
-host -> server: validate (size, UTF-8, JSON-RPC shape), decide (policy), remember request
-ids, forward. server -> host: note answered ids, forward. Ids are per direction, so the
-server's own requests (sampling, elicitation, roots) and the host's answers to them pass
-through; a host answer reaches the server only if it answers a server request that is still
-outstanding in this session (anything else is dropped and on record). When the server ends,
-every request still pending gets a JSON-RPC error that says how it ended, so nothing the
-host waits for hangs.
+host -> server: parse strictly (`relay/jsonrpc`), decide (policy), remember request ids, and
+forward the canonical serialisation of exactly what was checked, never the bytes as they
+arrived. server -> host: the same strict parse, note answered ids, forward. Ids are per
+direction, so the server's own requests (sampling, elicitation, roots) and the host's
+answers to them pass through; a host answer reaches the server only if it answers a server
+request still outstanding in this session (anything else is dropped and on record). When
+the server ends, every request still pending gets a JSON-RPC error that says how it ended,
+so nothing the host waits for hangs.
 """
 
 from __future__ import annotations
@@ -68,8 +69,7 @@ class RelaySession:
         try:
             message = jsonrpc.parse(raw, self._max)
         except InvalidMessage as exc:
-            log.info("refused a host message", code=exc.code, reason=str(exc))
-            await self._to_host(jsonrpc.error_response(exc.request_id, exc.code, str(exc)))
+            await self._to_host(await self._guard.malformed(exc.code, str(exc), exc.request_id))
             return
         if self._ended:
             if message.kind is Kind.REQUEST:

@@ -192,7 +192,7 @@ class SharedRouter:
         try:
             message = jsonrpc.parse(raw, self._max)
         except InvalidMessage as exc:
-            await session.to_host(jsonrpc.error_response(exc.request_id, exc.code, str(exc)))
+            await session.to_host(await session.guard.malformed(exc.code, str(exc), exc.request_id))
             return None
         if message.kind is Kind.RESPONSE:  # shared servers never get to ask a host anything
             await session.guard.refuse(
