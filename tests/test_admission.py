@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import ssl
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx2
 import pytest
 
 from tests.daemon_helper import Daemon, HostSession, running_daemon
@@ -21,16 +24,27 @@ from tests.daemon_helper import Daemon, HostSession, running_daemon
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    address = f"127.0.0.1:{_free_port()}"
     with running_daemon(
         tmp_path_factory.mktemp("admission"),
         STOCKADE_QUOTA_SESSIONS_PER_IDENTITY="2",
+        STOCKADE_QUOTA_HTTP_SESSIONS_PER_IDENTITY="2",
         STOCKADE_MAX_RELAY_STREAMS="3",
+        STOCKADE_HTTP_ADDRESS=address,
     ) as running:
         running.add_scratch_server("scratch", "--warm", "0")
         running.issue_host("greedy")
         running.issue_host("polite")
+        running.issue_host("web")
+        running.http_base = f"https://{address}/servers"
         yield running
 
 
@@ -97,3 +111,38 @@ def test_hosts_holding_every_relay_stream_do_not_lock_an_admin_out(daemon: Daemo
     assert beyond.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_relay_streams" in (beyond.details() or "")
     assert json.loads(status)["version"]  # the Control API answered meanwhile
+
+
+def test_an_http_session_past_the_quota_ends_the_callers_least_recently_used(
+    daemon: Daemon,
+) -> None:
+    creds = daemon.hosts["web"]
+    context = ssl.create_default_context(cafile=str(creds / "ca.crt"))
+    context.load_cert_chain(creds / "client.crt", creds / "client.key")
+    url = f"{daemon.http_base}/scratch/mcp"
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {}},
+    }
+    ping = json.dumps({"jsonrpc": "2.0", "id": 2, "method": "scratch/echo"})
+
+    async def scenario() -> list[int]:
+        async with httpx2.AsyncClient(verify=context, timeout=60) as client:
+            ids = []
+            for _ in range(3):  # the quota is 2: the third open ends the first session
+                opened = await client.post(url, content=json.dumps(init), headers=headers)
+                assert opened.status_code == 200
+                ids.append(opened.headers["Mcp-Session-Id"])
+            return [
+                (
+                    await client.post(
+                        url, content=ping, headers={**headers, "Mcp-Session-Id": session}
+                    )
+                ).status_code
+                for session in ids
+            ]
+
+    assert asyncio.run(scenario()) == [404, 200, 200]

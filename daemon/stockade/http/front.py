@@ -295,9 +295,25 @@ class HttpFront:
             self._stateless[(identity, server)] = seat
         return seat
 
+    async def _make_room(self, identity: str) -> None:
+        """At its HTTP session quota, an identity's least recently used sessions end.
+
+        Clients often never DELETE a session, and keep its event stream open (the
+        conformance suite opens one per scenario), so refusing the next one would punish
+        honest use; ending the caller's own least recently used session (one with no
+        request in flight) keeps the same bound and only ever costs that caller.
+        """
+        mine = [s for s in self._sessions.values() if s.identity == identity]
+        idle = sorted((s for s in mine if not s.waiting), key=lambda s: s.last_used)
+        excess = len(mine) - self._settings.quota_http_sessions_per_identity + 1
+        for session in idle[: max(0, excess)]:
+            await self._end(session, "its identity opened another past its HTTP session quota")
+
     async def _open(
         self, request: web.Request, identity: str, server: str, *, register: bool = True
     ) -> HttpSession:
+        if register:
+            await self._make_room(identity)
         session = HttpSession(new_session_id(), identity, server)
         try:
             session.relay = await self._opener.open(
