@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from stockade.sandbox.docker_backend import Attachment, ExitStatus
+from stockade.sandbox.docker_backend import Attachment, BridgeNetwork, ExitStatus
 from stockade.sandbox.spec import ContainerSpec
 
 
@@ -39,8 +39,15 @@ class SandboxRuntime(Protocol):
     def pids_limit_hits(self, container_id: str) -> int: ...
 
     # Networks, for the egress gateway.
-    def ensure_network(self, name: str, *, internal: bool, labels: dict[str, str]) -> str:
-        """Create the network unless it exists; return its IPv4 subnet."""
+    def ensure_network(
+        self,
+        name: str,
+        *,
+        internal: bool,
+        labels: dict[str, str],
+        options: dict[str, str] | None = None,
+    ) -> BridgeNetwork:
+        """Create the bridge network unless it exists; its IPv4 subnet and host interface."""
 
     def connect_network(self, container_id: str, network: str) -> None: ...
 
