@@ -24,7 +24,7 @@ from stockade.sandbox.errors import ContainerGone
 from stockade.sandbox.runtime import SandboxRuntime
 from stockade.sandbox.spec import ContainerSpec
 from stockade.sandbox.stdio import OversizedLine
-from stockade.secrets.redact import Redactor
+from stockade.secrets.redact import Redactor, StreamRedactor
 
 log = get_logger("stockade.instance")
 
@@ -164,15 +164,18 @@ class Instance:
         attachment = await asyncio.to_thread(backend.attach, container_id)
         stderr = StderrLog()
 
-        def on_stderr(line: bytes) -> None:
-            if redaction is not None:
-                line = redaction.apply(line)
+        def on_stderr(line: bytes) -> None:  # already redacted, as a stream (multi-line values)
             text = line.decode("utf-8", errors="replace")
             stderr.append(text)
             with log_context(server=server, instance=instance_id):
                 log.info("server stderr", line=text)
 
-        stdio = await AttachedStdio.open(attachment, max_line_bytes, on_stderr)
+        redact = None
+        if redaction is not None:
+            redact = StreamRedactor(redaction.redactor, redaction.on_redacted).feed
+        stdio = await AttachedStdio.open(
+            attachment, max_line_bytes, on_stderr, stderr_filter=redact
+        )
         instance = cls(
             id=instance_id,
             server=server,
