@@ -8,6 +8,9 @@ The redactor looks for a secret in the text as it is and in these readings of it
   (`"text"` in each item of an MCP `content` array, or the items of a string array),
   joined, so a value split across adjacent fragments is found.
 
+`json_readings` is the quick check: the same readings of a JSON document, by the C parser
+and without a map, so a message that holds no secret (the usual case) costs little.
+
 A match in a reading maps back to original spans (`View.origin`): an escape is replaced
 whole, never cut, and a match across string fragments maps to one span per fragment, so
 the quotes and commas between them are kept and JSON stays JSON.
@@ -16,6 +19,7 @@ the quotes and commas between them are kept and JSON stays JSON.
 from __future__ import annotations
 
 import bisect
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -170,3 +174,43 @@ def string_groups(data: bytes) -> list[View]:
             builder.length += part.length
         views.append(builder.view(None))
     return views
+
+
+class _Pairs(list[tuple[str, object]]):
+    """A JSON object as its (key, value) pairs in text order."""
+
+
+@dataclass
+class _Key:
+    text: str
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def json_readings(data: bytes) -> tuple[list[bytes], list[bytes]] | None:
+    """Every string of JSON `data`, decoded, and per key its values joined (like
+    `string_groups`); None when `data` is not JSON."""
+    try:
+        document = json.loads(data, object_pairs_hook=_Pairs)
+    except (ValueError, RecursionError):
+        return None
+    strings: list[bytes] = []
+    groups: dict[str | None, list[bytes]] = {}
+    key: str | None = None
+    stack: list[object] = [document]
+    while stack:  # pre-order, so `key` is the last key before each value in text order
+        node = stack.pop()
+        if isinstance(node, _Key):
+            key = node.text
+            strings.append(_utf8(key))
+        elif isinstance(node, str):
+            strings.append(_utf8(node))
+            groups.setdefault(key, []).append(strings[-1])
+        elif isinstance(node, _Pairs):
+            for name, value in reversed(node):
+                stack += [value, _Key(name)]
+        elif isinstance(node, list):
+            stack.extend(reversed(node))
+    return strings, [b"".join(parts) for parts in groups.values() if len(parts) > 1]

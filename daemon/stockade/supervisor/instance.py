@@ -27,6 +27,7 @@ from stockade.sandbox.stdio import OversizedLine
 from stockade.secrets.redact import Redactor, StreamRedactor
 
 log = get_logger("stockade.instance")
+REDACT_OFF_LOOP_BYTES = 64 * 1024
 
 STDERR_RING_LINES = 1000
 LineSink = Callable[[bytes | OversizedLine], Awaitable[None]]
@@ -80,6 +81,16 @@ class Redaction:
 
     def apply(self, line: bytes) -> bytes:
         line, found = self.redactor.apply(line)
+        if found:
+            self.on_redacted(found)
+        return line
+
+    async def apply_off_loop(self, line: bytes) -> bytes:
+        """`apply`, in a worker thread for a long line: reading a line full of escapes is
+        Python work per escape, and the server chooses its lines."""
+        if len(line) < REDACT_OFF_LOOP_BYTES:
+            return self.apply(line)
+        line, found = await asyncio.to_thread(self.redactor.apply, line)
         if found:
             self.on_redacted(found)
         return line
@@ -216,7 +227,7 @@ class Instance:
                 await self._sink_bound.wait()
                 assert self._sink is not None  # noqa: S101 - set together with the event
                 if self.redaction is not None and isinstance(line, bytes):
-                    await self._sink(self.redaction.apply(line))
+                    await self._sink(await self.redaction.apply_off_loop(line))
                 else:
                     await self._sink(line)
         except (OSError, ConnectionError) as exc:
