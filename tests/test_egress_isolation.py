@@ -24,7 +24,7 @@ from docker.models.containers import Container
 from stockade.policy.sandbox import EgressPolicy, SandboxPolicy
 from stockade.registry import Registry, ServerDefinition
 from stockade.sandbox.docker_backend import DockerBackend
-from stockade.sandbox.egress import EgressError
+from stockade.sandbox.egress import EgressError, EgressGateways
 from stockade.sandbox.firewall import EgressFirewall
 from stockade.supervisor.supervisor import Supervisor
 from tests.test_sandbox_policy import (
@@ -141,12 +141,15 @@ def test_a_sandbox_on_an_egress_network_cannot_reach_the_host(
         internal = next(iter(container.attrs["NetworkSettings"]["Networks"]))
         addresses = {_gateway(client, internal), "172.17.0.1", *host_addresses()}
         targets = [_target(a, host_listener) for a in sorted(addresses)]
+        assert len(_tagged(_tag_of(internal), "INPUT")) == 1, "the drop is in place"
         # Control 2: the same probe, from the sandbox, reaches its allowed forwarder.
         return internal, _connect_from(container, [*targets, "target.test:9000"])
 
     internal, results = asyncio.run(
         _with_instance(tmp_path, policy, check, egress_network=test_network.name)
     )
+    tag = _tag_of(internal)
+    assert _tagged(tag, "INPUT") == _tagged(tag, "DOCKER-USER") == [], "shutdown removes rules"
     assert results.pop("target.test:9000") == "echo ping", "the probe reaches the forwarder"
     assert len(results) >= 3, results  # the gateway, docker0 and this host's own address
     reached = {target: result for target, result in results.items() if TOKEN in result}
@@ -240,6 +243,12 @@ def test_no_firewall_no_egress(
     # (_with_instance asserts that no egress network is left behind)
 
 
+def _tag_of(network: str) -> str:
+    """The comment on a gateway's rules: `stockade-egress-<daemon:8>-<key>` names it."""
+    _, _, daemon, key = network.split("-")
+    return f"stockade-egress/{daemon}/{key}"
+
+
 def _tagged(firewall_tag: str, chain: str) -> list[str]:
     listing = subprocess.run(["iptables", "-S", chain], capture_output=True, text=True, check=True)
     return [line for line in listing.stdout.splitlines() if firewall_tag in line]
@@ -272,3 +281,17 @@ def listing_position(tag: str) -> list[int]:
     listing = subprocess.run(["iptables", "-S", "DOCKER-USER"], capture_output=True, text=True)
     rules = [line for line in listing.stdout.splitlines() if line.startswith("-A")]
     return [n for n, line in enumerate(rules, 1) if tag in line]
+
+
+def test_rules_a_crash_left_behind_are_swept_at_the_first_prune(tmp_path: Path) -> None:
+    daemon = uuid.uuid4().hex[:16]
+    firewall = EgressFirewall(daemon)
+    firewall.confine("deadbeef0000", f"stk{daemon[:8]}")  # no network has it
+    tag = f"stockade-egress/{daemon[:8]}/"
+    try:
+        assert len(_tagged(tag, "INPUT")) == 1
+        gateways = EgressGateways(DockerBackend(), _settings(tmp_path), daemon)
+        assert gateways.prune(set()) == 0  # no gateway to remove...
+        assert _tagged(tag, "INPUT") == []  # ...but the stray rule is gone
+    finally:
+        firewall.release(firewall.keys())
