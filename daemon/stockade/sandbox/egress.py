@@ -48,6 +48,7 @@ FAST_DNS_FAILURE = ("timeout:1", "attempts:1")
 # ICC off: Docker drops traffic between containers on the network; the firewall module then
 # lets sandboxes reach their forwarders and nothing else (not another instance).
 NETWORK_OPTIONS = {"com.docker.network.bridge.enable_icc": "false"}
+LAYOUT = 2  # 2: ICC off, host firewall rules, IPv4-in-IPv6 forms refused by the forwarder
 
 
 class EgressError(SandboxError):
@@ -64,7 +65,9 @@ class EgressAttachment:
 
 
 def gateway_key(server: str, policy: EgressPolicy) -> str:
-    text = json.dumps([server, policy.model_dump(mode="json")], sort_keys=True)
+    """Names the gateway; a new layout (or forwarder) version makes new ones, and `prune`
+    removes those an older daemon made (e.g. with ICC on)."""
+    text = json.dumps([LAYOUT, server, policy.model_dump(mode="json")], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
