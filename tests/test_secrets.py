@@ -22,6 +22,7 @@ import pytest
 from stockade.sandbox.spec import LABEL_SERVER
 from stockade.secrets.local import LocalSecretStore, load_master_key
 from stockade.secrets.model import (
+    SecretError,
     SecretExists,
     SecretNotFound,
     SecretStoreDamaged,
@@ -197,6 +198,27 @@ def test_openbao_backend_round_trip(openbao: tuple[str, Path]) -> None:
     with pytest.raises(SecretNotFound):
         store.get("db-password")
     assert store.list() == []
+
+
+@pytest.mark.parametrize("store_kind", ["local", "vault"])
+def test_a_trailing_line_ending_is_stripped_where_values_enter_the_store(
+    tmp_path: Path, store_kind: str, request: pytest.FixtureRequest
+) -> None:
+    store: LocalSecretStore | VaultSecretStore
+    if store_kind == "vault":
+        address, token_file = request.getfixturevalue("openbao")
+        store = VaultSecretStore(address, token_file=token_file, prefix=random.token_hex(4))
+    else:
+        store = LocalSecretStore(tmp_path / "secrets.json", load_master_key(tmp_path / "k"))
+    value = new_value()
+    created = store.set("crlf", value + b"\r\n", rotate=False)
+    assert created.line_ending_stripped and store.get("crlf") == value
+    rotated = store.set("crlf", value + b"\n\n", rotate=True)
+    assert rotated.line_ending_stripped and store.get("crlf") == value
+    kept = store.set("crlf", b"in\nside", rotate=True)  # only a trailing run goes
+    assert not kept.line_ending_stripped and store.get("crlf") == b"in\nside"
+    with pytest.raises(SecretError, match="empty"):
+        store.set("blank", b"\r\n", rotate=False)
 
 
 def test_openbao_refuses_plain_http_off_loopback(tmp_path: Path) -> None:

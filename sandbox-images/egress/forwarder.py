@@ -3,6 +3,8 @@
 Why our own and not haproxy, squid or tinyproxy: the guard must run at *every* connection,
 after resolving the allowed name afresh, and refuse private, loopback, link-local and
 cloud-metadata addresses (SSRF and DNS rebinding) unless an address is explicitly allowed.
+IPv6 forms that carry an IPv4 address (NAT64, 6to4, Teredo, IPv4-mapped/-compatible/
+-translated, ISATAP) are judged by the IPv4 address they carry.
 haproxy resolves at start or on a timer and has no such address filter; squid and tinyproxy
 cover HTTP CONNECT only, not plain TCP to a database port. The job is ~150 lines of asyncio
 that we can read whole; TLS stays end to end (bytes are relayed, never inspected).
@@ -53,13 +55,63 @@ REFUSED: tuple[tuple[str, Callable[[Address], bool]], ...] = (
 )
 
 
+# IPv6 forms that carry an IPv4 address: a connection to them reaches that IPv4 address
+# (through a translator, a tunnel or the dual stack), so that address is what is checked.
+NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: the last 32 bits
+NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: prefix length unknown
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated ::a.b.c.d (but :: and ::1)
+IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # SIIT, RFC 2765
+ISATAP_IDS = (0x00005EFE, 0x02005EFE)  # interface id ::0:5efe:a.b.c.d, u/l bit either way
+
+
+def carried_ipv4(address: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """The IPv4 addresses `address` carries, each with the name of its form."""
+    low32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    carried: list[tuple[str, ipaddress.IPv4Address]] = []
+    if address.ipv4_mapped is not None:
+        carried.append(("IPv4-mapped", address.ipv4_mapped))
+    if address in IPV4_TRANSLATED:
+        carried.append(("IPv4-translated", low32))
+    if address in NAT64_WELL_KNOWN:
+        carried.append(("NAT64", low32))
+    if address in IPV4_COMPATIBLE and int(address) > 1:
+        carried.append(("IPv4-compatible", low32))
+    if address.sixtofour is not None:
+        carried.append(("6to4", address.sixtofour))
+    if address.teredo is not None:  # (server, client); the client's bits come inverted
+        carried += [("Teredo server", address.teredo[0]), ("Teredo client", address.teredo[1])]
+    if (int(address) >> 32) & 0xFFFFFFFF in ISATAP_IDS:
+        carried.append(("ISATAP", low32))
+    return carried
+
+
+def classify(address: Address) -> str | None:
+    """Why `address` itself is refused, or None when it is a global, ordinary address."""
+    return next((reason for reason, holds in REFUSED if holds(address)), None)
+
+
 def refusal(address: Address, allowed: tuple[Network, ...]) -> str | None:
-    """Why connecting to `address` is refused, or None when it is allowed."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Why connecting to `address` is refused, or None when it is allowed.
+
+    An IPv6 address that carries an IPv4 one is judged by what it carries (every carried
+    address must pass); `allowed` may list either the IPv6 address or the carried one.
+    An ISATAP interface id can sit in any prefix, so there the IPv6 address must pass too.
+    """
     if any(address in network for network in allowed):
         return None
-    return next((reason for reason, holds in REFUSED if holds(address)), None)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in NAT64_LOCAL_USE:
+            return "local-use NAT64 address (the IPv4 address it carries is not known)"
+        carried = carried_ipv4(address)
+        for form, inner in carried:
+            if any(inner in network for network in allowed):
+                continue
+            why = classify(inner)
+            if why is not None:
+                return f"{why} in {form} form ({inner})"
+        if any(form != "ISATAP" for form, _ in carried):
+            return None
+    return classify(address)
 
 
 class Forwarder:

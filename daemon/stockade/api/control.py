@@ -235,7 +235,12 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             )
         except SecretError as exc:
             await context.abort(_secret_status(exc), str(exc))
-        log.info("secret set", secret=info.name, version=info.version)  # never the value
+        log.info(  # never the value
+            "secret set",
+            secret=info.name,
+            version=info.version,
+            line_ending_stripped=info.line_ending_stripped,
+        )
         self._supervisor.secret_changed(info.name)
         return _secret_to_proto(info)
 

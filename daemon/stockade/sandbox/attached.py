@@ -23,6 +23,9 @@ from stockade.wire.lines import LineSplitter, OversizedLine
 
 READ_CHUNK = 64 * 1024
 StderrSink = Callable[[bytes], None]
+# Applied to the stderr *stream* before it is cut into lines (the redactor: a secret may
+# span lines); `final` is True once at the end, to flush what it held back.
+StderrFilter = Callable[[bytes, bool], bytes]
 
 
 class AttachedStdio:
@@ -35,6 +38,8 @@ class AttachedStdio:
         attachment: Attachment,
         max_line_bytes: int,
         on_stderr: StderrSink,
+        *,
+        stderr_filter: StderrFilter | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
@@ -43,14 +48,22 @@ class AttachedStdio:
         self._stdout = LineSplitter(max_line_bytes)
         self._stderr = LineSplitter(max_line_bytes)
         self._on_stderr = on_stderr
+        self._stderr_filter = stderr_filter
         self._write_lock = asyncio.Lock()
 
     @classmethod
     async def open(
-        cls, attachment: Attachment, max_line_bytes: int, on_stderr: StderrSink
+        cls,
+        attachment: Attachment,
+        max_line_bytes: int,
+        on_stderr: StderrSink,
+        *,
+        stderr_filter: StderrFilter | None = None,
     ) -> AttachedStdio:
         reader, writer = await asyncio.open_connection(sock=attachment.sock, limit=READ_CHUNK)
-        return cls(reader, writer, attachment, max_line_bytes, on_stderr)
+        return cls(
+            reader, writer, attachment, max_line_bytes, on_stderr, stderr_filter=stderr_filter
+        )
 
     async def send(self, message: bytes) -> None:
         """Write one message as one line. The caller guarantees it holds no raw newline."""
@@ -65,15 +78,21 @@ class AttachedStdio:
         while True:
             data = await self._reader.read(READ_CHUNK)
             if not data:
+                self._stderr_chunk(b"", final=True)
                 return
             for stream, payload in self._decoder.feed(data):
                 if stream is Stream.STDOUT:
                     for line in self._stdout.feed(payload):
                         yield line
                 else:
-                    for err_line in self._stderr.feed(payload):
-                        if isinstance(err_line, bytes):
-                            self._on_stderr(err_line)
+                    self._stderr_chunk(payload, final=False)
+
+    def _stderr_chunk(self, payload: bytes, *, final: bool) -> None:
+        if self._stderr_filter is not None:
+            payload = self._stderr_filter(payload, final)
+        for line in self._stderr.feed(payload + (b"\n" if final else b"")):
+            if isinstance(line, bytes):
+                self._on_stderr(line)
 
     async def close(self) -> None:
         self._writer.close()

@@ -25,10 +25,11 @@ from stockade.sandbox.errors import (
     RuntimeMissing,
     SandboxError,
 )
-from stockade.sandbox.runtime import Attachment, ExitStatus
+from stockade.sandbox.runtime import Attachment, BridgeNetwork, ExitStatus
 from stockade.sandbox.spec import LABEL_MANAGED, ContainerSpec
 
 log = get_logger("stockade.sandbox")
+BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
 
 
 def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
@@ -206,14 +207,27 @@ class DockerBackend:
 
     # -- networks (the egress gateway's) ---------------------------------------------
 
-    def ensure_network(self, name: str, *, internal: bool, labels: dict[str, str]) -> str:
-        """Create the network unless it exists; return its IPv4 subnet (CIDR)."""
+    def ensure_network(
+        self,
+        name: str,
+        *,
+        internal: bool,
+        labels: dict[str, str],
+        options: dict[str, str] | None = None,
+    ) -> BridgeNetwork:
+        """Create the bridge network unless it exists; check it is what we asked for."""
+        options = options or {}
         try:
             network = self._client.networks.get(name)
         except docker.errors.NotFound:
             try:
                 network = self._client.networks.create(
-                    name, driver="bridge", internal=internal, labels=labels, check_duplicate=True
+                    name,
+                    driver="bridge",
+                    internal=internal,
+                    labels=labels,
+                    options=options,
+                    check_duplicate=True,
                 )
             except docker.errors.APIError as exc:
                 raise SandboxError(f"could not create network {name!r}: {exc}") from None
@@ -222,11 +236,16 @@ class DockerBackend:
             raise SandboxError(
                 f"network {name!r} exists but is not {'internal' if internal else 'routed'}"
             )
+        actual = network.attrs.get("Options") or {}
+        if any(actual.get(key) != value for key, value in options.items()):
+            raise SandboxError(f"network {name!r} exists with other options than {options}")
         configs = network.attrs.get("IPAM", {}).get("Config") or []
         subnets = [c["Subnet"] for c in configs if "." in c.get("Subnet", "")]
         if not subnets:
             raise SandboxError(f"network {name!r} has no IPv4 subnet")
-        return str(subnets[0])
+        # Docker names a bridge `br-<id:12>` unless the network names it.
+        bridge = actual.get(BRIDGE_NAME_OPTION) or f"br-{str(network.id)[:12]}"
+        return BridgeNetwork(subnet=str(subnets[0]), bridge=str(bridge))
 
     def connect_network(self, container_id: str, network: str) -> None:
         """Attach a created container to one more network (before it starts)."""

@@ -22,10 +22,11 @@ from stockade.sandbox.attached import AttachedStdio
 from stockade.sandbox.errors import ContainerGone
 from stockade.sandbox.runtime import ExitStatus, SandboxRuntime
 from stockade.sandbox.spec import ContainerSpec
-from stockade.secrets.redact import Redactor
+from stockade.secrets.redact import Redactor, StreamRedactor
 from stockade.wire.lines import OversizedLine
 
 log = get_logger("stockade.instance")
+REDACT_OFF_LOOP_BYTES = 64 * 1024
 
 STDERR_RING_LINES = 1000
 LineSink = Callable[[bytes | OversizedLine], Awaitable[None]]
@@ -79,6 +80,16 @@ class Redaction:
 
     def apply(self, line: bytes) -> bytes:
         line, found = self.redactor.apply(line)
+        if found:
+            self.on_redacted(found)
+        return line
+
+    async def apply_off_loop(self, line: bytes) -> bytes:
+        """`apply`, in a worker thread for a long line: reading a line full of escapes is
+        Python work per escape, and the server chooses its lines."""
+        if len(line) < REDACT_OFF_LOOP_BYTES:
+            return self.apply(line)
+        line, found = await asyncio.to_thread(self.redactor.apply, line)
         if found:
             self.on_redacted(found)
         return line
@@ -164,15 +175,18 @@ class Instance:
         attachment = await asyncio.to_thread(backend.attach, container_id)
         stderr = StderrLog()
 
-        def on_stderr(line: bytes) -> None:
-            if redaction is not None:
-                line = redaction.apply(line)
+        def on_stderr(line: bytes) -> None:  # already redacted, as a stream (multi-line values)
             text = line.decode("utf-8", errors="replace")
             stderr.append(text)
             with log_context(server=server, instance=instance_id):
                 log.info("server stderr", line=text)
 
-        stdio = await AttachedStdio.open(attachment, max_line_bytes, on_stderr)
+        redact = None
+        if redaction is not None:
+            redact = StreamRedactor(redaction.redactor, redaction.on_redacted).feed
+        stdio = await AttachedStdio.open(
+            attachment, max_line_bytes, on_stderr, stderr_filter=redact
+        )
         instance = cls(
             id=instance_id,
             server=server,
@@ -217,7 +231,7 @@ class Instance:
                 await self._sink_bound.wait()
                 assert self._sink is not None  # noqa: S101 - set together with the event
                 if self.redaction is not None and isinstance(line, bytes):
-                    await self._sink(self.redaction.apply(line))
+                    await self._sink(await self.redaction.apply_off_loop(line))
                 else:
                     await self._sink(line)
         except (OSError, ConnectionError) as exc:

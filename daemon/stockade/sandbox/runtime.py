@@ -23,6 +23,14 @@ class ExitStatus:
     oom_killed: bool
 
 
+@dataclass(frozen=True)
+class BridgeNetwork:
+    """A bridge network: its IPv4 subnet (CIDR) and its host interface."""
+
+    subnet: str
+    bridge: str
+
+
 @dataclass
 class Attachment:
     """A container's stdin/stdout/stderr as one socket (multiplexed output, raw input).
@@ -66,8 +74,15 @@ class SandboxRuntime(Protocol):
     def pids_limit_hits(self, container_id: str) -> int: ...
 
     # Networks, for the egress gateway.
-    def ensure_network(self, name: str, *, internal: bool, labels: dict[str, str]) -> str:
-        """Create the network unless it exists; return its IPv4 subnet."""
+    def ensure_network(
+        self,
+        name: str,
+        *,
+        internal: bool,
+        labels: dict[str, str],
+        options: dict[str, str] | None = None,
+    ) -> BridgeNetwork:
+        """Create the bridge network unless it exists; its IPv4 subnet and host interface."""
 
     def connect_network(self, container_id: str, network: str) -> None: ...
 

@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import stat
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from stockade.secrets.model import (
     SecretStoreLocked,
     check_name,
     check_value,
+    strip_line_ending,
 )
 
 CREDENTIAL_NAME = "stockade-master-key"
@@ -168,6 +170,7 @@ class LocalSecretStore:
 
     def set(self, name: str, value: bytes, *, rotate: bool) -> SecretInfo:
         check_name(name)
+        value, stripped = strip_line_ending(value)
         check_value(value)
         entries: dict[str, Any] = self._document["secrets"]
         old = entries.get(name)
@@ -184,7 +187,7 @@ class LocalSecretStore:
         entry |= self._seal(value, self._associated(name, entry))
         entries[name] = entry
         self._save()
-        return self._info(name, entry)
+        return replace(self._info(name, entry), line_ending_stripped=stripped)
 
     def get(self, name: str) -> bytes:
         entry = self._document["secrets"].get(name)

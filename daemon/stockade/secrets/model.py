@@ -41,12 +41,25 @@ class SecretInfo:
     created: str  # ISO 8601 UTC
     rotated: str  # ISO 8601 UTC; equal to `created` until the first rotation
     version: int
+    line_ending_stripped: bool = False  # `set` removed a trailing CR/LF from the value
 
 
 def check_name(name: str) -> str:
     if not NAME.match(name):
         raise SecretError(f"{name!r} is not a secret name (letters, digits, _ . -; up to 63)")
     return name
+
+
+def strip_line_ending(value: bytes) -> tuple[bytes, bool]:
+    """`value` without its trailing CR/LF run, and whether there was one.
+
+    `echo`, editors and Windows files end a value with one; stored, it would reach the
+    server (a token with a newline in a header fails) and slip past redaction, since a
+    server prints the token without it. A secret that truly ends in a newline cannot be
+    stored; none we know of does.
+    """
+    stripped = value.rstrip(b"\r\n")
+    return stripped, len(stripped) != len(value)
 
 
 def check_value(value: bytes) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -28,6 +29,7 @@ from stockade.secrets.model import (
     SecretNotFound,
     check_name,
     check_value,
+    strip_line_ending,
 )
 
 TIMEOUT_SECONDS = 10
@@ -107,6 +109,7 @@ class VaultSecretStore:
         return data
 
     def set(self, name: str, value: bytes, *, rotate: bool) -> SecretInfo:
+        value, stripped = strip_line_ending(value)
         check_value(value)
         kv = self._client.secrets.kv.v2
         try:
@@ -128,7 +131,7 @@ class VaultSecretStore:
             secret=payload,
             cas=current or 0,
         )
-        return self._info(name)
+        return replace(self._info(name), line_ending_stripped=stripped)
 
     def get(self, name: str) -> bytes:
         kv = self._client.secrets.kv.v2
