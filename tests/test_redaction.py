@@ -17,9 +17,9 @@ from collections.abc import Callable
 import pytest
 
 from stockade.sandbox.docker_backend import DockerBackend
+from stockade.sandbox.instance import Instance, Redaction
 from stockade.sandbox.spec import LABEL_DAEMON, ContainerSpec
 from stockade.secrets.redact import Redactor, StreamRedactor
-from stockade.supervisor.instance import Instance, Redaction
 
 # Characters that JSON, Go, URLs and base64 each treat specially: / + space & < > " and é.
 VALUE = f'ghp_{random.token_hex(8)}/+ &<>"é-{random.token_hex(4)}'
