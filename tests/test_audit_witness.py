@@ -14,7 +14,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -151,9 +151,9 @@ def collector(tmp_path: Path) -> Iterator[Collector]:
         running.stop()
 
 
-def _wait(predicate: object, what: str, timeout: float = 60) -> None:
+def _wait(predicate: Callable[[], object], what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.2)
@@ -182,7 +182,7 @@ def test_rsyslog_receives_signed_checkpoints_and_verify_uses_them(
     daemon.start()
     try:
         daemon.cli("cert", "ls")
-        _wait(lambda: collector.checkpoints(), "a checkpoint at rsyslog")
+        _wait(collector.checkpoints, "a checkpoint at rsyslog")
         key = load_public_key(daemon.state_dir / "pki" / "audit-key.pub")
         assert all(valid_signature(key, c) for c in collector.checkpoints())
         _wait(
@@ -240,7 +240,7 @@ def test_an_unreachable_witness_is_retried_and_traffic_goes_on(
         assert "retrying in" in str(_witness_status(daemon)["syslog"]["state"])
         assert "audit witness syslog: unreachable" in daemon.cli("status").stdout
         collector.start()
-        _wait(lambda: collector.checkpoints(), "the retried checkpoint at rsyslog")
+        _wait(collector.checkpoints, "the retried checkpoint at rsyslog")
         _wait(lambda: _witness_status(daemon)["syslog"]["state"] == "ok", "the witness ok")
     finally:
         assert daemon.stop() == 0
