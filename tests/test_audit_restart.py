@@ -31,12 +31,13 @@ def _records(daemon: Daemon) -> list[dict[str, Any]]:
 def _start_refused(daemon: Daemon) -> subprocess.CompletedProcess[str]:
     """Run stockaded expecting it to stop at start (it must not serve)."""
     return subprocess.run(
-        [str(BIN / "stockaded")], env=daemon.env, capture_output=True, text=True, timeout=120
+        [str(BIN / "stockaded")], env=daemon.env, capture_output=True, text=True, timeout=60
     )
 
 
 def _error_lines(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
-    lines = [json.loads(line) for line in (result.stdout + result.stderr).splitlines() if line]
+    text = (result.stdout + result.stderr).splitlines()
+    lines = [json.loads(line) for line in text if line.startswith("{")]
     return [line for line in lines if line.get("level") == "error"]
 
 
@@ -70,7 +71,10 @@ def test_a_rollback_then_restart_is_refused_until_the_gap_is_accepted(tmp_path: 
         assert first["seq"] == json.loads(lines[cut])["seq"] + 1
         assert "behind the daemon's head copy" in first["detail"]["problems"][0]
         status = json.loads(daemon.cli("status", "--json").stdout)
-        assert len(status["audit_key_fingerprint"]) == 64
+        text = daemon.log_path.read_text().splitlines()
+        logged = [json.loads(line) for line in text if line.startswith("{")]
+        [made] = [e for e in logged if e.get("event", "").startswith("audit key made")]
+        assert made["fingerprint"] == status["audit_key_fingerprint"]  # logged at first start
     finally:
         assert daemon.stop() == 0
     daemon.args = []

@@ -7,17 +7,21 @@ makes. The daemon is the real `stockaded`; the verifier is the real `stockade au
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import json
 import shutil
 import socket
+import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -187,7 +191,7 @@ def test_rsyslog_receives_signed_checkpoints_and_verify_uses_them(
         assert all(valid_signature(key, c) for c in collector.checkpoints())
         _wait(
             lambda: all(
-                int(str(w["acknowledged_seq"])) > 0 for w in _witness_status(daemon).values()
+                int(str(w.get("acknowledged_seq", 0))) > 0 for w in _witness_status(daemon).values()
             ),
             "both witnesses to acknowledge",
         )
@@ -244,3 +248,70 @@ def test_an_unreachable_witness_is_retried_and_traffic_goes_on(
         _wait(lambda: _witness_status(daemon)["syslog"]["state"] == "ok", "the witness ok")
     finally:
         assert daemon.stop() == 0
+
+
+class HttpsReceiver:
+    """A real HTTPS endpoint (aiohttp, TLS) that refuses its first checkpoint with a 503."""
+
+    def __init__(self, folder: Path) -> None:
+        self.ca = _certificates(folder)
+        self.folder = folder
+        self.port = _free_port()
+        self.bodies: list[bytes] = []
+        self.statuses: list[int] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        self.bodies.append(await request.read())
+        status = 503 if len(self.bodies) == 1 else 200
+        self.statuses.append(status)
+        return web.Response(status=status)
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/checkpoints", self._receive)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.folder / "server.pem", self.folder / "server.key")
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=context).start()
+
+    def __enter__(self) -> HttpsReceiver:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+
+
+def test_an_https_witness_is_retried_until_it_acknowledges(tmp_path: Path) -> None:
+    folder = tmp_path / "receiver"
+    folder.mkdir()
+    with HttpsReceiver(folder) as receiver:
+        daemon = Daemon(
+            tmp_path / "daemon",
+            extra_env={
+                "STOCKADE_AUDIT_WITNESS_HTTPS": f"https://127.0.0.1:{receiver.port}/checkpoints",
+                "STOCKADE_AUDIT_WITNESS_HTTPS_CA": str(receiver.ca),
+                "STOCKADE_AUDIT_CHECKPOINT_SECONDS": "0.5",
+            },
+        )
+        daemon.start()
+        try:
+            daemon.cli("cert", "ls")
+            _wait(
+                lambda: int(str(_witness_status(daemon)["https"].get("acknowledged_seq", 0))) > 0,
+                "the HTTPS witness to acknowledge",
+            )
+        finally:
+            assert daemon.stop() == 0
+    assert receiver.statuses[:2] == [503, 200]
+    assert receiver.bodies[0] == receiver.bodies[1]  # the refused checkpoint, sent again
+    key = load_public_key(daemon.state_dir / "pki" / "audit-key.pub")
+    assert all(valid_signature(key, json.loads(body)) for body in receiver.bodies)

@@ -144,14 +144,17 @@ def _tip(files: list[Path]) -> int:
     return 0
 
 
-def _holds(files: list[Path], head: KnownHead) -> bool:
-    """Whether some whole line of the log is exactly this head (its hash covers its seq)."""
+def _holds(files: list[Path], head: KnownHead, hashes: dict[Path, set[str]]) -> bool:
+    """Whether some whole line of the log is exactly this head (its hash covers its seq).
+
+    `hashes` caches each file's line hashes: every head is usually in the newest file."""
     hinted = str(head.record.get("file", "")) if head.record else ""
     ordered = sorted(files, key=lambda p: p.name != hinted)  # the file it names first
     for path in ordered:
-        for line in path.read_bytes().split(b"\n")[:-1]:
-            if line_hash(line) == head.hash:
-                return True
+        if path not in hashes:
+            hashes[path] = {line_hash(line) for line in path.read_bytes().split(b"\n")[:-1]}
+        if head.hash in hashes[path]:
+            return True
     return False
 
 
@@ -176,13 +179,14 @@ def find_gaps(audit_dir: Path, anchor: Anchor) -> list[str]:
     except (ValueError, KeyError, TypeError):
         return [f"the last line of {files[-1]} is not an audit record"]
     problems: list[str] = []
+    hashes: dict[Path, set[str]] = {}
     if anchor.head() is None and tip > 0:
         problems.append(
             f"the daemon's head copy {anchor.head_path} is missing although the log exists "
             "(deleted, or the anchor folder moved)"
         )
     for head in known_heads(audit_dir, anchor):
-        if head.seq == 0 or _holds(files, head):
+        if head.seq == 0 or _holds(files, head, hashes):
             continue
         if tip < head.seq:
             problems.append(

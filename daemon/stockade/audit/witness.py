@@ -185,9 +185,9 @@ class WitnessRunner:
                 line, record = self._pending[0]
                 try:
                     await asyncio.wait_for(self.witness.deliver(line), DELIVERY_TIMEOUT)
-                except (OSError, TimeoutError, ssl.SSLError, aiohttp.ClientError) as exc:
+                    self._anchor.acknowledged(self.witness.name, record, line)
+                except Exception as exc:  # any failure: a witness never stops, it retries
                     return self._failed(exc)
-                self._anchor.acknowledged(self.witness.name, record, line)
                 self._pending.popleft()
                 self._acked, self._failures = int(record["seq"]), 0
                 self._state = "ok"
