@@ -6,6 +6,7 @@ no key of the daemon's, and shows `stockade audit verify` catches them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -13,7 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stockade.audit.chain import fingerprint, load_public_key, public_path
+import pytest
+
+from stockade.audit.anchor import Anchor, AuditRollback, guard_start
+from stockade.audit.chain import fingerprint, load_or_create_key, load_public_key, public_path
+from stockade.audit.log import AuditLog
 from stockade.audit.verify import audit_files
 from tests.test_audit import write_log
 
@@ -148,3 +153,34 @@ def test_a_key_swap_fails_against_the_pinned_key(tmp_path: Path) -> None:
     by_config = stockade("audit", "verify", "--dir", str(real / "audit"), env_config=config)
     assert by_config.returncode == 2
     assert "the key was replaced" in by_config.stdout
+
+
+def test_the_start_check_holds_the_log_to_each_witness_acknowledgement(tmp_path: Path) -> None:
+    """Even with the daemon's own head copy rolled back too, an acknowledgement catches it."""
+    anchor = Anchor(tmp_path / "anchor")
+    assert guard_start(tmp_path / "audit", anchor, accept_gap=False) is None  # a fresh state
+
+    async def run() -> None:
+        key = load_or_create_key(tmp_path / "pki" / "audit-key.pem")
+        log = AuditLog(tmp_path / "audit", key, daemon_id="t", observers=[anchor])
+        log.open()
+        for n in range(30):
+            await log.record("request", outcome="allow", target=str(n))
+            if n % 10 == 9:
+                log.checkpoint()
+        await log.close()
+
+    asyncio.run(run())
+    newest = json.loads(anchor.head_path.read_bytes())
+    anchor.acknowledged("syslog", newest, anchor.head_path.read_bytes())
+    assert guard_start(tmp_path / "audit", anchor, accept_gap=False) is None
+    old, _ = _roll_back(tmp_path)
+    with pytest.raises(AuditRollback, match="behind the daemon's head copy"):
+        guard_start(tmp_path / "audit", anchor, accept_gap=False)
+    anchor.head_path.write_bytes(json.dumps(old, sort_keys=True, separators=(",", ":")).encode())
+    with pytest.raises(AuditRollback) as caught:
+        guard_start(tmp_path / "audit", anchor, accept_gap=False)
+    assert "behind witness syslog's acknowledgement" in str(caught.value)
+    assert f"at seq {newest['seq']} ({newest['ts']})" in str(caught.value)
+    gap = guard_start(tmp_path / "audit", anchor, accept_gap=True)
+    assert gap is not None and "witness syslog" in gap["problems"][0]
