@@ -108,6 +108,8 @@ def test_a_restored_older_secret_store_is_refused(tmp_path: Path) -> None:
     [error] = _error_lines(refused)
     assert error["event"] == "cannot open the secret store"
     assert "is at generation 1 but the audit trail records generation 4" in error["error"]
+    [denial] = [r for r in _records(daemon) if r["type"] == "secret.store_refused"]
+    assert denial["outcome"] == "deny" and denial["reason"] == error["error"]
 
     (daemon.state_dir / "secrets.json").unlink()  # deleting it is no way round either
     assert "is missing" in _error_lines(_start_refused(daemon))[0]["error"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -28,7 +29,7 @@ from stockade.registry import Registry, RegistryError
 from stockade.sandbox.docker_backend import DockerBackend
 from stockade.sandbox.errors import EngineUnavailable
 from stockade.secrets.delivery import SecretDelivery
-from stockade.secrets.generation import anchor_store, audited_generation
+from stockade.secrets.generation import open_anchored
 from stockade.secrets.local import LocalSecretStore, load_master_key
 from stockade.secrets.model import SecretError, SecretStore
 from stockade.secrets.vault import VaultSecretStore
@@ -84,8 +85,7 @@ async def _serve_audited(
     authority = CertificateAuthority.load_or_create(settings.state_dir / "pki")
     authority.ensure_owner_admin()
     tokens = TokenIssuer(settings.state_dir / "pki")
-    secrets = await asyncio.to_thread(open_secret_store, settings, audited_generation(audit))
-    anchor_store(audit, secrets)
+    secrets = await open_anchored(audit, functools.partial(open_secret_store, settings))
     backend = await asyncio.to_thread(DockerBackend)
     registry = Registry(settings.state_dir)
     supervisor = Supervisor(

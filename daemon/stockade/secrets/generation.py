@@ -7,14 +7,19 @@ copy of its last checkpoint outside the audit folder (`audit/anchor.py`), which 
 against the log before the store is opened. So at load, `audited_generation` is the
 generation of the last change the trail vouches for, and a store older than that is refused.
 
-A backend without a generation (Vault keeps its own versions) is left alone.
+A refused store is itself a durable `secret.store_refused` record (a denial) before the
+daemon stops. A backend without a generation (Vault keeps its own versions) is left alone.
 """
 
 from __future__ import annotations
 
-from stockade.audit.log import AuditLog
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.secrets.local import LocalSecretStore
-from stockade.secrets.model import SecretStore
+from stockade.secrets.model import SecretStore, SecretStoreRolledBack
 
 SECRETS_GENERATION = "secrets_generation"  # the checkpoint field
 
@@ -22,6 +27,20 @@ SECRETS_GENERATION = "secrets_generation"  # the checkpoint field
 def audited_generation(audit: AuditLog) -> int:
     """The newest generation the trusted audit head records (0: none yet)."""
     return int(audit.checkpoint_fields.get(SECRETS_GENERATION, 0))
+
+
+async def open_anchored(audit: AuditLog, open_store: Callable[[int], SecretStore]) -> SecretStore:
+    """Open the store no older than the audited generation (`open_store` takes it)."""
+    try:
+        store = await asyncio.to_thread(open_store, audited_generation(audit))
+    except SecretStoreRolledBack as exc:
+        with contextlib.suppress(AuditUnavailable):
+            await audit.record(
+                "secret.store_refused", durable=True, outcome="deny", reason=str(exc)
+            )
+        raise
+    anchor_store(audit, store)
+    return store
 
 
 def anchor_store(audit: AuditLog, store: SecretStore) -> None:
