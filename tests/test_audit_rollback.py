@@ -91,11 +91,32 @@ def test_a_rollback_behind_a_witnessed_head_fails_naming_it(tmp_path: Path) -> N
             for _, line in _checkpoints(path)
         )
     )
-    assert _verify(tmp_path, "--key", key, "--witness", str(witness)).returncode == 0
+    # A shared collector also holds another daemon's checkpoints (another key): skipped.
+    other = tmp_path / "other"
+    _write_other_daemon_log(other)
+    with witness.open("ab") as shared:
+        for _, line in _checkpoints(audit_files([other / "audit"])[-1]):
+            shared.write(b"2026-11-25T08:00:01Z host2 stockaded[2] checkpoint " + line)
+    whole = _verify(tmp_path, "--key", key, "--witness", str(witness))
+    assert whole.returncode == 0, whole.stdout
+    assert "extends all 6 witnessed heads" in whole.stdout
+    assert "checkpoints of other daemons were skipped" in whole.stdout
     _, newest = _roll_back(tmp_path)
     caught = _verify(tmp_path, "--key", key, "--witness", str(witness.parent))
     assert caught.returncode == 2, caught.stdout
     assert f"behind the witnessed head at seq {newest['seq']} ({newest['ts']})" in caught.stdout
+
+
+def _write_other_daemon_log(folder: Path) -> None:
+    async def run() -> None:
+        key = load_or_create_key(folder / "pki" / "audit-key.pem")
+        log = AuditLog(folder / "audit", key, daemon_id="another-daemon", checkpoint_records=5)
+        log.open()
+        for n in range(12):
+            await log.record("request", outcome="allow", target=str(n))
+        await log.close()
+
+    asyncio.run(run())
 
 
 def test_a_deleted_head_fails_unless_accepted_and_said(tmp_path: Path) -> None:

@@ -4,8 +4,10 @@
 Heads kept elsewhere are what catch that rollback:
 - witnessed heads (`--witness FILE|DIR`): signed checkpoints the daemon sent off the host
   (a syslog collector's file, the append-only witness file). Any line holding a checkpoint
-  JSON object counts, whatever prefix a collector added; every one must verify with the
-  pinned key, and the log must hold that same checkpoint at that seq;
+  JSON object counts, whatever prefix a collector added. Those of the daemon the log
+  belongs to (its `daemon` id) must verify with the pinned key, and the log must hold each
+  at its seq; other daemons' checkpoints (a shared collector) are skipped and counted, and
+  finding none of this daemon's fails;
 - a monitor's state (`--state FILE`): the newest head this verifier accepted last time
   (Certificate Transparency's monitor model). The next run fails on a log that does not
   extend it, then remembers the newest head it accepted now.
@@ -57,8 +59,27 @@ def _checkpoint_in(line: bytes) -> dict[str, Any] | None:
     return record
 
 
-def witnessed_heads(paths: list[Path], key: Ed25519PublicKey) -> list[Head]:
-    """Every checkpoint in the witness files (folders: every regular file in them)."""
+def check_witnesses(result: VerifyResult, paths: list[Path], key: Ed25519PublicKey) -> None:
+    """Fail `result` unless the log extends every witnessed head of its daemon."""
+    heads, others = witnessed_heads(paths, key, set(result.daemons))
+    if not heads:
+        result.fail(
+            ", ".join(map(str, paths)), "no witnessed checkpoint of this log's daemon found"
+        )
+        return
+    for head in sorted(heads, key=lambda h: -h.seq):  # name the newest one missed
+        check_extends(result, head, "witnessed head")
+    if result.ok:
+        result.notes.append(f"extends all {len(heads)} witnessed heads")
+    if others:
+        result.notes.append(f"{others} witnessed checkpoints of other daemons were skipped")
+
+
+def witnessed_heads(
+    paths: list[Path], key: Ed25519PublicKey, daemons: set[str]
+) -> tuple[list[Head], int]:
+    """The checkpoints of `daemons` in the witness files (folders: every file in them),
+    and how many other daemons' were skipped."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -68,6 +89,7 @@ def witnessed_heads(paths: list[Path], key: Ed25519PublicKey) -> list[Head]:
         else:
             raise HeadError(f"{path}: no such witness file or folder")
     heads: list[Head] = []
+    others = 0
     for path in files:
         if path.stat().st_size > MAX_WITNESS_BYTES:
             raise HeadError(f"{path}: over {MAX_WITNESS_BYTES} bytes; split it")
@@ -75,11 +97,14 @@ def witnessed_heads(paths: list[Path], key: Ed25519PublicKey) -> list[Head]:
             record = _checkpoint_in(line)
             if record is None:
                 continue
+            if record.get("daemon") not in daemons:
+                others += 1
+                continue
             where = f"{path}:{number}"
             if not valid_signature(key, record):
                 raise HeadError(f"{where}: a witnessed checkpoint whose signature does not verify")
             heads.append(_head(where, record))
-    return heads
+    return heads, others
 
 
 def _head(where: str, record: dict[str, Any]) -> Head:

@@ -49,6 +49,7 @@ class VerifyResult:
     signatures: dict[int, str] = field(default_factory=dict)  # checkpoint seq -> signature
     heads: dict[int, str] = field(default_factory=dict)  # checkpoint seq -> its line's hash
     last_checkpoint: dict[str, Any] | None = None  # the newest signed checkpoint, whole
+    daemons: list[str] = field(default_factory=list)  # the daemon ids the records name
     notes: list[str] = field(default_factory=list)
 
     def fail(self, where: str, what: str) -> VerifyResult:
@@ -136,6 +137,8 @@ def verify(
             result.unsigned_tail = 0
         else:
             result.unsigned_tail += 1
+        if record.get("daemon") not in result.daemons:
+            result.daemons.append(str(record.get("daemon")))
         result.first_seq = result.first_seq or record_seq
         prev, seq = line_hash(line), record_seq
         result.records += 1
