@@ -189,6 +189,8 @@ class WitnessRunner:
                 except Exception as exc:  # any failure: a witness never stops, it retries
                     return self._failed(exc)
                 self._pending.popleft()
+                if self._failures:
+                    log.info("audit witness reachable again", witness=self.witness.name)
                 self._acked, self._failures = int(record["seq"]), 0
                 self._state = "ok"
             self._arrived.clear()
