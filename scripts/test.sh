@@ -11,6 +11,11 @@ if ! command -v systemd-analyze >/dev/null; then  # the unit checks (tests/test_
   echo "test: installing Debian's systemd tools"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
 fi
+# A real syslog collector with its TLS driver (tests/test_audit_witness.py)
+if ! command -v rsyslogd >/dev/null || ! ls /usr/lib/*/rsyslog/lmnsd_gtls.so >/dev/null 2>&1; then
+  echo "test: installing Debian's rsyslog with its TLS driver (a real syslog collector)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsyslog rsyslog-gnutls >/dev/null
+fi
 export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff" && ruff check . && ruff format --check .
 echo "== mypy --strict" && mypy

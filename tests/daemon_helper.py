@@ -46,6 +46,7 @@ class Daemon:
     process: subprocess.Popen[str] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     policy: str | None = ALLOW_ALL_POLICY
+    args: list[str] = field(default_factory=list)  # stockaded's own options
     log_path: Path = field(init=False)
     hosts: dict[str, Path] = field(default_factory=dict)  # host name -> its credentials
     http_base: str = ""  # https://HOST:PORT/servers, when the test starts the HTTP front
@@ -97,7 +98,7 @@ class Daemon:
     def start(self) -> None:
         log = self.log_path.open("a")
         self.process = subprocess.Popen(
-            [str(BIN / "stockaded")], env=self.env, stdout=log, stderr=log, text=True
+            [str(BIN / "stockaded"), *self.args], env=self.env, stdout=log, stderr=log, text=True
         )
         deadline = time.monotonic() + 30
         while not self._accepting():  # a stale socket file from a killed daemon does not count

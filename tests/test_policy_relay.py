@@ -285,5 +285,6 @@ def test_every_decision_above_is_in_the_audit_log(daemon: Daemon) -> None:
     convert = next(r for r in records() if r.get("target") == "convert_time")
     assert "arguments" not in convert and len(convert["args_sha256"]) == 64  # a digest only
     assert '"source_timezone"' not in text  # no rule asked for convert_time's arguments
-    verified = daemon.cli("audit", "verify", "--dir", str(audit_dir))
+    key = str(daemon.state_dir / "pki" / "audit-key.pub")
+    verified = daemon.cli("audit", "verify", "--dir", str(audit_dir), "--key", key)
     assert verified.stdout.startswith("OK:"), verified.stdout

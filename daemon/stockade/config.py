@@ -136,6 +136,21 @@ class Settings(BaseSettings):
     audit_checkpoint_records: int = Field(default=1000, ge=1, le=1_000_000)
     audit_checkpoint_seconds: float = Field(default=10.0, gt=0, le=3600)
     audit_max_file_bytes: int = Field(default=64 * MiB, ge=4096)
+    # The daemon's copy of its last signed head and its witnesses' acknowledgements: kept
+    # outside the audit folder (best on another filesystem). Default: STATE_DIR/audit-anchor
+    audit_anchor_dir: Path | None = None
+    # Witnesses: every signed checkpoint also leaves the host. A witness that cannot be
+    # reached is retried with backoff (shown in `stockade status`); traffic never waits.
+    # An append-only file, on another filesystem (opened O_APPEND, fsynced per checkpoint).
+    audit_witness_file: Path | None = None
+    # A syslog collector: RFC 5424 over TLS (RFC 5425 octet-counted framing), HOST:PORT.
+    audit_witness_syslog: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$"
+    )
+    audit_witness_syslog_ca: Path | None = None  # the collector's CA (default: the system's)
+    # An HTTPS endpoint the checkpoint is POSTed to (application/json); 2xx acknowledges.
+    audit_witness_https: str | None = Field(default=None, pattern=r"^https://")
+    audit_witness_https_ca: Path | None = None  # its CA (default: the system's)
 
     # Secrets: where they are kept, and where instances get them (a tmpfs folder).
     secrets_backend: Literal["local", "vault"] = "local"

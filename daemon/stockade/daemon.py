@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -14,8 +15,9 @@ from pathlib import Path
 from stockade import __version__, exitcodes, metrics
 from stockade.api.activation import describe, relay_activated
 from stockade.api.server import ListenerError, start_server
-from stockade.audit.chain import AUDIT_KEY_FILE, load_or_create_key
+from stockade.audit.anchor import AuditRollback
 from stockade.audit.log import AuditLog, AuditStartError, AuditUnavailable
+from stockade.audit.startup import open_audit_log
 from stockade.config import Settings, SettingsError, load_settings, setting_names
 from stockade.http.front import HttpFront
 from stockade.logs import configure_logging, get_logger
@@ -28,6 +30,7 @@ from stockade.relay.opening import SessionOpener
 from stockade.sandbox.docker_backend import DockerBackend
 from stockade.sandbox.errors import EngineUnavailable
 from stockade.secrets.delivery import SecretDelivery
+from stockade.secrets.generation import open_anchored
 from stockade.secrets.local import LocalSecretStore, load_master_key
 from stockade.secrets.model import SecretError, SecretStore
 from stockade.secrets.vault import VaultSecretStore
@@ -48,10 +51,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--help-settings", action="store_true", help="list every setting and its variable"
     )
     parser.add_argument("--version", action="version", version=f"stockaded {__version__}")
+    parser.add_argument(
+        "--accept-audit-gap",
+        action="store_true",
+        help="go on although the audit log was cut or rolled back (recorded first)",
+    )
     return parser.parse_args(argv)
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, accept_audit_gap: bool = False) -> None:
     # First of all, so that a SIGTERM during start-up is a clean stop, not a kill.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -60,7 +68,7 @@ async def _serve(settings: Settings) -> None:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.state_dir, 0o700)
     daemon_id = load_daemon_id(settings.state_dir)
-    audit = open_audit_log(settings, daemon_id)
+    audit = open_audit_log(settings, daemon_id, accept_gap=accept_audit_gap)
     audit_task = asyncio.create_task(audit.run(), name="audit")
     try:
         await _serve_audited(settings, audit, daemon_id, stop)
@@ -78,7 +86,7 @@ async def _serve_audited(
     authority = CertificateAuthority.load_or_create(settings.state_dir / "pki")
     authority.ensure_owner_admin()
     tokens = TokenIssuer(settings.state_dir / "pki")
-    secrets = await asyncio.to_thread(open_secret_store, settings)
+    secrets = await open_anchored(audit, functools.partial(open_secret_store, settings))
     backend = await asyncio.to_thread(DockerBackend)
     registry = Registry(settings.state_dir)
     supervisor = Supervisor(
@@ -165,8 +173,9 @@ async def _serve_audited(
     log.info("stockaded stopped")
 
 
-def open_secret_store(settings: Settings) -> SecretStore:
-    """The configured secret backend, opened (a wrong master key stops the start)."""
+def open_secret_store(settings: Settings, audited_generation: int = 0) -> SecretStore:
+    """The configured secret backend, opened (a wrong master key, or a local store older
+    than the audit trail's last recorded generation, stops the start)."""
     if settings.secrets_backend == "vault":
         if not settings.vault_address:
             raise SecretError("secrets_backend is vault but vault_address is not set")
@@ -180,26 +189,11 @@ def open_secret_store(settings: Settings) -> SecretStore:
             ca_bundle=settings.vault_ca_bundle,
         )
     key_file = settings.secrets_key_file or settings.state_dir / "master.key"
-    return LocalSecretStore(settings.state_dir / "secrets.json", load_master_key(key_file))
-
-
-def open_audit_log(settings: Settings, daemon_id: str) -> AuditLog:
-    """The audit log, continued from where the last run left it."""
-    try:
-        key = load_or_create_key(settings.state_dir / "pki" / AUDIT_KEY_FILE)
-        audit = AuditLog(
-            settings.state_dir / "audit",
-            key,
-            daemon_id=daemon_id,
-            fsync_interval=settings.audit_fsync_interval_ms / 1000,
-            checkpoint_records=settings.audit_checkpoint_records,
-            checkpoint_seconds=settings.audit_checkpoint_seconds,
-            max_file_bytes=settings.audit_max_file_bytes,
-        )
-        audit.open()
-    except (OSError, ValueError) as exc:
-        raise AuditStartError(f"cannot open the audit log: {exc}") from None
-    return audit
+    return LocalSecretStore(
+        settings.state_dir / "secrets.json",
+        load_master_key(key_file),
+        audited_generation=audited_generation,
+    )
 
 
 # What stops the daemon at start, what it logs, and its exit code (see the README).
@@ -210,6 +204,7 @@ STARTUP_ERRORS: tuple[tuple[type[Exception], str, int], ...] = (
     (PkiError, "cannot set up the certificate authority", exitcodes.CONFIG),
     (PolicyError, "the policy is invalid", exitcodes.CONFIG),
     (AuditStartError, "the audit log is unusable", exitcodes.FAILED),
+    (AuditRollback, "the audit log was rolled back", exitcodes.AUDIT_ROLLBACK),
     (SecretError, "cannot open the secret store", exitcodes.CONFIG),
 )
 POLICY_POLL_SECONDS = 2.0
@@ -269,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.CONFIG
     configure_logging(settings.log_level, settings.log_format)
     try:
-        asyncio.run(_serve(settings))
+        asyncio.run(_serve(settings, args.accept_audit_gap))
     except STARTUP_FAILURES as exc:
         what, code = next((w, c) for kind, w, c in STARTUP_ERRORS if isinstance(exc, kind))
         log.error(what, error=str(exc))

@@ -9,4 +9,5 @@ REFUSED = 2  # the daemon or a policy refused the request
 UNREACHABLE = 3  # the daemon (or the Docker engine) does not answer
 FAILED = 4  # the operation was attempted and failed (e.g. an image build)
 CONFIG = 78  # EX_CONFIG: bad settings; the daemon did not start
+AUDIT_ROLLBACK = 78  # the audit log is behind a head the daemon signed: it did not start
 INTERRUPTED = 130  # 128 + SIGINT, the shell's convention: the user pressed Ctrl-C

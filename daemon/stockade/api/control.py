@@ -19,6 +19,7 @@ from stockade.pki.identity import Identity, IdentityError
 from stockade.pki.tokens import TokenError, TokenIssuer
 from stockade.registry import Registry, RegistryError, ServerExists, UnknownServer
 from stockade.relay.opening import SessionOpener
+from stockade.secrets.generation import record_change
 from stockade.secrets.model import (
     SecretBackendError,
     SecretError,
@@ -69,6 +70,11 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             servers=[server_status_to_proto(s) for s in self._supervisor.servers().values()],
             audit_state=self._audit.state,
             audit_records=self._audit.seq,
+            audit_key_fingerprint=self._audit.key_fingerprint,
+            audit_witnesses=[
+                control_pb2.WitnessStatus(name=name, state=state, acknowledged_seq=seq)
+                for name, state, seq in self._audit.witness_states()
+            ],
         )
 
     async def AddServer(
@@ -241,6 +247,9 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             version=info.version,
             line_ending_stripped=info.line_ending_stripped,
         )
+        await record_change(
+            self._audit, self._secrets, info.name, "rotate" if request.rotate else "set"
+        )
         self._supervisor.secret_changed(info.name)
         return _secret_to_proto(info)
 
@@ -261,6 +270,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         except SecretError as exc:
             await context.abort(_secret_status(exc), str(exc))
         log.info("secret removed", secret=request.name)
+        await record_change(self._audit, self._secrets, request.name, "rm")
         self._supervisor.secret_changed(request.name)
         return control_pb2.RemoveSecretResponse()
 

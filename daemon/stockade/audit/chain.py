@@ -84,6 +84,20 @@ def public_pem(key: Ed25519PublicKey) -> bytes:
     )
 
 
+def fingerprint(key: Ed25519PublicKey) -> str:
+    """SHA-256 (hex) of the raw 32-byte public key: what a verifier pins."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def normal_fingerprint(text: str) -> str:
+    """A fingerprint as typed (any case, colons, a `sha256:` prefix) in its hex form."""
+    value = text.strip().lower().removeprefix("sha256:").replace(":", "")
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError(f"{text!r} is not a SHA-256 key fingerprint (64 hex digits)")
+    return value
+
+
 def load_public_key(path: Path) -> Ed25519PublicKey:
     key = serialization.load_pem_public_key(path.read_bytes())
     if not isinstance(key, Ed25519PublicKey):

@@ -9,6 +9,11 @@ cannot be trusted to be whole).
 
 On open, a torn last line (a crash mid-write: it was never acknowledged) is cut off, and the
 cut is itself recorded (`audit.torn_tail`, with the removed bytes' length and hash).
+
+Each checkpoint is fsynced before it is published: to `head.json`, then to the observers
+(the anchor copy outside the audit folder, the witnesses), so no copy is ever ahead of the
+log on disk. `checkpoint_fields` are carried in every checkpoint (the secret store's
+generation), so the newest signed head vouches for them.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -31,6 +37,7 @@ from stockade.audit.chain import (
     HEAD_FILE,
     canonical,
     file_name,
+    fingerprint,
     line_hash,
     sign,
 )
@@ -38,6 +45,22 @@ from stockade.logs import get_logger
 from stockade.metrics import AUDIT_FSYNC, AUDIT_WRITE
 
 log = get_logger("stockade.audit")
+
+
+class CheckpointObserver(Protocol):
+    """Told of every checkpoint once the log holds it on disk (the anchor, the witnesses)."""
+
+    def published(self, line: bytes, record: dict[str, Any]) -> None:
+        """Called in the event loop; may raise OSError (the log then fails closed)."""
+
+    async def run(self) -> None:
+        """Background work (deliveries, retries) while the log runs."""
+
+    async def flush(self, timeout: float) -> None:
+        """At close: a last chance to deliver, bounded by `timeout`."""
+
+    def status(self) -> list[tuple[str, str, int]]:
+        """(name, state, last acknowledged seq) per witness."""
 
 
 class AuditStartError(Exception):
@@ -74,9 +97,13 @@ class AuditLog:
         checkpoint_records: int = 1000,
         checkpoint_seconds: float = 10.0,
         max_file_bytes: int = 64 * 1024 * 1024,
+        observers: Sequence[CheckpointObserver] = (),
     ) -> None:
         self.directory = directory
         self._key = key
+        self._observers = list(observers)
+        self.checkpoint_fields: dict[str, Any] = {}
+        self.key_fingerprint = fingerprint(key.public_key())
         self._daemon_id = daemon_id
         self._fsync_interval = fsync_interval
         self._checkpoint_records = checkpoint_records
@@ -108,8 +135,13 @@ class AuditLog:
 
     # -- open / close -----------------------------------------------------------------
 
-    def open(self) -> None:
-        """Continue the chain from the newest file (or start it). Raises OSError."""
+    def witness_states(self) -> list[tuple[str, str, int]]:
+        return [state for observer in self._observers for state in observer.status()]
+
+    def open(self, first: tuple[str, dict[str, Any]] | None = None) -> None:
+        """Continue the chain from the newest file (or start it). Raises OSError.
+
+        `first`, if given, is written before anything else (an accepted gap)."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         files = sorted(self.directory.glob(FILE_PATTERN))
         torn_bytes = b""
@@ -134,6 +166,8 @@ class AuditLog:
         else:
             self._index = 1
         self._open_file()
+        if first is not None:
+            self.write(first[0], outcome="accepted", detail=first[1])
         if torn_bytes:
             log.warning("audit log had a torn last line; cut off", length=len(torn_bytes))
             self.write(
@@ -158,6 +192,8 @@ class AuditLog:
         if self._failure is None and self._unsigned:
             with contextlib.suppress(AuditUnavailable):
                 self.checkpoint()
+        for observer in self._observers:
+            await observer.flush(2.0)
         with contextlib.suppress(OSError):
             os.fsync(self._fd)
         os.close(self._fd)
@@ -220,14 +256,18 @@ class AuditLog:
 
     def checkpoint(self) -> int:
         """Sign the chain so far (a checkpoint record) and publish it as the signed head."""
-        record = self._build(CHECKPOINT, {"file": file_name(self._index)})
+        fields = {**self.checkpoint_fields, "file": file_name(self._index)}
+        record = self._build(CHECKPOINT, fields)
         record["signature"] = sign(self._key, record)
         seq = self._emit(record)
-        head = record  # the newest checkpoint, whole: a verifier checks the log reaches it
+        line = canonical(record)  # the newest checkpoint, whole: a verifier checks the log has it
         temp = self.directory / f".{HEAD_FILE}.tmp"
         try:
-            temp.write_bytes(canonical(head))
+            os.fsync(self._fd)  # on disk before any copy of it is
+            temp.write_bytes(line)
             os.replace(temp, self.directory / HEAD_FILE)
+            for observer in self._observers:
+                observer.published(line, record)
         except OSError as exc:
             raise self._fail(exc) from None
         self._last_checkpoint = time.monotonic()
@@ -264,6 +304,14 @@ class AuditLog:
 
     async def run(self) -> None:
         """Group commit (fsync at most every `fsync_interval`) and timed checkpoints."""
+        helpers = [asyncio.create_task(observer.run()) for observer in self._observers]
+        try:
+            await self._run()
+        finally:
+            for helper in helpers:
+                helper.cancel()
+
+    async def _run(self) -> None:
         while self._failure is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), timeout=self._checkpoint_seconds)

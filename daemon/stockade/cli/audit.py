@@ -18,8 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from stockade import exitcodes
-from stockade.audit.chain import AUDIT_KEY_FILE, HEAD_FILE, load_public_key, public_path
-from stockade.audit.verify import audit_files, default_head, verify
+from stockade.audit.chain import (
+    AUDIT_KEY_FILE,
+    HEAD_FILE,
+    fingerprint,
+    load_public_key,
+    public_path,
+)
+from stockade.audit.heads import HeadError, check_extends, check_witnesses, load_state, save_state
+from stockade.audit.verify import VerifyResult, audit_files, default_head, verify
+from stockade.cli.audit_key import VERIFY_CONFIG_HELP, add_key_options, pinned_key
 from stockade.cli.channel import CliError
 from stockade.cli.terminal import printable
 from stockade.config import load_settings
@@ -39,14 +47,29 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     files = audit_files(list(args.files) or [_audit_dir(args)])
     if not files:
         raise CliError("no audit files found (give FILES or --dir)", exitcodes.USAGE)
-    try:
-        key = load_public_key(_key_path(args))
-    except (OSError, ValueError) as exc:
-        raise CliError(f"cannot read the audit public key: {exc}", exitcodes.USAGE) from None
+    pinned = pinned_key(args, files)
+    if isinstance(pinned, str):  # the key found is not the pinned one
+        return _verdict(args, VerifyResult().fail("audit key", pinned))
     head = Path(args.head) if args.head else default_head(files)
-    result = verify(files, key, head)
+    result = verify(files, pinned, head, require_head=not args.no_head)
+    state = Path(args.state) if args.state else None
+    try:
+        if args.witness and result.ok:
+            check_witnesses(result, [Path(w) for w in args.witness], pinned)
+        accepted = load_state(state, pinned) if state else None
+        if accepted is not None:
+            check_extends(result, accepted, "head this verifier accepted before")
+    except HeadError as exc:
+        result.fail("heads", str(exc))
+    if result.ok and state is not None:
+        save_state(state, result, pinned)
+    return _verdict(args, result)
+
+
+def _verdict(args: argparse.Namespace, result: VerifyResult) -> int:
     if args.json:
-        print(json.dumps({k: v for k, v in vars(result).items() if k != "signatures"}))
+        hidden = ("signatures", "heads", "last_checkpoint")
+        print(json.dumps({k: v for k, v in vars(result).items() if k not in hidden}))
     else:
         if result.ok:
             print(
@@ -62,7 +85,12 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 def cmd_audit_key(args: argparse.Namespace) -> int:
     try:
-        sys.stdout.write(_key_path(args).read_text())
+        pem = _key_path(args).read_text()
+        if args.fingerprint:
+            pem = fingerprint(load_public_key(_key_path(args))) + "\n"
+        sys.stdout.write(pem)
+    except ValueError as exc:
+        raise CliError(f"not an audit public key: {exc}", exitcodes.FAILED) from None
     except OSError as exc:
         raise CliError(
             f"cannot read the audit public key: {exc.strerror}", exitcodes.FAILED
@@ -200,11 +228,28 @@ def add_audit_parsers(sub: Any) -> None:
         "verify",
         parents=[where],
         help="check the hash chain and signatures; name the first bad line",
-        epilog="example: stockade audit verify --key audit-key.pub /backup/audit-*.jsonl",
+        epilog="example: stockade audit verify --key audit-key.pub /backup/audit-*.jsonl\n"
+        + VERIFY_CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     verify_parser.add_argument("files", nargs="*", type=Path, metavar="FILE")
-    verify_parser.add_argument("--key", help="the public key (default: from the state dir)")
+    add_key_options(verify_parser)
     verify_parser.add_argument("--head", help=f"the signed head (default: {HEAD_FILE} beside)")
+    verify_parser.add_argument(
+        "--no-head", action="store_true", help="accept a missing signed head (said in the verdict)"
+    )
+    verify_parser.add_argument(
+        "--witness",
+        action="append",
+        default=[],
+        metavar="FILE|DIR",
+        help="witnessed heads (syslog collector file, witness file): the log must extend each",
+    )
+    verify_parser.add_argument(
+        "--state",
+        metavar="FILE",
+        help="the last head this verifier accepted: fail unless the log extends it, then update",
+    )
     verify_parser.add_argument("--json", action="store_true", help="machine-readable output")
     verify_parser.set_defaults(handler=cmd_audit_verify)
 
@@ -236,4 +281,7 @@ def add_audit_parsers(sub: Any) -> None:
         epilog="example: stockade audit key > stockade-audit.pub",
     )
     key.add_argument("--key", help=argparse.SUPPRESS)
+    key.add_argument(
+        "--fingerprint", action="store_true", help="print its SHA-256 fingerprint instead"
+    )
     key.set_defaults(handler=cmd_audit_key)

@@ -51,6 +51,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     for listener in status.listeners:
         print(f"  listening on {listener}")
     print(f"  audit: {status.audit_state} ({status.audit_records} records)")
+    print(f"  audit key fingerprint: {status.audit_key_fingerprint}")
+    for witness in status.audit_witnesses:
+        print(
+            f"  audit witness {printable(witness.name)}: {printable(witness.state)}"
+            f" (acknowledged seq {witness.acknowledged_seq})"
+        )
     for server in status.servers:
         print(
             f"  {server.name}: {server.instances} in use, {server.pooled}/{server.warm_pool} warm"

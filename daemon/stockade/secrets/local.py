@@ -4,8 +4,13 @@
   an AES-256 key and an HMAC key.
 - Each secret: AES-256-GCM with a fresh 96-bit nonce; its name, version and times are the
   associated data, so a value cannot be moved to another name or its metadata altered.
-- The whole file: an HMAC over everything else, so removing, rolling back or adding an
-  entry is detected. A verifier entry tells a wrong master key from a damaged file.
+- The whole file: an HMAC over everything else, so removing or adding an entry, or editing
+  one, is detected. A verifier entry tells a wrong master key from a damaged file.
+- Rollback: the HMAC cannot tell an older whole copy from the current one. So the store has
+  a `generation`, raised by every change (set, rotate, rm) and recorded in the signed audit
+  trail (`secrets/generation.py`); a store older than the last audited generation is refused
+  at load (`SecretStoreRolledBack`), so a restored copy cannot bring back a rotated or
+  removed secret.
 - Writes are atomic (temp file, fsync, rename, fsync the folder): a crash leaves the old
   store or the new one. A truncated or edited file is refused whole, never half-read.
 
@@ -39,6 +44,7 @@ from stockade.secrets.model import (
     SecretNotFound,
     SecretStoreDamaged,
     SecretStoreLocked,
+    SecretStoreRolledBack,
     check_name,
     check_value,
     strip_line_ending,
@@ -91,15 +97,27 @@ def load_master_key(key_file: Path) -> bytes:
 class LocalSecretStore:
     backend = "local"
 
-    def __init__(self, path: Path, master_key: bytes) -> None:
+    def __init__(self, path: Path, master_key: bytes, *, audited_generation: int = 0) -> None:
         self._path = path
         self._document = self._read() if path.exists() else self._new_document()
         self._aead, self._mac_key = self._keys(master_key)
         if path.exists():
             self._check(self._document)
-        else:
+        if self.generation < audited_generation:
+            what = "is at generation" if path.exists() else "is missing: a new one would be"
+            raise SecretStoreRolledBack(
+                f"{path} {what} {self.generation} but the audit trail records generation "
+                f"{audited_generation}: an older copy was restored (it would bring back "
+                "rotated or removed secrets); refusing it"
+            )
+        if not path.exists():
             self._document["verifier"] = self._seal(VERIFIER, b"verifier")
             self._save()
+
+    @property
+    def generation(self) -> int:
+        """How many changes this store has seen (0 for a new store, or one made before)."""
+        return int(self._document.get("generation", 0))
 
     # -- the file ------------------------------------------------------------------------
 
@@ -186,6 +204,7 @@ class LocalSecretStore:
         }
         entry |= self._seal(value, self._associated(name, entry))
         entries[name] = entry
+        self._document["generation"] = self.generation + 1
         self._save()
         return replace(self._info(name, entry), line_ending_stripped=stripped)
 
@@ -201,6 +220,7 @@ class LocalSecretStore:
     def remove(self, name: str) -> None:
         if self._document["secrets"].pop(name, None) is None:
             raise SecretNotFound(f"no secret named {name!r}")
+        self._document["generation"] = self.generation + 1
         self._save()
 
     def list(self) -> list[SecretInfo]:

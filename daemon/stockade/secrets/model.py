@@ -34,6 +34,10 @@ class SecretStoreDamaged(SecretError):
     """The store file is truncated or edited; it was not read."""
 
 
+class SecretStoreRolledBack(SecretError):
+    """The store is older than the generation the audit trail records; it was not used."""
+
+
 @dataclass(frozen=True)
 class SecretInfo:
     name: str

@@ -270,16 +270,24 @@ class Status(_message.Message):
     SERVERS_FIELD_NUMBER: _builtins.int
     AUDIT_STATE_FIELD_NUMBER: _builtins.int
     AUDIT_RECORDS_FIELD_NUMBER: _builtins.int
+    AUDIT_KEY_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    AUDIT_WITNESSES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.float
     audit_state: _builtins.str
     """"ok", or "failed: why" (requests are refused meanwhile)"""
     audit_records: _builtins.int
     """the last sequence number written"""
+    audit_key_fingerprint: _builtins.str
+    """SHA-256 of the audit public key: what verifiers pin"""
     @_builtins.property
     def listeners(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def servers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServerStatus]: ...
+    @_builtins.property
+    def audit_witnesses(self) -> _containers.RepeatedCompositeFieldContainer[Global___WitnessStatus]:
+        """where signed checkpoints are sent"""
+
     def __init__(
         self,
         *,
@@ -289,14 +297,46 @@ class Status(_message.Message):
         servers: _abc.Iterable[Global___ServerStatus] | None = ...,
         audit_state: _builtins.str = ...,
         audit_records: _builtins.int = ...,
+        audit_key_fingerprint: _builtins.str = ...,
+        audit_witnesses: _abc.Iterable[Global___WitnessStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_records", b"audit_records", "audit_state", b"audit_state", "listeners", b"listeners", "servers", b"servers", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_key_fingerprint", b"audit_key_fingerprint", "audit_records", b"audit_records", "audit_state", b"audit_state", "audit_witnesses", b"audit_witnesses", "listeners", b"listeners", "servers", b"servers", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Status: _TypeAlias = Status  # noqa: Y015
+
+@_typing.final
+class WitnessStatus(_message.Message):
+    """An audit witness: where it stands with the signed checkpoints sent to it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGED_SEQ_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """file, syslog, https"""
+    state: _builtins.str
+    """"ok", or "unreachable: why; N waiting, retrying in Ts" """
+    acknowledged_seq: _builtins.int
+    """the last checkpoint it acknowledged (0: none yet)"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        state: _builtins.str = ...,
+        acknowledged_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledged_seq", b"acknowledged_seq", "name", b"name", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WitnessStatus: _TypeAlias = WitnessStatus  # noqa: Y015
 
 @_typing.final
 class ServerStatus(_message.Message):

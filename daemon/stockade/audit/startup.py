@@ -1,0 +1,62 @@
+"""Opening the daemon's audit log at start: key, anchor check, witnesses, then the log.
+
+The order matters: the rollback check (`anchor.guard_start`) runs before anything is
+written, so an accepted gap is the first record after it. The key's fingerprint is logged
+at every start (and when the key is made), for verifiers to pin.
+"""
+
+from __future__ import annotations
+
+from stockade.audit.anchor import Anchor, guard_start
+from stockade.audit.chain import AUDIT_KEY_FILE, load_or_create_key, public_path
+from stockade.audit.log import AuditLog, AuditStartError, CheckpointObserver
+from stockade.audit.witness import witnesses_from_settings
+from stockade.config import Settings
+from stockade.logs import get_logger
+from stockade.secrets.generation import SECRETS_GENERATION
+
+log = get_logger("stockade.audit")
+
+
+def anchor_of(settings: Settings) -> Anchor:
+    return Anchor(settings.audit_anchor_dir or settings.state_dir / "audit-anchor")
+
+
+def open_audit_log(settings: Settings, daemon_id: str, *, accept_gap: bool = False) -> AuditLog:
+    """The audit log, continued from where the last run left it, unless it was rolled back.
+
+    Raises AuditRollback (the log is behind a head the daemon or a witness holds) or
+    AuditStartError (the log cannot be opened)."""
+    key_path = settings.state_dir / "pki" / AUDIT_KEY_FILE
+    made = not key_path.exists()
+    directory = settings.state_dir / "audit"
+    anchor = anchor_of(settings)
+    try:
+        key = load_or_create_key(key_path)
+        gap = guard_start(directory, anchor, accept_gap=accept_gap)
+        observers: list[CheckpointObserver] = [anchor, *witnesses_from_settings(settings, anchor)]
+        audit = AuditLog(
+            directory,
+            key,
+            daemon_id=daemon_id,
+            fsync_interval=settings.audit_fsync_interval_ms / 1000,
+            checkpoint_records=settings.audit_checkpoint_records,
+            checkpoint_seconds=settings.audit_checkpoint_seconds,
+            max_file_bytes=settings.audit_max_file_bytes,
+            observers=observers,
+        )
+        trusted = anchor.trusted_fields(directory)
+        if SECRETS_GENERATION in trusted:
+            audit.checkpoint_fields[SECRETS_GENERATION] = int(trusted[SECRETS_GENERATION])
+        audit.open(first=("audit.gap_accepted", gap) if gap is not None else None)
+        if gap is not None:
+            anchor.set_aside_acknowledgements()
+            audit.checkpoint()  # re-anchor at once: the head copy now names this history
+    except (OSError, ValueError) as exc:
+        raise AuditStartError(f"cannot open the audit log: {exc}") from None
+    (log.warning if made else log.info)(
+        "audit key made: give verifiers its fingerprint" if made else "audit key",
+        fingerprint=audit.key_fingerprint,
+        public_key=str(public_path(key_path)),
+    )
+    return audit
