@@ -4,6 +4,7 @@ tmpfs files, redaction on the way out, and no trace of a value anywhere else."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import secrets as random
@@ -245,8 +246,16 @@ rules:
     methods: ["*"]
 sandboxes:
   everything:
+    image: stockade/node@{digest}
+    command: [mcp-server-everything]
     secrets: [api-token]
 """
+
+
+def secret_policy() -> str:
+    """SECRET_POLICY with the digest of the image built here: secrets need a digest pin."""
+    digest = docker.from_env().images.get("stockade/node:latest").id
+    return SECRET_POLICY.replace("{digest}", digest)
 
 
 def _secret_cli(
@@ -311,7 +320,7 @@ def test_a_granted_secret_reaches_its_server_only_and_nowhere_else(
             "STOCKADE_VAULT_PREFIX": f"e2e-{random.token_hex(4)}",
         }
     value = new_value()
-    with running_daemon(tmp_path, policy=SECRET_POLICY, **env) as daemon:
+    with running_daemon(tmp_path, policy=secret_policy(), **env) as daemon:
         stored = _secret_cli(daemon, "set", "api-token", value=value + b"\n")
         assert stored.returncode == 0, stored.stderr
         daemon.add_server("everything", "stockade/node:latest", "mcp-server-everything", warm=0)
@@ -348,3 +357,55 @@ def test_a_granted_secret_reaches_its_server_only_and_nowhere_else(
         removed = _secret_cli(daemon, "rm", "api-token")
         assert removed.returncode == 0
         assert _secret_cli(daemon, "rm", "api-token").returncode == 2
+
+
+@pytest.mark.docker
+@pytest.mark.usefixtures("images")
+def test_an_admin_cannot_read_a_secret_back_by_changing_what_its_server_runs(
+    tmp_path: Path,
+) -> None:
+    value = new_value()
+    with running_daemon(tmp_path, policy=secret_policy()) as daemon:
+        assert _secret_cli(daemon, "set", "api-token", value=value).returncode == 0
+        daemon.add_server("everything", "stockade/node:latest", "mcp-server-everything", warm=0)
+        exfiltrate = ["sh", "-c", "base64 /run/secrets/api-token >&2; sleep 30"]
+        replaced = daemon.cli(
+            "server",
+            "add",
+            "everything",
+            "--replace",
+            "--image",
+            "stockade/node:latest",
+            "--",
+            *exfiltrate,
+            check=False,
+        )
+        assert replaced.returncode != 0
+        assert "pins the command" in replaced.stderr
+        other_image = daemon.cli(
+            "server",
+            "add",
+            "everything",
+            "--replace",
+            "--image",
+            "stockade/python:latest",
+            "--",
+            "mcp-server-everything",
+            check=False,
+        )
+        assert other_image.returncode != 0 and "allows only" in other_image.stderr
+        # The registration is unchanged, and nothing it ran printed the value in any form.
+        shown = json.loads(daemon.cli("server", "inspect", "everything", "--json").stdout)
+        assert shown["command"] == ["mcp-server-everything"]
+        logs = daemon.cli("server", "logs", "everything").stdout
+        assert base64.b64encode(value).decode() not in logs and value.decode() not in logs
+
+
+def test_a_policy_granting_secrets_without_pins_is_refused_at_load(tmp_path: Path) -> None:
+    unpinned = "version: 1\nsandboxes:\n  everything:\n    secrets: [api-token]\n"
+    policy = tmp_path / "unpinned.yaml"
+    policy.write_text(unpinned)
+    from stockade.policy.loader import PolicyError, load_policy
+
+    with pytest.raises(PolicyError, match="must pin its image by digest"):
+        load_policy([tmp_path])

@@ -82,6 +82,14 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     ) -> control_pb2.ServerDefinition:
         try:
             definition = definition_from_proto(request.server)
+        except RegistryError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        # What the sandbox policy pins (image digest, command) a registration cannot change:
+        # that is what keeps a server's secrets from being read by another program.
+        pinned = await self._supervisor.check_pins(definition)
+        if pinned is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"refused: {pinned}")
+        try:
             self._registry.add(definition, replace=request.replace)
         except ServerExists as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))

@@ -8,7 +8,8 @@ sandboxes:
     cpus: 0.5
     pids: 64
     user: "10001:10001"          # numeric, never root
-    image: stockade/node:latest  # pin: any other image in the registry is refused at start
+    image: stockade/node@sha256:…  # pin: any other image in the registry is refused at start
+    command: [mcp-server-filesystem, /data]   # pin the argv (or command_prefix: [...])
     capabilities: []             # none unless listed; each one listed is logged as a warning
     mounts:
       - {source: /srv/data, target: /data}          # read-only unless `rw: true`
@@ -21,6 +22,11 @@ sandboxes:
 The policy **caps** what the registry asks for: limits take the lower value, the runtime
 the stronger one, and mounts, capabilities, secrets and network come from the policy only.
 An operator who registers a server therefore cannot widen its sandbox; only a policy can.
+
+Secrets are bound to what may read them: a sandbox that is granted secrets must pin the
+image by digest (`NAME@sha256:…`) and the command (`command` exactly, or `command_prefix`),
+so that no registration (`server add --replace … -- sh -c 'base64 /run/secrets/…'`) can run
+something else with them. Only a policy change can.
 """
 
 from __future__ import annotations
@@ -30,11 +36,12 @@ import posixpath
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from stockade.config import MiB
 
 Runtime = Literal["runc", "runsc"]
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 # Capabilities that break the container boundary outright; no policy may grant them.
 FORBIDDEN_CAPABILITIES = frozenset(
@@ -196,6 +203,8 @@ class SandboxPolicy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     image: str | None = Field(default=None, min_length=1)
+    command: tuple[str, ...] | None = Field(default=None, min_length=1)
+    command_prefix: tuple[str, ...] | None = Field(default=None, min_length=1)
     user: str | None = None
     runtime: Runtime | None = None
     memory_mb: int | None = Field(default=None, ge=16)
@@ -253,6 +262,42 @@ class SandboxPolicy(BaseModel):
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", name):
                 raise ValueError(f"{name!r} is not a secret name (letters, digits, _ . -)")
         return value
+
+    @model_validator(mode="after")
+    def _secrets_are_pinned(self) -> SandboxPolicy:
+        if self.command is not None and self.command_prefix is not None:
+            raise ValueError("give command or command_prefix, not both")
+        if self.secrets and not (
+            self.image_digest is not None
+            and (self.command is not None or self.command_prefix is not None)
+        ):
+            raise ValueError(
+                "a sandbox granted secrets must pin its image by digest "
+                "(image: NAME@sha256:...) and its command (command: [...] or "
+                "command_prefix: [...]): otherwise a registration could run anything with them"
+            )
+        return self
+
+    @property
+    def image_digest(self) -> str | None:
+        """The sha256 digest the image is pinned to (`NAME@sha256:HEX`), if it is."""
+        if self.image is None:
+            return None
+        _, at, digest = self.image.partition("@")
+        return digest if at and DIGEST.fullmatch(digest) else None
+
+    @property
+    def image_repository(self) -> str | None:
+        return None if self.image is None else self.image.partition("@")[0]
+
+    def command_problem(self, argv: tuple[str, ...]) -> str | None:
+        """Why `argv` is not the pinned command (None: it is, or none is pinned)."""
+        if self.command is not None and argv != self.command:
+            return f"runs {list(argv)}; the policy pins the command to {list(self.command)}"
+        prefix = self.command_prefix
+        if prefix is not None and argv[: len(prefix)] != prefix:
+            return f"runs {list(argv)}; the policy pins the command prefix {list(prefix)}"
+        return None
 
     @property
     def memory_bytes(self) -> int | None:

@@ -113,6 +113,18 @@ class DockerBackend:
         log.debug("container created", container=container.short_id, image=spec.image)
         return str(container.id)
 
+    def image_digests(self, reference: str) -> tuple[str, ...]:
+        """The image's id and registry digests (all `sha256:HEX`), to check a pin against."""
+        try:
+            details: dict[str, Any] = self._client.images.get(reference).attrs
+        except docker.errors.ImageNotFound:
+            raise ImageMissing(f"image {reference!r} is not present") from None
+        except docker.errors.APIError as exc:
+            raise SandboxError(f"could not inspect image {reference!r}: {exc}") from None
+        digests = [str(details["Id"])]
+        digests += [d.partition("@")[2] for d in details.get("RepoDigests") or []]
+        return tuple(digests)
+
     def attach(self, container_id: str) -> Attachment:
         """Attach stdin/stdout/stderr. Do this before `start`, or early output is lost."""
         params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}

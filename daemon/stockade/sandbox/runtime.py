@@ -52,6 +52,9 @@ class SandboxRuntime(Protocol):
     def create(self, spec: ContainerSpec) -> str:
         """Create (not start) a hardened container; return its id."""
 
+    def image_digests(self, reference: str) -> tuple[str, ...]:
+        """The image's id and registry digests (`sha256:HEX`), to check a pin against."""
+
     def attach(self, container_id: str) -> Attachment:
         """stdin/stdout/stderr as one socket; call before `start`."""
 

@@ -83,13 +83,17 @@ def build_spec(
     egress: EgressAttachment | None,
     *,
     secrets_mount: BindMount | None = None,
+    image_digests: tuple[str, ...] = (),
 ) -> ContainerSpec:
-    """The hardened spec for one instance of `definition` under `policy`."""
-    if policy.image is not None and policy.image != definition.image:
-        raise SandboxRefused(
-            f"server {definition.name!r} asks for image {definition.image!r}; its sandbox "
-            f"policy ({policy.source}) allows only {policy.image!r}"
-        )
+    """The hardened spec for one instance of `definition` under `policy`.
+
+    `image_digests` are what the registry's image resolves to (id and registry digests),
+    needed when the policy pins a digest; the container is then made from the pinned digest
+    itself, so a tag moved after the check cannot swap the image.
+    """
+    problem = pin_problem(definition, policy, image_digests)
+    if problem is not None:
+        raise SandboxRefused(problem)
     sandbox = definition.sandbox
     runtime = "runsc" if "runsc" in (sandbox.runtime, policy.runtime) else "runc"
     if runtime == "runsc" and egress is not None:
@@ -98,7 +102,7 @@ def build_spec(
             "use an egress allowlist; choose runc for this server or drop the allowlist"
         )
     fields: dict[str, object] = {
-        "image": definition.image,
+        "image": policy.image_digest or definition.image,
         "command": definition.argv,
         "working_dir": definition.working_dir,
         "runtime": runtime,
@@ -133,6 +137,41 @@ def build_spec(
             source=policy.source,
         )
     return ContainerSpec.from_settings(settings, **fields)
+
+
+def pin_problem(
+    definition: ServerDefinition, policy: SandboxPolicy, image_digests: tuple[str, ...] = ()
+) -> str | None:
+    """Why the registry's server is not what its sandbox policy pins (None: it is).
+
+    The image: exactly the pinned reference, or, for a digest pin, the same repository
+    resolving to that digest. The command: exactly, or starting with, the pinned argv.
+    """
+    where = f"server {definition.name!r}"
+    source = policy.source or "the sandbox policy"
+    if policy.image is not None and definition.image != policy.image:
+        digest, repository = policy.image_digest, policy.image_repository
+        if digest is None or _repository(definition.image) != repository:
+            return (
+                f"{where} asks for image {definition.image!r}; {source} allows only "
+                f"{policy.image!r}"
+            )
+        if digest not in image_digests:
+            return (
+                f"{where}: image {definition.image!r} is not the digest {source} pins "
+                f"({digest}); secrets are never handed to another image"
+            )
+    command = policy.command_problem(definition.argv)
+    if command is not None:
+        return f"{where} {command} ({source}); secrets are never handed to another command"
+    return None
+
+
+def _repository(image: str) -> str:
+    """`name` of `name:tag` or `name@digest` (a registry port's colon is kept)."""
+    name = image.partition("@")[0]
+    head, _, tail = name.rpartition(":")
+    return head if head and "/" not in tail else name
 
 
 def sandbox_fingerprint(definition: ServerDefinition, policy: SandboxPolicy) -> str:
@@ -180,6 +219,12 @@ class Provisioner:
         fingerprint = self.fingerprint(definition)
         try:
             spec, values = await self._spec(definition, instance_id)
+        except BaseException as exc:
+            self.forget_secrets(instance_id)
+            if isinstance(exc, SandboxRefused):
+                self._refused(definition.name, str(exc))
+            raise
+        try:
             instance = await Instance.start(
                 self._backend,
                 spec,
@@ -262,9 +307,40 @@ class Provisioner:
             folder = await asyncio.to_thread(self._delivery.write, instance_id, values, user)
             secrets_mount = BindMount(source=str(folder), target=CONTAINER_TARGET)
         spec = build_spec(
-            self._settings, definition, policy, labels, egress, secrets_mount=secrets_mount
+            self._settings,
+            definition,
+            policy,
+            labels,
+            egress,
+            secrets_mount=secrets_mount,
+            image_digests=await self.image_digests(definition, policy),
         )
         return spec, values
+
+    async def image_digests(
+        self, definition: ServerDefinition, policy: SandboxPolicy
+    ) -> tuple[str, ...]:
+        """What the registry's image resolves to, when the policy pins a digest."""
+        if policy.image_digest is None or definition.image == policy.image:
+            return ()
+        return await asyncio.to_thread(self._backend.image_digests, definition.image)
+
+    async def check_pins(self, definition: ServerDefinition) -> str | None:
+        """Why `definition` cannot run under its sandbox policy's pins (registration)."""
+        policy = self._sandbox_policy(definition.name)
+        try:
+            digests = await self.image_digests(definition, policy)
+        except SandboxError as exc:
+            return str(exc) if policy.image_digest else None
+        return pin_problem(definition, policy, digests)
+
+    def _refused(self, server: str, reason: str) -> None:
+        """A start the sandbox policy refused: said in the log and on record, never silent."""
+        with log_context(server=server):
+            log.error("sandbox refused", reason=reason)
+        if self._audit is not None:
+            with contextlib.suppress(AuditUnavailable):
+                self._audit.write("sandbox.refused", outcome="deny", server=server, reason=reason)
 
     def _redaction(self, server: str, instance_id: str, values: dict[str, bytes]) -> Redaction:
         def on_redacted(names: list[str]) -> None:

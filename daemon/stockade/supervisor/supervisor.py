@@ -236,6 +236,10 @@ class Supervisor:
                     self._spawn(self.stop_instance(state.pool.popleft()))
                 self._spawn(self._refill(state))
 
+    async def check_pins(self, definition: ServerDefinition) -> str | None:
+        """Why `definition` cannot run under what its sandbox policy pins (None: it can)."""
+        return await self._provisioner.check_pins(definition)
+
     def router(self, name: str) -> SharedRouter:
         state = self._state(name)
         if state.router is None:
