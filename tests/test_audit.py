@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -197,7 +198,7 @@ def test_a_full_disk_fails_closed(tmp_path: Path) -> None:
             return written, state
 
         written, state = asyncio.run(scenario())
-        assert state.startswith("failed: cannot write the audit log")
+        assert state.startswith("failed: the audit disk is full")
         complete = [line for line in (audit / "audit-000001.jsonl").read_bytes().split(b"\n")[:-1]]
         assert len(complete) >= written  # everything acknowledged is there, whole
     finally:
@@ -211,15 +212,16 @@ def test_a_daemon_with_a_full_audit_disk_refuses_requests(tmp_path: Path) -> Non
     audit.mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(audit)], check=True)
     try:
-        with running_daemon(tmp_path) as daemon:
+        # No reserve: this test is about the disk really filling up (ENOSPC on a write).
+        with running_daemon(tmp_path, STOCKADE_AUDIT_RESERVE_BYTES="0") as daemon:
             daemon.add_scratch_server("scratch", "--warm", "1")
             answers = asyncio.run(_echo_until_refused(daemon))
             status = daemon.cli("status").stdout
             acknowledged = [a for a in answers if "result" in a]
             refused = answers[-1]
             assert refused["error"]["code"] == AUDIT_UNAVAILABLE
-            assert "cannot write the audit log" in refused["error"]["message"]
-            assert "audit: failed: cannot write the audit log" in status
+            assert "the audit disk is full" in refused["error"]["message"]
+            assert "audit: failed: the audit disk is full" in status
             records = [
                 json.loads(line)
                 for path in sorted(audit.glob("audit-*.jsonl"))
@@ -233,6 +235,68 @@ def test_a_daemon_with_a_full_audit_disk_refuses_requests(tmp_path: Path) -> Non
                 and r["action"] == "scratch/echo"
             ]
             assert len(allowed) >= len(acknowledged)  # nothing acknowledged went unrecorded
+    finally:
+        subprocess.run(["umount", str(audit)], check=True)
+
+
+@pytest.mark.docker
+@pytest.mark.usefixtures("images")
+def test_the_audit_warns_refuses_and_resumes_by_itself_as_the_disk_fills_and_empties(
+    tmp_path: Path,
+) -> None:
+    audit = tmp_path / "state" / "audit"
+    audit.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(audit)], check=True)
+    filler = audit / "filler"
+    try:
+        with running_daemon(
+            tmp_path,
+            STOCKADE_AUDIT_RESERVE_BYTES=str(1024 * 1024),
+            STOCKADE_AUDIT_WARN_FREE_BYTES=str(2 * 1024 * 1024),
+        ) as daemon:
+            daemon.add_scratch_server("scratch", "--warm", "1")
+
+            def fill_to(free: int) -> None:
+                stats = os.statvfs(audit)
+                extra = stats.f_bavail * stats.f_frsize - free
+                with filler.open("ab") as handle:
+                    handle.write(b"\0" * max(0, extra))
+
+            async def scenario() -> tuple[str, dict[str, Any], str, dict[str, Any]]:
+                async with HostSession(daemon, "scratch") as host:
+                    fill_to(int(1.5 * 1024 * 1024))
+                    await host.request("scratch/echo", {"n": 1})
+                    await asyncio.sleep(0.6)  # the next free-space reading is due
+                    await host.request("scratch/echo", {"n": 2})
+                    warned = (await asyncio.to_thread(daemon.cli, "status")).stdout
+                    fill_to(512 * 1024)
+                    await asyncio.sleep(0.6)
+                    refused = await host.request("scratch/echo", {"n": 3})
+                    failed = (await asyncio.to_thread(daemon.cli, "status")).stdout
+                    filler.unlink()  # space is back
+                    for n in range(60):
+                        await asyncio.sleep(0.5)
+                        again = await host.request("scratch/echo", {"n": 4 + n})
+                        if "result" in again:
+                            break
+                    return warned, refused, failed, again
+
+            warned, refused, failed, again = asyncio.run(scenario())
+            assert "warning: only" in warned and "MiB free on the audit disk" in warned
+            assert refused["error"]["code"] == AUDIT_UNAVAILABLE
+            assert "nearly full" in refused["error"]["message"]
+            assert "audit: failed: the audit disk is nearly full" in failed
+            assert "result" in again  # resumed by itself, no restart
+            records = [
+                json.loads(line)
+                for path in sorted(audit.glob("audit-*.jsonl"))
+                for line in path.read_bytes().split(b"\n")[:-1]
+            ]
+            resumed = [r for r in records if r["type"] == "audit.resumed"]
+            assert resumed and "nearly full" in resumed[0]["reason"]
+            key = str(daemon.state_dir / "pki" / "audit-key.pub")
+            verified = daemon.cli("audit", "verify", "--dir", str(audit), "--key", key)
+            assert verified.stdout.startswith("OK:"), verified.stdout  # one unbroken chain
     finally:
         subprocess.run(["umount", str(audit)], check=True)
 

@@ -136,6 +136,11 @@ class Settings(BaseSettings):
     audit_checkpoint_records: int = Field(default=1000, ge=1, le=1_000_000)
     audit_checkpoint_seconds: float = Field(default=10.0, gt=0, le=3600)
     audit_max_file_bytes: int = Field(default=64 * MiB, ge=4096)
+    # Disk headroom: below audit_reserve_bytes free, records are refused (and requests with
+    # them) until space returns, when the log resumes by itself; below audit_warn_free_bytes,
+    # `stockade status` warns first.
+    audit_reserve_bytes: int = Field(default=32 * MiB, ge=0)
+    audit_warn_free_bytes: int = Field(default=256 * MiB, ge=0)
     # The daemon's copy of its last signed head and its witnesses' acknowledgements: kept
     # outside the audit folder (best on another filesystem). Default: STATE_DIR/audit-anchor
     audit_anchor_dir: Path | None = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import time
@@ -41,6 +42,7 @@ from stockade.audit.chain import (
     line_hash,
     sign,
 )
+from stockade.audit.headroom import Headroom
 from stockade.logs import get_logger
 from stockade.metrics import AUDIT_FSYNC, AUDIT_WRITE
 
@@ -98,7 +100,12 @@ class AuditLog:
         checkpoint_seconds: float = 10.0,
         max_file_bytes: int = 64 * 1024 * 1024,
         observers: Sequence[CheckpointObserver] = (),
+        headroom: Headroom | None = None,
     ) -> None:
+        self._headroom = headroom or Headroom()
+        # A failure that goes away by itself (the disk filled up): resumed, not fatal.
+        self._recoverable = False
+        self._failed_at = 0.0
         self.directory = directory
         self._key = key
         self._observers = list(observers)
@@ -127,7 +134,10 @@ class AuditLog:
 
     @property
     def state(self) -> str:
-        return "ok" if self._failure is None else f"failed: {self._failure}"
+        if self._failure is not None:
+            return f"failed: {self._failure}"
+        warning = self._headroom.warning()
+        return "ok" if warning is None else f"ok (warning: {warning})"
 
     @property
     def seq(self) -> int:
@@ -205,6 +215,9 @@ class AuditLog:
         """Append one record now (not yet fsynced); return its seq."""
         if self._failure is not None:
             raise AuditUnavailable(self._failure)
+        shortfall = self._headroom.shortfall(self._fd)
+        if shortfall is not None:
+            raise self._fail_recoverably(shortfall)
         if self._size >= self._max_file_bytes and event_type != CHECKPOINT:
             self._rotate()
         began = time.perf_counter()
@@ -295,10 +308,41 @@ class AuditLog:
         log.info("audit log rotated", file=file_name(self._index))
 
     def _fail(self, exc: OSError) -> AuditUnavailable:
+        if exc.errno == errno.ENOSPC and self._failure is None:  # a write, never an fsync
+            return self._fail_recoverably(f"the audit disk is full: {exc.strerror}")
         if self._failure is None:
             self._failure = f"cannot write the audit log in {self.directory}: {exc.strerror}"
             log.error("audit log failed: refusing requests until restart", error=self._failure)
         return AuditUnavailable(self._failure)
+
+    def _fail_recoverably(self, reason: str) -> AuditUnavailable:
+        self._failure = reason
+        self._recoverable = True
+        self._failed_at = time.monotonic()
+        log.error("audit log refusing records until space returns", error=reason)
+        return AuditUnavailable(reason)
+
+    async def _resume_when_space_returns(self) -> bool:
+        """Wait for free space above the reserve, cut a torn write, go on; False: fatal."""
+        while self._recoverable:
+            await asyncio.sleep(1.0)
+            try:
+                if self._headroom.read(self._fd) < max(self._headroom.reserve_bytes, 1):
+                    continue
+                os.ftruncate(self._fd, self._size)  # a write cut short by ENOSPC
+            except OSError:
+                continue
+            down = time.monotonic() - self._failed_at
+            reason, self._failure, self._recoverable = self._failure, None, False
+            log.warning("audit log resumed: space is back", was=reason)
+            try:
+                self.write("audit.resumed", outcome="ok", reason=reason, seconds=round(down, 1))
+                self.checkpoint()
+                await self.sync()
+            except AuditUnavailable:
+                continue
+            return True
+        return False
 
     # -- background -------------------------------------------------------------------
 
@@ -312,6 +356,12 @@ class AuditLog:
                 helper.cancel()
 
     async def _run(self) -> None:
+        while True:
+            await self._commit_until_failure()
+            if not await self._resume_when_space_returns():
+                return
+
+    async def _commit_until_failure(self) -> None:
         while self._failure is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), timeout=self._checkpoint_seconds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from stockade.audit.anchor import Anchor, guard_start
 from stockade.audit.chain import AUDIT_KEY_FILE, load_or_create_key, public_path
+from stockade.audit.headroom import Headroom
 from stockade.audit.log import AuditLog, AuditStartError, CheckpointObserver
 from stockade.audit.witness import witnesses_from_settings
 from stockade.config import Settings
@@ -44,6 +45,7 @@ def open_audit_log(settings: Settings, daemon_id: str, *, accept_gap: bool = Fal
             checkpoint_seconds=settings.audit_checkpoint_seconds,
             max_file_bytes=settings.audit_max_file_bytes,
             observers=observers,
+            headroom=Headroom(settings.audit_reserve_bytes, settings.audit_warn_free_bytes),
         )
         trusted = anchor.trusted_fields(directory)
         if SECRETS_GENERATION in trusted:
