@@ -323,6 +323,7 @@ def test_a_granted_secret_reaches_its_server_only_and_nowhere_else(
     with running_daemon(tmp_path, policy=secret_policy(), **env) as daemon:
         stored = _secret_cli(daemon, "set", "api-token", value=value + b"\n")
         assert stored.returncode == 0, stored.stderr
+        assert b"removed a trailing line ending" in stored.stderr  # and the CLI says so
         daemon.add_server("everything", "stockade/node:latest", "mcp-server-everything", warm=0)
         daemon.add_server("time", "stockade/python:latest", "mcp-server-time", warm=1)
 

@@ -320,4 +320,5 @@ def _secret_to_proto(info: SecretInfo) -> control_pb2.SecretInfo:
         created=info.created,
         rotated=info.rotated,
         version=info.version,
+        line_ending_stripped=info.line_ending_stripped,
     )

@@ -30,8 +30,9 @@ def _secret_value(args: argparse.Namespace) -> bytes:
         if sys.stdin.isatty():
             print(f"value for {args.name} (then Ctrl-D):", file=sys.stderr)
         value = sys.stdin.buffer.read()
-    value = value.removesuffix(b"\n")  # `echo` and editors add one; a secret rarely ends so
-    if not value:
+    # A trailing CR/LF (`echo`, editors) is removed where values enter the store, which
+    # says so: the daemon sees the value as given.
+    if not value.rstrip(b"\r\n"):
         raise CliError(
             "the secret is empty (give it on stdin or with --from-file)", exitcodes.USAGE
         )
@@ -43,6 +44,12 @@ def _set_secret(args: argparse.Namespace, rotate: bool) -> int:
     info = call_control(args, lambda stub: stub.SetSecret(request, timeout=30))
     verb = "rotated" if rotate else "stored"
     print(f"{verb} secret {info.name} (version {info.version}, {info.backend} backend)")
+    if info.line_ending_stripped:
+        print(
+            "note: removed a trailing line ending (CR/LF) from the value; secrets are stored "
+            "without one",
+            file=sys.stderr,
+        )
     return exitcodes.OK
 
 

@@ -152,6 +152,7 @@ class SecretInfo(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     ROTATED_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    LINE_ENDING_STRIPPED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     backend: _builtins.str
     """"local" or "vault" """
@@ -159,6 +160,8 @@ class SecretInfo(_message.Message):
     """ISO 8601 UTC"""
     rotated: _builtins.str
     version: _builtins.int
+    line_ending_stripped: _builtins.bool
+    """a trailing CR/LF was removed from the value as stored"""
     def __init__(
         self,
         *,
@@ -167,10 +170,11 @@ class SecretInfo(_message.Message):
         created: _builtins.str = ...,
         rotated: _builtins.str = ...,
         version: _builtins.int = ...,
+        line_ending_stripped: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "created", b"created", "name", b"name", "rotated", b"rotated", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "created", b"created", "line_ending_stripped", b"line_ending_stripped", "name", b"name", "rotated", b"rotated", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
