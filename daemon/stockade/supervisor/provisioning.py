@@ -30,6 +30,7 @@ from stockade.sandbox.egress import (
     FAST_DNS_FAILURE,
     NO_DNS,
     EgressAttachment,
+    EgressError,
     EgressGateways,
     gateway_key,
 )
@@ -221,7 +222,7 @@ class Provisioner:
             spec, values = await self._spec(definition, instance_id)
         except BaseException as exc:
             self.forget_secrets(instance_id)
-            if isinstance(exc, SandboxRefused):
+            if isinstance(exc, SandboxRefused | EgressError):  # a refusal, not a fault
                 self._refused(definition.name, str(exc))
             raise
         try:
