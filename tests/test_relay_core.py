@@ -17,6 +17,7 @@ from stockade.relay import jsonrpc
 from stockade.relay.budget import DENIAL_BURST, MAX_CALLER_STRING
 from stockade.relay.session import RelaySession
 from stockade.relay.shared import SharedRouter
+from stockade.wire.lines import OversizedLine
 from tests.relay_playbook import (
     A,
     B,
@@ -261,5 +262,75 @@ def test_malformed_host_input_gets_an_error_and_nothing_is_forwarded(
         await session.from_host(raw)
         assert server.sent == []
         assert host.got[0]["error"]["code"] in (jsonrpc.PARSE_ERROR, jsonrpc.INVALID_REQUEST)
+
+    play(tmp_path, scenario)
+
+
+# -- every request ends with an answer ---------------------------------------------------
+
+
+def test_a_request_with_no_answer_times_out_and_the_server_is_told(tmp_path: Path) -> None:
+    async def scenario(book: Playbook) -> None:
+        session, server, host = own_session(book)
+        await session.from_host(request(9, "tools/call", name="echo"))
+        await session.expire(60.0)  # not yet overdue
+        assert host.got == []
+        await asyncio.sleep(0.05)
+        await session.expire(0.01)
+        assert host.answer(9)["error"]["code"] == jsonrpc.REQUEST_TIMEOUT
+        cancel = server.sent[-1]
+        assert cancel["method"] == "notifications/cancelled"
+        assert cancel["params"]["requestId"] == 9
+        await server.says(result(9, "too late"))  # the late answer is not forwarded
+        assert len([m for m in host.got if m.get("id") == 9]) == 1
+
+    play(tmp_path, scenario)
+
+
+def test_a_shared_request_times_out_with_its_own_id(tmp_path: Path) -> None:
+    async def scenario(book: Playbook) -> None:
+        router, server, seat_a, host_a, _, host_b = shared(book)
+        await router.from_host(seat_a, request(3, "tools/call", name="echo"))
+        rewritten = server.sent[0]["id"]
+        await asyncio.sleep(0.05)
+        await router.expire(seat_a, 0.01)
+        assert host_a.answer(3)["error"]["code"] == jsonrpc.REQUEST_TIMEOUT
+        assert server.sent[-1]["params"]["requestId"] == rewritten
+        assert host_b.got == []
+
+    play(tmp_path, scenario)
+
+
+def test_an_oversized_answer_fails_its_own_request_at_once(tmp_path: Path) -> None:
+    async def scenario(book: Playbook) -> None:
+        session, server, host = own_session(book)
+        await session.from_host(request("big", "tools/call", name="echo"))
+        head = b'{"jsonrpc":"2.0","id":"big","result":{"content":"' + b"x" * 400
+        await server.says(OversizedLine(seen=5_000_000, head=head))
+        error = host.answer("big")["error"]
+        assert error["code"] == jsonrpc.MESSAGE_TOO_LARGE and "5000000" in error["message"]
+
+    play(tmp_path, scenario)
+
+
+def test_an_oversized_request_is_answered_with_its_id(tmp_path: Path) -> None:
+    async def scenario(book: Playbook) -> None:
+        session, server, host = own_session(book)
+        big = request(77, "tools/call", name="echo", arguments={"blob": "y" * (1 << 20)})
+        await session.from_host(big)
+        assert server.sent == []
+        assert host.answer(77)["error"]["code"] == jsonrpc.MESSAGE_TOO_LARGE
+
+    play(tmp_path, scenario)
+
+
+def test_a_server_answer_to_nothing_pending_is_dropped(tmp_path: Path) -> None:
+    async def scenario(book: Playbook) -> None:
+        session, server, host = own_session(book)
+        await server.says(result(404, {"made": "up"}))
+        await session.from_host(request(1, "tools/call", name="echo"))
+        await server.says(result(1, "first"))
+        await server.says(result(1, "again"))
+        assert [m.get("result") for m in host.got] == ["first"]
 
     play(tmp_path, scenario)

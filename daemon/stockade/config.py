@@ -112,6 +112,8 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=4 * MiB, ge=1024, le=256 * MiB)
     # After a host's last message, how long its session waits for the answers it is owed.
     session_drain_seconds: float = Field(default=30.0, ge=0, le=600)
+    # A request with no answer after this long gets MCP's -32001 (and the server a cancel).
+    request_timeout_seconds: float = Field(default=300.0, ge=0.1, le=86400)
     # Quotas: what one caller can make the daemon spend. Past one, a session is refused
     # with a clear error (gRPC RESOURCE_EXHAUSTED, HTTP 429) naming the quota.
     quota_sessions_per_identity: int = Field(default=32, ge=1, le=100_000)

@@ -155,9 +155,11 @@ async def _serve_audited(
         raise
     notify("READY=1", f"STATUS=serving on {', '.join(addresses)}")
     watcher = asyncio.create_task(_watch_policy(policy))
+    timeouts = asyncio.create_task(opener.expire_forever(settings.request_timeout_seconds))
     pinger = asyncio.create_task(_ping_watchdog(audit))
     await stop.wait()
     watcher.cancel()
+    timeouts.cancel()
     pinger.cancel()
     notify("STOPPING=1", "STATUS=stopping: ending sessions and containers")
     log.info("stockaded stopping")

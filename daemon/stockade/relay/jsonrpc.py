@@ -21,6 +21,7 @@ A server's bad line is dropped and logged (at a bounded rate), never raised.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -28,10 +29,12 @@ from typing import Any
 
 from stockade.logs import get_logger
 from stockade.wire import strict_json
-from stockade.wire.lines import OversizedLine
+from stockade.wire.lines import HEAD_BYTES, OversizedLine
 from stockade.wire.strict_json import StrictJSONError
 
 log = get_logger("stockade.relay")
+# `"id": 12` or `"id": "abc"` near the start of a message (the usual place for it).
+_HEAD_ID = re.compile(rb'"id"\s*:\s*(-?[0-9]{1,16}|"(?:[^"\\\x00-\x1f]|\\.){0,256}")')
 
 # Standard JSON-RPC codes.
 PARSE_ERROR = -32700
@@ -100,12 +103,34 @@ def valid_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and -MAX_ID <= value <= MAX_ID
 
 
+def id_from_head(head: bytes) -> Any:
+    """The id of a message too large to parse, read from its first bytes; None if unsure.
+
+    Only to address an error to the request it belongs to: a peer that lies here can only
+    make its own request fail early.
+    """
+    found = _HEAD_ID.search(head)
+    if found is None:
+        return None
+    try:
+        value = json.loads(found.group(1))
+    except ValueError:
+        return None
+    return value if valid_id(value) else None
+
+
+def too_large(size: int, max_bytes: int, head: bytes) -> InvalidMessage:
+    return InvalidMessage(
+        MESSAGE_TOO_LARGE,
+        f"message of {size} bytes is over the {max_bytes}-byte limit",
+        id_from_head(head),
+    )
+
+
 def parse(raw: bytes, max_bytes: int) -> Message:
     """Check one message. Raises `InvalidMessage` (only) with the code to answer."""
     if len(raw) > max_bytes:
-        raise InvalidMessage(
-            MESSAGE_TOO_LARGE, f"message of {len(raw)} bytes is over the {max_bytes}-byte limit"
-        )
+        raise too_large(len(raw), max_bytes, raw[:HEAD_BYTES])
     try:
         body = strict_json.loads(raw)
     except StrictJSONError as exc:
@@ -264,6 +289,36 @@ def _readable_id(raw: bytes) -> Any:
         except UnicodeEncodeError:
             return None
     return request_id
+
+
+def answer_too_large(request_id: Any, size: int, max_bytes: int) -> bytes:
+    """The error a request gets when its answer is over the limit (the answer is dropped)."""
+    return error_response(
+        request_id,
+        MESSAGE_TOO_LARGE,
+        f"the server's answer of {size} bytes is over the {max_bytes}-byte limit; dropped",
+    )
+
+
+def timed_out(request_id: Any, server: str, timeout: float) -> bytes:
+    return error_response(
+        request_id,
+        REQUEST_TIMEOUT,
+        f"no answer from server {server!r} within {timeout:g} s (request_timeout_seconds)",
+    )
+
+
+def cancel(request_id: Any, reason: str) -> bytes:
+    """`notifications/cancelled` for a request the server need not finish any more."""
+    params = {"requestId": request_id, "reason": reason}
+    return encode({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params})
+
+
+def log_unowed_answer(server: str, request_id: Any) -> None:
+    """A server answer to no pending request: logged, at a bounded rate (servers repeat)."""
+    _dropped.warn(
+        "dropped a server answer to no pending request", server=server, id=str(request_id)[:64]
+    )
 
 
 def error_response(request_id: Any, code: int, message: str, data: Any = None) -> bytes:

@@ -101,6 +101,7 @@ class HostSession:
         guard: PolicyGuard,
         forward: Callable[[bytes], Awaitable[None]],
         drain: Callable[[float], Awaitable[None]],
+        expire: Callable[[float], Awaitable[None]],
         release: Callable[[], None],
         on_close: Callable[[HostSession, str], None],
     ) -> None:
@@ -108,6 +109,7 @@ class HostSession:
         self._guard = guard
         self.from_host = forward
         self.drain = drain
+        self.expire = expire  # requests older than the timeout get -32001
         self._release = release
         self._on_close = on_close
         self._closed = False
@@ -179,6 +181,16 @@ class SessionOpener:
         self._max = max_message_bytes
         self.live: dict[str, SessionRecord] = {}
         self._open: dict[str, HostSession] = {}
+
+    async def expire_forever(self, timeout: float) -> None:
+        """Every second: requests older than `timeout`, in every open session, time out."""
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 2))
+            for session in list(self._open.values()):
+                try:
+                    await session.expire(timeout)
+                except Exception as exc:  # one broken session must not stop the others' timeouts
+                    log.warning("could not time out a session's requests", error=str(exc))
 
     async def revoke(self, reason: str, *, credentials: set[str], identity: str = "") -> int:
         """End every open session that used one of `credentials` (or of `identity`)."""
@@ -310,6 +322,7 @@ class SessionOpener:
             guard=guard,
             forward=relay.from_host,
             drain=relay.drain,
+            expire=relay.expire,
             release=lambda: self._instances.release_later(instance),
             on_close=self._closed,
         )
@@ -333,11 +346,15 @@ class SessionOpener:
         async def drain(timeout: float) -> None:
             await router.drain(seat, timeout)
 
+        async def expire(timeout: float) -> None:
+            await router.expire(seat, timeout)
+
         return HostSession(
             SessionRecord(session_id, server, identity, SHARED, transport),
             guard=guard,
             forward=forward,
             drain=drain,
+            expire=expire,
             release=lambda: router.leave(seat),
             on_close=self._closed,
         )

@@ -97,6 +97,11 @@ class RelaySession:
     async def from_server(self, line: bytes | OversizedLine) -> None:
         """One stdout line from the server: forward it (not forwarded: garbage, oversized)."""
         message = jsonrpc.parse_server_line(line, self._max)
+        if isinstance(line, OversizedLine):  # its request, if it can be told, fails at once
+            owed = self._pending.pop(jsonrpc.id_key(jsonrpc.id_from_head(line.head)), None)
+            if owed is not None:
+                await self._to_host(jsonrpc.answer_too_large(owed[0], line.seen, self._max))
+            return
         if message is None:
             return
         if message.kind is Kind.REQUEST:  # the server asks the host (sampling, roots, ...)
@@ -110,14 +115,27 @@ class RelaySession:
                 return
             self._asked.add(message.id_key)
         elif message.kind is Kind.RESPONSE:
-            _, method, started = self._pending.pop(message.id_key, (None, "", 0.0))
-            if method:
-                self._guard.answered(method, started, message.body)
+            owed = self._pending.pop(message.id_key, None)
+            if owed is None:  # late (timed out, cancelled), repeated, or made up: not forwarded
+                jsonrpc.log_unowed_answer(self.server, message.id)
+                return
+            _, method, started = owed
+            self._guard.answered(method, started, message.body)
             filtered = self._guard.filter_list(method, message.body)
             if filtered is not None:
                 await self._to_host(jsonrpc.encode(filtered))
                 return
         await self._to_host(message.raw)
+
+    async def expire(self, timeout: float) -> None:
+        """Requests older than `timeout`: the host gets MCP's -32001, the server a cancel."""
+        now = time.monotonic()
+        overdue = [key for key, (_, _, began) in self._pending.items() if now - began > timeout]
+        for key in overdue:
+            request_id, _, _ = self._pending.pop(key)
+            await self._to_host(jsonrpc.timed_out(request_id, self.server, timeout))
+            if not self._ended:
+                await self.instance.send(jsonrpc.cancel(request_id, "timed out in Stockade"))
 
     async def server_ended(self, report: ExitReport) -> None:
         """Fail every pending request with the reason; later requests fail the same way."""

@@ -252,6 +252,13 @@ class SharedRouter:
 
     async def _from_server(self, line: bytes | OversizedLine) -> None:
         message = jsonrpc.parse_server_line(line, self._max)
+        if isinstance(line, OversizedLine):  # its request, if it can be told, fails at once
+            route = self._routes.pop(jsonrpc.id_key(jsonrpc.id_from_head(line.head)), None)
+            if route is not None:
+                session, original_id, _, _ = route
+                session.outstanding.pop(jsonrpc.id_key(original_id), None)
+                await session.to_host(jsonrpc.answer_too_large(original_id, line.seen, self._max))
+            return
         if message is None:
             return
         if message.kind is Kind.RESPONSE:
@@ -269,8 +276,9 @@ class SharedRouter:
                 self._handshake.set_exception(HandshakeFailed(str(message.body.get("error"))))
             return
         route = self._routes.pop(message.id_key, None)
-        if route is None:
-            return  # its session has left
+        if route is None:  # its session has left, it timed out, or the id is made up
+            jsonrpc.log_unowed_answer(self.server, message.id)
+            return
         session, original_id, method, started = route
         session.outstanding.pop(jsonrpc.id_key(original_id), None)
         session.guard.answered(method, started, message.body)
@@ -317,6 +325,21 @@ class SharedRouter:
             self.unattributed += 1
             return []
         return busy
+
+    async def expire(self, session: SharedSession, timeout: float) -> None:
+        """This session's requests older than `timeout`: -32001 to it, a cancel to the server."""
+        now = time.monotonic()
+        overdue = [
+            key
+            for key, (owner, _, _, began) in self._routes.items()
+            if owner is session and now - began > timeout
+        ]
+        for key in overdue:
+            _, original_id, _, _ = self._routes.pop(key)
+            rewritten = session.outstanding.pop(jsonrpc.id_key(original_id), None)
+            await session.to_host(jsonrpc.timed_out(original_id, self.server, timeout))
+            if self._instance is not None and rewritten is not None:
+                await self._instance.send(jsonrpc.cancel(rewritten, "timed out in Stockade"))
 
     def _unavailable(self, request_id: Any) -> bytes:
         why = f" (last {self._last_exit.describe()})" if self._last_exit else ""

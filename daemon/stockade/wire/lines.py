@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+HEAD_BYTES = 512  # what is kept of a dropped line: enough to read the id of a message
+
 
 @dataclass(frozen=True)
 class OversizedLine:
-    """Marks where a line longer than the limit was dropped; `seen` is how much of it arrived."""
+    """Marks where a line longer than the limit was dropped; `seen` is how much of it arrived.
+
+    `head` is its first HEAD_BYTES, so that the request it answers (or asks) can still get
+    an error at once instead of waiting for nothing.
+    """
 
     seen: int
+    head: bytes = field(default=b"", compare=False)
 
 
 @dataclass
@@ -29,6 +36,7 @@ class LineSplitter:
     max_line_bytes: int
     _buffer: bytearray = field(default_factory=bytearray)
     _discarded: int = 0  # > 0 while dropping the rest of an oversized line
+    _head: bytes = b""
 
     def feed(self, data: bytes) -> list[bytes | OversizedLine]:
         out: list[bytes | OversizedLine] = []
@@ -48,14 +56,15 @@ class LineSplitter:
             self._discarded += len(piece)
         elif len(self._buffer) + len(piece) > self.max_line_bytes:
             self._discarded = len(self._buffer) + len(piece)
+            self._head = (bytes(self._buffer[:HEAD_BYTES]) + piece[:HEAD_BYTES])[:HEAD_BYTES]
             self._buffer.clear()
         else:
             self._buffer += piece
 
     def _finish_line(self, out: list[bytes | OversizedLine]) -> None:
         if self._discarded:
-            out.append(OversizedLine(seen=self._discarded))
-            self._discarded = 0
+            out.append(OversizedLine(seen=self._discarded, head=self._head))
+            self._discarded, self._head = 0, b""
             return
         line = bytes(self._buffer).rstrip(b"\r")
         self._buffer.clear()
