@@ -3,7 +3,9 @@
 It is passed to `python3 -c` in the stockade/python image, so it must be self-contained.
 Methods: scratch/echo returns its params; scratch/write {text} writes /tmp/scratch;
 scratch/read returns it; scratch/hang never answers; scratch/stderr {text} logs a line;
-scratch/eat-memory allocates until killed; scratch/fork-bomb forks until the pids limit
+scratch/eat-memory allocates until killed; scratch/flood {count, size} writes that many
+notifications of `size` bytes to stdout as fast as it can; scratch/fork-bomb forks until
+the pids limit
 stops it and reports how many forks succeeded.
 """
 
@@ -71,5 +73,20 @@ for line in sys.stdin:
             hoard.append(bytearray(8 * 1024 * 1024))
     elif method == "scratch/fork-bomb":
         answer(request_id, {"forks": fork_bomb()})
+    elif method == "scratch/flood":
+        note = (
+            json.dumps(
+                {
+                    "jsonrpc": "2.0",
+                    "method": "notifications/message",
+                    "params": {"level": "info", "data": "f" * params.get("size", 1000)},
+                }
+            )
+            + "\n"
+        )
+        for _ in range(params.get("count", 100000)):
+            sys.stdout.write(note)
+        sys.stdout.flush()
+        answer(request_id, {"flooded": True})
     elif method == "scratch/hang":
         pass

@@ -95,6 +95,9 @@ class AttachedStdio:
                 self._on_stderr(line)
 
     async def close(self) -> None:
+        # End the connection first (asyncio's close only drops our descriptor, and the
+        # SDK holds another): dockerd must see it go to stop writing to it.
+        self._attachment.shutdown()
         self._writer.close()
         with contextlib.suppress(OSError):  # the engine may have closed it first
             await self._writer.wait_closed()

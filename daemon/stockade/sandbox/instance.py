@@ -29,6 +29,13 @@ log = get_logger("stockade.instance")
 REDACT_OFF_LOOP_BYTES = 64 * 1024
 
 STDERR_RING_LINES = 1000
+STDERR_LINE_CHARS = 4096  # a longer stderr line is cut in the ring: the ring stays bounded
+# The daemon's own log gets a sample of a server's stderr: at most this many lines a second
+# per instance (the ring, served by `stockade server logs`, keeps them all).
+STDERR_LOG_PER_SECOND = 5
+# Every call to the engine that a stop depends on has a deadline: a stuck engine (or a stuck
+# attach stream) must never keep a container, a session or the daemon's shutdown waiting.
+ENGINE_DEADLINE = 30.0
 LineSink = Callable[[bytes | OversizedLine], Awaitable[None]]
 
 
@@ -40,6 +47,8 @@ class StderrLog:
         self.total = 0  # lines ever appended
 
     def append(self, line: str) -> None:
+        if len(line) > STDERR_LINE_CHARS:
+            line = f"{line[:STDERR_LINE_CHARS]}…[{len(line) - STDERR_LINE_CHARS} more characters]"
         self._lines.append(line)
         self.total += 1
 
@@ -47,6 +56,27 @@ class StderrLog:
         """Lines appended after the first `seen` (those still in the ring)."""
         fresh = min(self.total - seen, len(self._lines))
         return list(self._lines)[len(self._lines) - fresh :] if fresh > 0 else []
+
+
+class _StderrSample:
+    """At most STDERR_LOG_PER_SECOND lines a second to the daemon log; the rest counted."""
+
+    def __init__(self) -> None:
+        self._second = 0
+        self._said = 0
+        self._unsaid = 0
+
+    def take(self) -> int | None:
+        """The lines not logged since the last one that was, or None: do not log this one."""
+        now = int(time.monotonic())
+        if now != self._second:
+            self._second, self._said = now, 0
+        if self._said >= STDERR_LOG_PER_SECOND:
+            self._unsaid += 1
+            return None
+        self._said += 1
+        unsaid, self._unsaid = self._unsaid, 0
+        return unsaid
 
 
 def new_instance_id() -> str:
@@ -175,11 +205,15 @@ class Instance:
         attachment = await asyncio.to_thread(backend.attach, container_id)
         stderr = StderrLog()
 
+        sample = _StderrSample()
+
         def on_stderr(line: bytes) -> None:  # already redacted, as a stream (multi-line values)
             text = line.decode("utf-8", errors="replace")
             stderr.append(text)
-            with log_context(server=server, instance=instance_id):
-                log.info("server stderr", line=text)
+            unsaid = sample.take()
+            if unsaid is not None:
+                with log_context(server=server, instance=instance_id):
+                    log.info("server stderr", line=text[:STDERR_LINE_CHARS], not_logged=unsaid)
 
         redact = None
         if redaction is not None:
@@ -237,14 +271,21 @@ class Instance:
         except (OSError, ConnectionError) as exc:
             log.warning("attach stream broke", instance=self.id, error=str(exc))
         finally:
-            report = await self._exit_report()
-            if not self.exited.done():
-                self.exited.set_result(report)
+            if not self._stopping:  # else `stop` learns how it ended, with its deadlines
+                report = await self._exit_report()
+                if not self.exited.done():
+                    self.exited.set_result(report)
 
     async def _exit_report(self) -> ExitReport:
         try:
-            status: ExitStatus = await asyncio.to_thread(self.backend.wait, self.container_id, 30)
-            hits = await asyncio.to_thread(self.backend.pids_limit_hits, self.container_id)
+            status: ExitStatus = await asyncio.wait_for(
+                asyncio.to_thread(self.backend.wait, self.container_id, int(ENGINE_DEADLINE)),
+                ENGINE_DEADLINE + 5,
+            )
+            hits = await asyncio.wait_for(
+                asyncio.to_thread(self.backend.pids_limit_hits, self.container_id),
+                ENGINE_DEADLINE,
+            )
         except ContainerGone:
             status, hits = ExitStatus(exit_code=-1, oom_killed=False), 0
         except Exception as exc:  # the engine failed to say; report what we know
@@ -254,15 +295,41 @@ class Instance:
         return ExitReport(status.exit_code, status.oom_killed, hits, self._stopping)
 
     async def stop(self, grace_seconds: float) -> ExitReport:
-        """SIGTERM, grace, SIGKILL; the container is always removed. Idempotent."""
+        """Close the attach stream, then SIGTERM, grace, SIGKILL; always removed. Idempotent.
+
+        The attach stream goes first: while dockerd is blocked writing output nobody reads
+        (a flooding server whose host stopped reading), it cannot finish a stop, and the
+        container would never end. Every engine call has a deadline.
+        """
         self._stopping = True
-        await self.sample_pids()
-        if not self.exited.done():
-            with contextlib.suppress(ContainerGone):
-                await asyncio.to_thread(
-                    self.backend.kill_gracefully, self.container_id, grace_seconds
-                )
-        report = await asyncio.shield(self.exited) if self._reader else await self._exit_report()
+        with contextlib.suppress(Exception):  # best effort: the cgroup may be gone
+            await asyncio.wait_for(self.sample_pids(), 10)
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
         await self.stdio.close()
-        await asyncio.to_thread(self.backend.remove, self.container_id)
+        if not self.exited.done():
+            try:
+                await asyncio.wait_for(
+                    asyncio.to_thread(
+                        self.backend.kill_gracefully, self.container_id, grace_seconds
+                    ),
+                    grace_seconds + ENGINE_DEADLINE,
+                )
+            except ContainerGone:
+                pass
+            except Exception as exc:  # the engine is stuck or failed: say so, remove anyway
+                log.warning(
+                    "could not stop the container in time", instance=self.id, error=str(exc)
+                )
+            if not self.exited.done():
+                self.exited.set_result(await self._exit_report())
+        report = self.exited.result()
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(self.backend.remove, self.container_id), ENGINE_DEADLINE
+            )
+        except Exception as exc:  # the reconcile loop removes it later (it is not ours now)
+            log.warning("could not remove the container", instance=self.id, error=str(exc))
         return report

@@ -42,9 +42,20 @@ class Attachment:
     sock: socket.socket
     _keep: Any
 
+    def shutdown(self) -> None:
+        """End the connection itself, not only a descriptor of it.
+
+        The SDK's wrapper holds another descriptor of the same connection, which closing
+        ours leaves open; then dockerd stays blocked writing output nobody reads and cannot
+        finish stopping the container. A shutdown ends the connection for every holder.
+        """
+        with contextlib.suppress(OSError):  # already closed, or ended by the engine
+            self.sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
+        self.shutdown()
         self.sock.close()
-        with contextlib.suppress(OSError):  # already closed by the engine
+        with contextlib.suppress(OSError):
             self._keep.close()
 
 
