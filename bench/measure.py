@@ -13,10 +13,12 @@ other state count the ones still open. Opened during a window = closed + change 
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import subprocess
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -140,3 +142,16 @@ def percentile(values: list[float], fraction: float) -> float:
 
 def p50(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def machine() -> str:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{os.cpu_count()} cores ({model}), Linux {platform.release()}, {when}"

@@ -22,17 +22,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import peers, raw_client, sdk_client
-from bench.measure import ConnectionMeter, CpuMeter, Meters, children, percentile, pid_of
+from bench.measure import (
+    ConnectionMeter,
+    CpuMeter,
+    Meters,
+    children,
+    machine,
+    percentile,
+    pid_of,
+)
 from bench.sdk_client import ECHO, TIME
 from tests.daemon_helper import Daemon, running_daemon
 
@@ -63,19 +69,6 @@ class Row:
             closed = self.connections.closed / self.calls
             conns = f"{opened:.2f} / {closed:.2f}"
         return f"| {self.name} | {p50:.2f} | {p99:.2f} | {ratio} | {conns} |"
-
-
-def machine() -> str:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{os.cpu_count()} cores ({model}), Linux {platform.release()}, {when}"
 
 
 def wait_for_pool(daemon: Daemon, server: str) -> None:
