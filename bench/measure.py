@@ -154,4 +154,8 @@ def machine() -> str:
         platform.processor(),
     )
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{os.cpu_count()} cores ({model}), Linux {platform.release()}, {when}"
+    load = os.getloadavg()[0]  # the machine may be shared: say how busy it was
+    return (
+        f"{os.cpu_count()} cores ({model}), Linux {platform.release()}, {when}; "
+        f"load average {load:.2f} (1 min) at the end"
+    )

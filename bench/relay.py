@@ -13,9 +13,12 @@ Also: the raw-client rows (no SDK: the least a client can do), the pipelined thr
 one session, and the CPU that stockaded, the bridge and dockerd spend per relayed message
 (/proc/PID/stat around the timed calls; bench/measure.py). HTTP rows count the TCP
 connections opened and closed per call from the kernel's socket table (bench/measure.py).
+With --rounds R every row is measured R times, interleaved (a round runs every row once),
+and the tables give the median over the rounds of each round's p50 and p99: other work on a
+shared machine then moves a round, not a row.
 Peers come from `bash bench/peers.sh`. Prints Markdown; a benchmark, not a test.
 
-Run: bash bench/peers.sh && PYTHONPATH=daemon:. python bench/relay.py [--calls 300]
+Run: bash bench/peers.sh && PYTHONPATH=daemon:. python bench/relay.py [--calls 300 --rounds 3]
 """
 
 from __future__ import annotations
@@ -43,32 +46,41 @@ from bench.sdk_client import ECHO, TIME
 from tests.daemon_helper import Daemon, running_daemon
 
 WARM = 2
+SERVERS = (("time", peers.TIME_SERVER, TIME), ("echo", peers.ECHO_SERVER, ECHO))
 
 
 @dataclass
 class Row:
+    """One path, over every round: its timed calls and, for HTTP, its connections."""
+
     name: str
-    times: list[float]
-    base: list[float] | None = None  # the bare container's times for the same server
-    connections: ConnectionMeter | None = None
-    calls: int = field(init=False)
+    rounds: list[list[float]] = field(default_factory=list)
+    http: bool = False
+    opened: int = 0
+    closed: int = 0
 
-    def __post_init__(self) -> None:
-        self.calls = len(self.times)
+    def add(self, times: list[float], connections: ConnectionMeter | None = None) -> None:
+        self.rounds.append(times)
+        if connections is not None:
+            self.http = True
+            self.opened += connections.opened
+            self.closed += connections.closed
 
-    def markdown(self) -> str:
-        p50, p99 = statistics.median(self.times) * 1000, percentile(self.times, 0.99) * 1000
-        ratio = (
-            f"{statistics.median(self.times) / statistics.median(self.base):.2f}x"
-            if self.base
-            else "1.00x"
-        )
+    @property
+    def p50(self) -> float:
+        return statistics.median(statistics.median(times) for times in self.rounds) * 1000
+
+    @property
+    def p99(self) -> float:
+        return statistics.median(percentile(times, 0.99) for times in self.rounds) * 1000
+
+    def markdown(self, base: Row) -> str:
         conns = "—"
-        if self.connections is not None:
-            opened = self.connections.opened / self.calls
-            closed = self.connections.closed / self.calls
-            conns = f"{opened:.2f} / {closed:.2f}"
-        return f"| {self.name} | {p50:.2f} | {p99:.2f} | {ratio} | {conns} |"
+        if self.http:
+            calls = sum(len(times) for times in self.rounds)
+            conns = f"{self.opened / calls:.2f} / {self.closed / calls:.2f}"
+        ratio = self.p50 / base.p50
+        return f"| {self.name} | {self.p50:.2f} | {self.p99:.2f} | {ratio:.2f}x | {conns} |"
 
 
 def wait_for_pool(daemon: Daemon, server: str) -> None:
@@ -86,29 +98,43 @@ class StdioCpu:
     """stockaded's, the bridge's and dockerd's CPU over the timed calls of a stdio row.
     dockerd is shared with whatever else runs on the machine: read it as an upper bound."""
 
-    def __init__(self, daemon: Daemon, server: str, label: str) -> None:
-        assert daemon.process is not None
-        self.daemon, self.server, self.label = daemon, server, label
-        self.cpu = CpuMeter()
-        self.cpu.watch("stockaded", daemon.process.pid)
-        self.cpu.watch("dockerd", pid_of("dockerd"))
-        self.meters = Meters(self.cpu)
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.spent: dict[str, float] = {}
         self.calls = 0
+        self._cpu = CpuMeter()
+        self._daemon: Daemon | None = None
+        self._server = ""
+
+    def round(self, daemon: Daemon, server: str) -> Meters:
+        """A new round: its meters, to stop after the timed calls."""
+        assert daemon.process is not None
+        self._daemon, self._server = daemon, server
+        self._cpu = CpuMeter()
+        self._cpu.watch("stockaded", daemon.process.pid)
+        self._cpu.watch("dockerd", pid_of("dockerd"))
+        return Meters(self._cpu)
 
     def begin(self, bridge: int | None = None) -> None:
         """Just before the timed calls: the pool is full again, the bridge is known."""
-        wait_for_pool(self.daemon, self.server)
+        assert self._daemon is not None
+        wait_for_pool(self._daemon, self._server)
         if bridge is None:
             found = children(os.getpid(), "connect")
             bridge = found[0] if len(found) == 1 else None
-        self.cpu.watch("bridge", bridge)
-        self.meters.start()
+        self._cpu.watch("bridge", bridge)
+        self._cpu.start()
+
+    def end(self, calls: int) -> None:
+        for name, seconds in self._cpu.spent.items():
+            self.spent[name] = self.spent.get(name, 0.0) + seconds
+        self.calls += calls
 
     def markdown(self) -> str:
         def per(name: str) -> str:
-            if name not in self.cpu.spent:
+            if name not in self.spent:
                 return "—"
-            per_call = self.cpu.spent[name] / self.calls * 1000
+            per_call = self.spent[name] / self.calls * 1000
             return f"{per_call:.3f} ({per_call / 2:.3f})"  # a call relays two messages
 
         return f"| {self.label} | {per('stockaded')} | {per('bridge')} | {per('dockerd')} |"
@@ -116,10 +142,38 @@ class StdioCpu:
 
 @dataclass
 class Results:
-    sdk_rows: list[Row] = field(default_factory=list)
-    raw_rows: list[Row] = field(default_factory=list)
-    rates: dict[str, float] = field(default_factory=dict)
-    cpu: list[StdioCpu] = field(default_factory=list)
+    sdk: dict[str, Row] = field(default_factory=dict)
+    raw: dict[str, Row] = field(default_factory=dict)
+    rates: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, StdioCpu] = field(default_factory=dict)
+
+    def sdk_row(self, name: str) -> Row:
+        return self.sdk.setdefault(name, Row(name))
+
+    def raw_row(self, name: str) -> Row:
+        return self.raw.setdefault(name, Row(name))
+
+    def rate(self, name: str, value: float) -> None:
+        self.rates.setdefault(name, []).append(value)
+
+    def cpu_of(self, label: str) -> StdioCpu:
+        return self.cpu.setdefault(label, StdioCpu(label))
+
+
+def bare(calls: int, pipelined: int, results: Results) -> None:
+    """The limit: each server in the hardened container straight over `docker run -i`."""
+    for server, argv, tool in SERVERS:
+        name = f"`docker run -i`, hardened (the limit), {server}"
+        results.sdk_row(name).add(sdk_client.over_stdio(peers.container(argv), tool, calls))
+    direct = [sys.executable, "-m", "mcp_server_time", "--local-timezone", "UTC"]
+    results.sdk_row("direct stdio, no container, time").add(
+        sdk_client.over_stdio(direct, TIME, calls)
+    )
+    times = raw_client.raw_stdio(peers.container(peers.TIME_SERVER), TIME, calls)
+    results.raw_row("`docker run -i`, hardened").add(times)
+    for server, argv, tool in SERVERS:
+        rate = raw_client.raw_pipelined(peers.container(argv), tool, pipelined)
+        results.rate(f"`docker run -i`, {server}", rate)
 
 
 def through_stockade(calls: int, pipelined: int, results: Results) -> None:
@@ -132,55 +186,45 @@ def through_stockade(calls: int, pipelined: int, results: Results) -> None:
             daemon.add_server("echo", peers.IMAGE, *peers.ECHO_SERVER, warm=WARM)
             creds = daemon.issue_host("bench")
             tls = sdk_client.client_tls(creds)
-            for server, tool in (("time", TIME), ("echo", ECHO)):
+            for server, _, tool in SERVERS:
                 bridge = daemon.bridge(server, creds)
-                meter = StdioCpu(daemon, server, f"SDK client, sequential, {server}")
+                cpu = results.cpu_of(f"SDK client, sequential, {server}")
+                meters = cpu.round(daemon, server)
                 times = sdk_client.over_stdio(
-                    bridge, tool, calls, env=daemon.env, meters=meter.meters, on_timed=meter.begin
+                    bridge, tool, calls, env=daemon.env, meters=meters, on_timed=cpu.begin
                 )
-                meter.calls = calls
-                results.cpu.append(meter)
+                cpu.end(calls)
                 name = f"Stockade `stockade connect` (stdio → gRPC/mTLS), {server}"
-                results.sdk_rows.append(Row(name, times))
+                results.sdk_row(name).add(times)
 
                 conns = ConnectionMeter(int(https.rsplit(":", 1)[1]))
-                url = f"https://{https}/servers/{server}/mcp"
                 times = sdk_client.over_http(
-                    url,
+                    f"https://{https}/servers/{server}/mcp",
                     tool,
                     calls,
                     tls=tls,
                     meters=Meters(conns),
                     on_timed=lambda s=server: wait_for_pool(daemon, s),
                 )
-                name = f"Stockade HTTP front, client cert, {server}"
-                results.sdk_rows.append(Row(name, times, connections=conns))
+                results.sdk_row(f"Stockade HTTP front, client cert, {server}").add(times, conns)
 
-                piped = StdioCpu(daemon, server, f"raw client, pipelined, {server}")
+                cpu = results.cpu_of(f"raw client, pipelined, {server}")
+                meters = cpu.round(daemon, server)
                 rate = raw_client.raw_pipelined(
-                    bridge,
-                    tool,
-                    pipelined,
-                    env=daemon.env,
-                    on_timed=piped.begin,
-                    meters=piped.meters,
+                    bridge, tool, pipelined, env=daemon.env, on_timed=cpu.begin, meters=meters
                 )
-                piped.calls = pipelined
-                results.cpu.append(piped)
-                results.rates[f"Stockade `stockade connect`, {server}"] = rate
+                cpu.end(pipelined)
+                results.rate(f"Stockade `stockade connect`, {server}", rate)
             over_tcp = daemon.bridge("time", creds)
             at = over_tcp.index("--socket")
             over_tcp[at : at + 2] = ["--address", tcp]
             settle = lambda *_: wait_for_pool(daemon, "time")  # noqa: E731
             for name, argv in (("Unix socket", daemon.bridge("time", creds)), ("TCP", over_tcp)):
                 times = raw_client.raw_stdio(argv, TIME, calls, env=daemon.env, on_timed=settle)
-                results.raw_rows.append(Row(f"Stockade `stockade connect`, {name} + mTLS", times))
+                results.raw_row(f"Stockade `stockade connect`, {name} + mTLS").add(times)
             url = f"https://{https}/servers/time/mcp"
             times = raw_client.raw_http(url, TIME, calls, on_timed=settle, verify=tls)
-            results.raw_rows.append(Row("Stockade HTTP front, keep-alive client", times))
-
-
-SERVERS = (("time", peers.TIME_SERVER, TIME), ("echo", peers.ECHO_SERVER, ECHO))
+            results.raw_row("Stockade HTTP front, keep-alive client").add(times)
 
 
 def through_peers(calls: int, results: Results) -> None:
@@ -189,65 +233,47 @@ def through_peers(calls: int, results: Results) -> None:
             with peers.http_peer(name, peers.container(argv)) as url:
                 conns = ConnectionMeter(int(url.rsplit(":", 1)[1].split("/")[0]))
                 times = sdk_client.over_http(url, tool, calls, meters=Meters(conns))
-                results.sdk_rows.append(
-                    Row(f"{name}, container, {server}", times, connections=conns)
-                )
+                results.sdk_row(f"{name}, container, {server}").add(times, conns)
 
 
-def main(calls: int, pipelined: int) -> None:
+def main(calls: int, pipelined: int, rounds: int) -> None:
     started = time.monotonic()
     results = Results()
     try:
-        bare = {
-            server: sdk_client.over_stdio(peers.container(argv), tool, calls)
-            for server, argv, tool in SERVERS
-        }
-        server = [sys.executable, "-m", "mcp_server_time", "--local-timezone", "UTC"]
-        direct = Row("direct stdio, no container", sdk_client.over_stdio(server, TIME, calls))
-        results.raw_rows.append(
-            Row(
-                "`docker run -i`, hardened",
-                raw_client.raw_stdio(peers.container(peers.TIME_SERVER), TIME, calls),
-            )
-        )
-        for server, argv, tool in SERVERS:
-            rate = raw_client.raw_pipelined(peers.container(argv), tool, pipelined)
-            results.rates[f"`docker run -i`, {server}"] = rate
-        through_stockade(calls, pipelined, results)
-        through_peers(calls, results)
+        for _ in range(rounds):
+            bare(calls, pipelined, results)
+            through_stockade(calls, pipelined, results)
+            through_peers(calls, results)
     finally:
         peers.remove_containers()
-    print_tables(calls, pipelined, bare, direct, results)
+    print_tables(calls, pipelined, rounds, results)
     print(f"\n{machine()}; the whole run took {time.monotonic() - started:.0f} s.")
 
 
-def print_tables(
-    calls: int, pipelined: int, bare: dict[str, list[float]], direct: Row, results: Results
-) -> None:
+def print_tables(calls: int, pipelined: int, rounds: int, results: Results) -> None:
     header = "| p50 ms | p99 ms | x bare container (p50) | TCP opened / closed per call |"
-    print(f"| official SDK client, {calls} sequential tools/call {header}")
+    each = f"{calls} sequential tools/call, median of {rounds} rounds"
+    print(f"| official SDK client, {each} {header}")
     print("| --- | --- | --- | --- | --- |")
     for server in ("time", "echo"):
-        print(Row(f"`docker run -i`, hardened (the limit), {server}", bare[server]).markdown())
-        for row in results.sdk_rows:
+        base = results.sdk[f"`docker run -i`, hardened (the limit), {server}"]
+        for row in results.sdk.values():
             if row.name.endswith(f", {server}"):
-                row.base = bare[server]
-                print(row.markdown())
-    direct.base = bare["time"]
-    print(direct.markdown())
-    print(f"\n| raw client (no SDK), {calls} sequential tools/call, time {header}")
+                print(row.markdown(base))
+    print(f"\n| raw client (no SDK), {each}, time {header}")
     print("| --- | --- | --- | --- | --- |")
-    for row in results.raw_rows:
-        row.base = results.raw_rows[0].times
-        print(row.markdown())
+    base = results.raw["`docker run -i`, hardened"]
+    for row in results.raw.values():
+        print(row.markdown(base))
     print(f"\n| pipelined, one session, {pipelined} calls written, then read | calls/s | x bare |")
     print("| --- | --- | --- |")
-    for name, rate in results.rates.items():
-        bare_rate = results.rates[f"`docker run -i`, {name.rsplit(', ', 1)[1]}"]
+    for name, values in results.rates.items():
+        rate = statistics.median(values)
+        bare_rate = statistics.median(results.rates[f"`docker run -i`, {name.rsplit(', ', 1)[1]}"])
         print(f"| {name} | {rate:,.0f} | {rate / bare_rate:.2f}x |")
     print("\n| CPU ms per call (per relayed message), timed calls | stockaded | bridge | dockerd |")
     print("| --- | --- | --- | --- |")
-    for meter in results.cpu:
+    for meter in results.cpu.values():
         print(meter.markdown())
 
 
@@ -257,5 +283,6 @@ if __name__ == "__main__":
     )
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--pipelined", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
     arguments = parser.parse_args()
-    main(arguments.calls, arguments.pipelined)
+    main(arguments.calls, arguments.pipelined, arguments.rounds)
