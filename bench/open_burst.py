@@ -8,6 +8,7 @@ Measured in one run:
 - calls/s: once every host is open and the pool has refilled, each makes --calls sequential
   `tools/call`s, all hosts at once; total calls / time until the last one answers;
 - RSS: stockaded when all are open (and its peak, VmHWM), and each bridge's (mean, max);
+- where the CPU went from launch to all served, per process group (bench/burst_cpu.py);
 - the CPU floor: N x one cold start's CPU / cores. One cold start's CPU is that of a fresh
   hardened container of the same image (its cgroup's CPU, from the engine's stats), from
   `docker run` to its answer to `initialize`; the median of three, taken before the burst.
@@ -36,6 +37,7 @@ import docker
 from mcp import Client, StdioServerParameters
 
 from bench import peers
+from bench.burst_cpu import BurstCpu
 from bench.measure import children, machine, percentile, rss_mib
 from bench.raw_client import INIT
 from bench.sdk_client import TIME
@@ -93,8 +95,9 @@ class Burst:
         self.calls_seconds = 0.0
         self.daemon_rss = self.daemon_peak = 0.0
         self.bridge_rss: list[float] = []
-        self.released = 0.0
+        self.released = self.began = self.served = 0.0
         self.total = 0.0
+        self.cpu = BurstCpu(self.daemon_pid)
 
     async def host(self, began: float) -> None:
         try:
@@ -119,6 +122,8 @@ class Burst:
     def _maybe_all_open(self) -> None:
         if len(self.opened) + len(self.failed) == self.hosts and not self.memory_sampled:
             self.memory_sampled = True
+            self.served = time.perf_counter() - self.began
+            self.cpu.stop(self._container_ids())
             self._sample_memory()
             self.everyone_in.set()
 
@@ -137,8 +142,12 @@ class Burst:
         self.daemon_peak = int(peak.split()[1]) / 1024
         self.bridge_rss = [rss_mib(pid) for pid in children(os.getpid(), "connect")]
 
+    def _container_ids(self) -> list[str]:
+        return [str(summary["Id"]) for summary in self.daemon.containers()]
+
     async def run(self) -> None:
-        began = time.perf_counter()
+        self.cpu.start(self._container_ids())
+        self.began = began = time.perf_counter()
         async with anyio.create_task_group() as group:
             group.start_soon(self._release_calls)
             for _ in range(self.hosts):
@@ -190,7 +199,8 @@ def report(burst: Burst, warm: int, floor: Floor) -> None:
     deciles = " / ".join(
         f"{percentile(burst.opened, d / 10):.1f}" for d in range(1, 10) if burst.opened
     )
-    print(f"| open time deciles p10 … p90, s | {deciles} |")
+    fastest = min(burst.opened) if burst.opened else float("nan")
+    print(f"| open time min, then deciles p10 … p90, s | {fastest:.1f}, {deciles} |")
     print(f"| all served (the last host's open time) | {served:.1f} s |")
     print(f"| one cold start's CPU (median of 3) | {floor.cold * 1000:.0f} ms |")
     print(f"| CPU floor = {hosts} x cold start CPU / {floor.cores} cores | {floor.seconds:.1f} s |")
@@ -210,6 +220,8 @@ def report(burst: Burst, warm: int, floor: Floor) -> None:
     for reason in sorted(set(burst.failed))[:5]:
         print(f"|  - {reason} | |")
     print(f"| whole burst: opens, pool refill, calls | {burst.total:.1f} s |")
+    print()
+    print("\n".join(burst.cpu.markdown(burst.served, floor.cores)))
     print(f"\n{machine()}")
 
 
