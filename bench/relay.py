@@ -24,6 +24,7 @@ Run: bash bench/peers.sh && PYTHONPATH=daemon:. python bench/relay.py [--calls 3
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -204,7 +205,7 @@ def through_stockade(calls: int, pipelined: int, results: Results) -> None:
                     calls,
                     tls=tls,
                     meters=Meters(conns),
-                    on_timed=lambda s=server: wait_for_pool(daemon, s),
+                    on_timed=functools.partial(wait_for_pool, daemon, server),
                 )
                 results.sdk_row(f"Stockade HTTP front, client cert, {server}").add(times, conns)
 
@@ -218,7 +219,10 @@ def through_stockade(calls: int, pipelined: int, results: Results) -> None:
             over_tcp = daemon.bridge("time", creds)
             at = over_tcp.index("--socket")
             over_tcp[at : at + 2] = ["--address", tcp]
-            settle = lambda *_: wait_for_pool(daemon, "time")  # noqa: E731
+
+            def settle(*_: int) -> None:
+                wait_for_pool(daemon, "time")
+
             for name, argv in (("Unix socket", daemon.bridge("time", creds)), ("TCP", over_tcp)):
                 times = raw_client.raw_stdio(argv, TIME, calls, env=daemon.env, on_timed=settle)
                 results.raw_row(f"Stockade `stockade connect`, {name} + mTLS").add(times)
