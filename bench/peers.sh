@@ -47,6 +47,7 @@ fi
 throwaway=$(head -c 48 /dev/urandom | base64 | tr -d '/+=')
 JWT_SECRET_KEY=$throwaway AUTH_ENCRYPTION_SECRET=$throwaway BASIC_AUTH_PASSWORD=$throwaway \
   PLATFORM_ADMIN_PASSWORD=$throwaway DEFAULT_USER_PASSWORD=$throwaway \
-  "$root/contextforge/bin/python" -m mcpgateway.translate --help >/dev/null
+  "$root/contextforge/bin/python" -m mcpgateway.translate --help >/dev/null 2>&1 ||
+  { echo "peers: ContextForge's mcpgateway.translate does not start" >&2; exit 1; }
 test -x "$root/npm/node_modules/.bin/supergateway"
 echo "peers: ready in $root" >&2
