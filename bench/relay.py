@@ -1,301 +1,292 @@
-"""What Stockade adds to a tools/call round trip, next to the paths without it.
+"""What Stockade adds to a tools/call round trip, next to the bare container and the peers,
+all measured in one run with the official MCP SDK client (PyPI `mcp`), as hosts use it.
 
-Rows (mcp-server-time, `get_current_time`, sequential, n calls each after a warm-up):
-  direct stdio        the server as a local process, no container
-  docker run -i       the same server in the hardened container, straight over the docker CLI
-  stockade (unix)     stockade connect -> gRPC over the Unix socket (mTLS) -> daemon -> attach
-  stockade (tcp)      the same over TCP on loopback (mTLS)
-  stockade (http)     the Streamable HTTP front, HTTPS with a client certificate
-  mcp-proxy (http)    PyPI mcp-proxy (stdio -> Streamable HTTP, plain HTTP) in front of the
-                      same hardened `docker run -i` container, in its own venv (.tools/)
-and the pipelined throughput of one Stockade session (all requests written, then read).
-The stdio paths are driven by a raw JSON-RPC client on a child process's stdio, the HTTP
-paths by one small HTTP client (keep-alive, one POST per request). Prints Markdown; not a test.
+Each row: one SDK session, `WARMUP` untimed calls, then n sequential `tools/call`s, timed.
+Rows for mcp-server-time (`get_current_time`), each in the same hardened container image:
+  docker run -i             the container straight over the docker CLI, SDK stdio client: the limit
+  Stockade connect          `stockade connect` (stdio -> gRPC/mTLS on the Unix socket), SDK stdio
+  Stockade HTTP             the Streamable HTTP front, HTTPS with a client certificate, SDK HTTP
+  mcp-proxy / supergateway / ContextForge translate
+                            each wrapping the same `docker run -i` container, SDK HTTP client
+and the same for a trivial echo server (bench/peers.py), whose time is almost all relay.
+Also: the raw-client rows (no SDK: the least a client can do), the pipelined throughput of
+one session, and the CPU that stockaded, the bridge and dockerd spend per relayed message
+(/proc/PID/stat around the timed calls; bench/measure.py). HTTP rows count the TCP
+connections opened and closed per call from the kernel's socket table (bench/measure.py).
+With --rounds R every row is measured R times, interleaved (a round runs every row once),
+and the tables give the median over the rounds of each round's p50 and p99: other work on a
+shared machine then moves a round, not a row.
+Peers come from `bash bench/peers.sh`. Prints Markdown; a benchmark, not a test.
 
-Run: PYTHONPATH=. .venv/bin/python bench/relay.py [--calls 500]
+Run: bash bench/peers.sh && PYTHONPATH=daemon:. python bench/relay.py [--calls 300 --rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import socket
-import ssl
+import functools
+import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx2
+from bench import peers, raw_client, sdk_client
+from bench.measure import (
+    ConnectionMeter,
+    CpuMeter,
+    Meters,
+    children,
+    machine,
+    percentile,
+    pid_of,
+)
+from bench.sdk_client import ECHO, TIME
+from tests.daemon_helper import Daemon, running_daemon
 
-from tests.daemon_helper import running_daemon
-
-CALL = {"name": "get_current_time", "arguments": {"timezone": "UTC"}}
-MCP_PROXY_VERSION = "0.13.0"
-HARDENED = [
-    "--read-only",
-    "--cap-drop",
-    "ALL",
-    "--security-opt",
-    "no-new-privileges:true",
-    "--user",
-    "10001:10001",
-    "--network",
-    "none",
-    "--memory",
-    "256m",
-    "--pids-limit",
-    "64",
-    "--tmpfs",
-    "/tmp:rw,noexec,nosuid,nodev,size=64m",
-    "--init",
-]
+WARM = 2
+SERVERS = (("time", peers.TIME_SERVER, TIME), ("echo", peers.ECHO_SERVER, ECHO))
 
 
-class RawClient:
-    """One JSON-RPC line out, one line in: the least a client can do."""
+@dataclass
+class Row:
+    """One path, over every round: its timed calls and, for HTTP, its connections."""
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
-            bufsize=0,
-        )
-        self._next = 0
+    name: str
+    rounds: list[list[float]] = field(default_factory=list)
+    http: bool = False
+    opened: int = 0
+    closed: int = 0
 
-    def _write(self, body: dict[str, object]) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps(body).encode() + b"\n")
+    def add(self, times: list[float], connections: ConnectionMeter | None = None) -> None:
+        self.rounds.append(times)
+        if connections is not None:
+            self.http = True
+            self.opened += connections.opened
+            self.closed += connections.closed
 
-    def _read_answer(self) -> dict[str, object]:
-        assert self.process.stdout is not None
-        while True:
-            line = self.process.stdout.readline()
-            if not line:
-                raise RuntimeError("the server closed its output")
-            message: dict[str, object] = json.loads(line)
-            if "id" in message and "method" not in message:
-                return message
+    @property
+    def p50(self) -> float:
+        return statistics.median(statistics.median(times) for times in self.rounds) * 1000
 
-    def request(self, method: str, params: dict[str, object]) -> dict[str, object]:
-        self._next += 1
-        self._write({"jsonrpc": "2.0", "id": self._next, "method": method, "params": params})
-        return self._read_answer()
+    @property
+    def p99(self) -> float:
+        return statistics.median(percentile(times, 0.99) for times in self.rounds) * 1000
 
-    def initialize(self) -> None:
-        self.request(
-            "initialize",
-            {
-                "protocolVersion": "2025-06-18",
-                "capabilities": {},
-                "clientInfo": {"name": "bench", "version": "1"},
-            },
-        )
-        self._write({"jsonrpc": "2.0", "method": "notifications/initialized"})
-
-    def round_trips(self, calls: int) -> list[float]:
-        for _ in range(20):  # warm-up
-            self.request("tools/call", CALL)
-        times = []
-        for _ in range(calls):
-            began = time.perf_counter()
-            answer = self.request("tools/call", CALL)
-            times.append(time.perf_counter() - began)
-            assert "result" in answer, answer
-        return times
-
-    def pipelined(self, calls: int) -> float:
-        """Messages per second with every request written before any answer is read."""
-        began = time.perf_counter()
-        for _ in range(calls):
-            self._next += 1
-            self._write(
-                {"jsonrpc": "2.0", "id": self._next, "method": "tools/call", "params": CALL}
-            )
-        for _ in range(calls):
-            self._read_answer()
-        return calls / (time.perf_counter() - began)
-
-    def close(self) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+    def markdown(self, base: Row) -> str:
+        conns = "—"
+        if self.http:
+            calls = sum(len(times) for times in self.rounds)
+            conns = f"{self.opened / calls:.2f} / {self.closed / calls:.2f}"
+        ratio = self.p50 / base.p50
+        return f"| {self.name} | {self.p50:.2f} | {self.p99:.2f} | {ratio:.2f}x | {conns} |"
 
 
-class HttpClient:
-    """One POST per request on a kept-alive connection; the answer is JSON or the last
-    event of an event stream."""
-
-    def __init__(self, url: str, **options: object) -> None:
-        self.url = url
-        self.client = httpx2.Client(timeout=60, **options)  # type: ignore[arg-type]
-        self.headers = {
-            "Content-Type": "application/json",
-            "Accept": "application/json, text/event-stream",
-        }
-        self._next = 0
-
-    def post(self, body: dict[str, object]) -> dict[str, object] | None:
-        answer = self.client.post(self.url, content=json.dumps(body), headers=self.headers)
-        if "Mcp-Session-Id" in answer.headers:
-            self.headers["Mcp-Session-Id"] = answer.headers["Mcp-Session-Id"]
-        if answer.status_code == 202:
-            return None
-        if answer.headers.get("Content-Type", "").startswith("text/event-stream"):
-            data = [line[6:] for line in answer.text.splitlines() if line.startswith("data: ")]
-            return dict(json.loads(data[-1]))
-        return dict(answer.json())
-
-    def round_trips(self, calls: int) -> list[float]:
-        init = {
-            "protocolVersion": "2025-06-18",
-            "capabilities": {},
-            "clientInfo": {"name": "bench", "version": "1"},
-        }
-        self.post({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": init})
-        self.post({"jsonrpc": "2.0", "method": "notifications/initialized"})
-        times = []
-        for n in range(20 + calls):
-            began = time.perf_counter()
-            answer = self.post(
-                {"jsonrpc": "2.0", "id": n + 1, "method": "tools/call", "params": CALL}
-            )
-            if n >= 20:  # after the warm-up
-                times.append(time.perf_counter() - began)
-            assert answer is not None and "result" in answer, answer
-        self.client.close()
-        return times
+def wait_for_pool(daemon: Daemon, server: str) -> None:
+    """Let the pool refill and its servers finish importing, so that no container start
+    (the refill after a session took a pooled one) runs during the timed calls."""
+    deadline = time.monotonic() + 120
+    while daemon.status(server).get("pooled", 0) < WARM:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the warm pool of {server} did not refill")
+        time.sleep(0.1)
+    time.sleep(1.0)
 
 
-def mcp_proxy() -> Path:
-    """mcp-proxy in its own venv: it pins an older MCP SDK than Stockade's tests use."""
-    venv = Path(".tools/mcp-proxy")
-    binary = venv / "bin" / "mcp-proxy"
-    if not binary.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(venv / "bin" / "pip"), "install", "-q", f"mcp-proxy=={MCP_PROXY_VERSION}"]
-        subprocess.run(pip, check=True)
-    return binary
+class StdioCpu:
+    """stockaded's, the bridge's and dockerd's CPU over the timed calls of a stdio row.
+    dockerd is shared with whatever else runs on the machine: read it as an upper bound."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.spent: dict[str, float] = {}
+        self.calls = 0
+        self._cpu = CpuMeter()
+        self._daemon: Daemon | None = None
+        self._server = ""
+
+    def round(self, daemon: Daemon, server: str) -> Meters:
+        """A new round: its meters, to stop after the timed calls."""
+        assert daemon.process is not None
+        self._daemon, self._server = daemon, server
+        self._cpu = CpuMeter()
+        self._cpu.watch("stockaded", daemon.process.pid)
+        self._cpu.watch("dockerd", pid_of("dockerd"))
+        return Meters(self._cpu)
+
+    def begin(self, bridge: int | None = None) -> None:
+        """Just before the timed calls: the pool is full again, the bridge is known."""
+        assert self._daemon is not None
+        wait_for_pool(self._daemon, self._server)
+        if bridge is None:
+            found = children(os.getpid(), "connect")
+            bridge = found[0] if len(found) == 1 else None
+        self._cpu.watch("bridge", bridge)
+        self._cpu.start()
+
+    def end(self, calls: int) -> None:
+        for name, seconds in self._cpu.spent.items():
+            self.spent[name] = self.spent.get(name, 0.0) + seconds
+        self.calls += calls
+
+    def markdown(self) -> str:
+        def per(name: str) -> str:
+            if name not in self.spent:
+                return "—"
+            per_call = self.spent[name] / self.calls * 1000
+            return f"{per_call:.3f} ({per_call / 2:.3f})"  # a call relays two messages
+
+        return f"| {self.label} | {per('stockaded')} | {per('bridge')} | {per('dockerd')} |"
 
 
-def via_mcp_proxy(container: list[str], calls: int) -> list[float]:
-    port = free_port()
-    proxy = subprocess.Popen(
-        [str(mcp_proxy()), "--host", "127.0.0.1", "--port", str(port), "--", *container],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+@dataclass
+class Results:
+    sdk: dict[str, Row] = field(default_factory=dict)
+    raw: dict[str, Row] = field(default_factory=dict)
+    rates: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, StdioCpu] = field(default_factory=dict)
+
+    def sdk_row(self, name: str) -> Row:
+        return self.sdk.setdefault(name, Row(name))
+
+    def raw_row(self, name: str) -> Row:
+        return self.raw.setdefault(name, Row(name))
+
+    def rate(self, name: str, value: float) -> None:
+        self.rates.setdefault(name, []).append(value)
+
+    def cpu_of(self, label: str) -> StdioCpu:
+        return self.cpu.setdefault(label, StdioCpu(label))
+
+
+def bare(calls: int, pipelined: int, results: Results) -> None:
+    """The limit: each server in the hardened container straight over `docker run -i`."""
+    for server, argv, tool in SERVERS:
+        name = f"`docker run -i`, hardened (the limit), {server}"
+        results.sdk_row(name).add(sdk_client.over_stdio(peers.container(argv), tool, calls))
+    direct = [sys.executable, "-m", "mcp_server_time", "--local-timezone", "UTC"]
+    results.sdk_row("direct stdio, no container, time").add(
+        sdk_client.over_stdio(direct, TIME, calls)
     )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("mcp-proxy did not start") from None
-                time.sleep(0.2)
-        return HttpClient(f"http://127.0.0.1:{port}/mcp").round_trips(calls)
-    finally:
-        proxy.terminate()
-        proxy.wait(30)
+    times = raw_client.raw_stdio(peers.container(peers.TIME_SERVER), TIME, calls)
+    results.raw_row("`docker run -i`, hardened").add(times)
+    for server, argv, tool in SERVERS:
+        rate = raw_client.raw_pipelined(peers.container(argv), tool, pipelined)
+        results.rate(f"`docker run -i`, {server}", rate)
 
 
-def measure(argv: list[str], calls: int, env: dict[str, str] | None = None) -> list[float]:
-    client = RawClient(argv, env)
-    try:
-        client.initialize()
-        return client.round_trips(calls)
-    finally:
-        client.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def row(name: str, times: list[float], base: float | None) -> str:
-    ordered = sorted(times)
-    p50 = statistics.median(ordered) * 1000
-    p99 = ordered[int(len(ordered) * 0.99) - 1] * 1000
-    added = f"+{p50 - base:.2f} ms" if base is not None else "—"
-    return f"| {name} | {p50:.2f} ms | {p99:.2f} ms | {added} |"
-
-
-def main(calls: int) -> None:
-    server = [sys.executable, "-m", "mcp_server_time", "--local-timezone", "UTC"]
-    direct = measure(server, calls)
-    docker_cli = shutil.which("docker") or "docker"
-    container = [
-        docker_cli,
-        "run",
-        "--rm",
-        "-i",
-        *HARDENED,
-        "stockade/python:latest",
-        "mcp-server-time",
-        "--local-timezone",
-        "UTC",
-    ]
-    in_docker = measure(container, calls)
-
+def through_stockade(calls: int, pipelined: int, results: Results) -> None:
+    """Everything measured through a daemon of its own, in a temporary state folder."""
     with tempfile.TemporaryDirectory(prefix="stockade-bench-") as root:
-        tcp, https = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        tcp, https = f"127.0.0.1:{peers.free_port()}", f"127.0.0.1:{peers.free_port()}"
         daemon_env = {"STOCKADE_TCP_ADDRESS": tcp, "STOCKADE_HTTP_ADDRESS": https}
         with running_daemon(Path(root), **daemon_env) as daemon:
-            daemon.add_server(
-                "time",
-                "stockade/python:latest",
-                "mcp-server-time",
-                "--local-timezone",
-                "UTC",
-                warm=2,
-            )
+            daemon.add_server("time", peers.IMAGE, *peers.TIME_SERVER, warm=WARM)
+            daemon.add_server("echo", peers.IMAGE, *peers.ECHO_SERVER, warm=WARM)
             creds = daemon.issue_host("bench")
-            over_unix = daemon.bridge("time", creds)
-            over_tcp = list(over_unix)
+            tls = sdk_client.client_tls(creds)
+            for server, _, tool in SERVERS:
+                bridge = daemon.bridge(server, creds)
+                cpu = results.cpu_of(f"SDK client, sequential, {server}")
+                meters = cpu.round(daemon, server)
+                times = sdk_client.over_stdio(
+                    bridge, tool, calls, env=daemon.env, meters=meters, on_timed=cpu.begin
+                )
+                cpu.end(calls)
+                name = f"Stockade `stockade connect` (stdio → gRPC/mTLS), {server}"
+                results.sdk_row(name).add(times)
+
+                conns = ConnectionMeter(int(https.rsplit(":", 1)[1]))
+                times = sdk_client.over_http(
+                    f"https://{https}/servers/{server}/mcp",
+                    tool,
+                    calls,
+                    tls=tls,
+                    meters=Meters(conns),
+                    on_timed=functools.partial(wait_for_pool, daemon, server),
+                )
+                results.sdk_row(f"Stockade HTTP front, client cert, {server}").add(times, conns)
+
+                cpu = results.cpu_of(f"raw client, pipelined, {server}")
+                meters = cpu.round(daemon, server)
+                rate = raw_client.raw_pipelined(
+                    bridge, tool, pipelined, env=daemon.env, on_timed=cpu.begin, meters=meters
+                )
+                cpu.end(pipelined)
+                results.rate(f"Stockade `stockade connect`, {server}", rate)
+            over_tcp = daemon.bridge("time", creds)
             at = over_tcp.index("--socket")
             over_tcp[at : at + 2] = ["--address", tcp]
-            via_unix = measure(over_unix, calls, daemon.env)
-            via_tcp = measure(over_tcp, calls, daemon.env)
-            tls = ssl.create_default_context(cafile=str(creds / "ca.crt"))
-            tls.load_cert_chain(creds / "client.crt", creds / "client.key")
-            via_http = HttpClient(f"https://{https}/servers/time/mcp", verify=tls).round_trips(
-                calls
-            )
-            pipe = RawClient(over_unix, daemon.env)
-            pipe.initialize()
-            throughput = pipe.pipelined(max(calls, 1000))
-            pipe.close()
 
-    proxied = via_mcp_proxy(container, calls)
-    docker_p50 = statistics.median(in_docker) * 1000
-    print(f"| path (mcp-server-time, tools/call, n={calls}) | p50 | p99 | vs docker run -i |")
+            def settle(*_: int) -> None:
+                wait_for_pool(daemon, "time")
+
+            for name, argv in (("Unix socket", daemon.bridge("time", creds)), ("TCP", over_tcp)):
+                times = raw_client.raw_stdio(argv, TIME, calls, env=daemon.env, on_timed=settle)
+                results.raw_row(f"Stockade `stockade connect`, {name} + mTLS").add(times)
+            url = f"https://{https}/servers/time/mcp"
+            times = raw_client.raw_http(url, TIME, calls, on_timed=settle, verify=tls)
+            results.raw_row("Stockade HTTP front, keep-alive client").add(times)
+
+
+def through_peers(calls: int, results: Results) -> None:
+    for name in peers.PEERS:
+        for server, argv, tool in SERVERS:
+            with peers.http_peer(name, peers.container(argv)) as url:
+                conns = ConnectionMeter(int(url.rsplit(":", 1)[1].split("/")[0]))
+                times = sdk_client.over_http(url, tool, calls, meters=Meters(conns))
+                results.sdk_row(f"{name}, container, {server}").add(times, conns)
+
+
+def main(calls: int, pipelined: int, rounds: int) -> None:
+    started = time.monotonic()
+    results = Results()
+    try:
+        for _ in range(rounds):
+            bare(calls, pipelined, results)
+            through_stockade(calls, pipelined, results)
+            through_peers(calls, results)
+    finally:
+        peers.remove_containers()
+    print_tables(calls, pipelined, rounds, results)
+    print(f"\n{machine()}; the whole run took {time.monotonic() - started:.0f} s.")
+
+
+def print_tables(calls: int, pipelined: int, rounds: int, results: Results) -> None:
+    header = "| p50 ms | p99 ms | x bare container (p50) | TCP opened / closed per call |"
+    each = f"{calls} sequential tools/call, median of {rounds} rounds"
+    print(f"| official SDK client, {each} {header}")
+    print("| --- | --- | --- | --- | --- |")
+    for server in ("time", "echo"):
+        base = results.sdk[f"`docker run -i`, hardened (the limit), {server}"]
+        for row in results.sdk.values():
+            if row.name.endswith(f", {server}"):
+                print(row.markdown(base))
+    print(f"\n| raw client (no SDK), {each}, time {header}")
+    print("| --- | --- | --- | --- | --- |")
+    base = results.raw["`docker run -i`, hardened"]
+    for row in results.raw.values():
+        print(row.markdown(base))
+    print(f"\n| pipelined, one session, {pipelined} calls written, then read | calls/s | x bare |")
+    print("| --- | --- | --- |")
+    for name, values in results.rates.items():
+        rate = statistics.median(values)
+        bare_rate = statistics.median(results.rates[f"`docker run -i`, {name.rsplit(', ', 1)[1]}"])
+        print(f"| {name} | {rate:,.0f} | {rate / bare_rate:.2f}x |")
+    print("\n| CPU ms per call (per relayed message), timed calls | stockaded | bridge | dockerd |")
     print("| --- | --- | --- | --- |")
-    print(row("direct stdio, no container", direct, None))
-    print(row("`docker run -i`, hardened", in_docker, None))
-    print(row("Stockade, Unix socket + mTLS", via_unix, docker_p50))
-    print(row("Stockade, TCP + mTLS", via_tcp, docker_p50))
-    print(row("Stockade, Streamable HTTP (HTTPS + client cert)", via_http, docker_p50))
-    print(row(f"mcp-proxy {MCP_PROXY_VERSION}, Streamable HTTP (plain)", proxied, docker_p50))
-    ratio = statistics.median(proxied) / statistics.median(via_http)
-    print(f"| Stockade HTTP vs mcp-proxy, p50 | {ratio:.1f}x faster | | |")
-    print(f"| Stockade pipelined, one session | {throughput:,.0f} msg/s | | |")
+    for meter in results.cpu.values():
+        print(meter.markdown())
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--calls", type=int, default=500)
-    main(parser.parse_args().calls)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--pipelined", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    arguments = parser.parse_args()
+    main(arguments.calls, arguments.pipelined, arguments.rounds)
