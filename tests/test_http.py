@@ -121,7 +121,10 @@ async def _post(client: httpx2.AsyncClient, url: str, body: Any, **headers: str)
 
 
 def sse_messages(response: httpx2.Response) -> list[dict[str, Any]]:
-    """The JSON-RPC messages of an event-stream response, in order."""
+    """The JSON-RPC messages of a POST's answer, in order: an event stream, or one JSON
+    message when nothing came before the answer."""
+    if response.headers["Content-Type"].startswith("application/json"):
+        return [response.json()]
     assert response.headers["Content-Type"].startswith("text/event-stream")
     return [
         json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")
@@ -367,3 +370,41 @@ def test_the_event_stream_numbers_events_and_replays_after_last_event_id() -> No
     first, resumed = asyncio.run(scenario())
     assert first == [1, 2, 3, 4, 5]
     assert resumed == [4, 5]
+
+
+def test_a_plain_answer_is_json_when_the_client_prefers_it(daemon: Daemon) -> None:
+    """JSON keeps the connection reusable (no TLS handshake per call); an event stream is
+    used when the client prefers it, or when anything comes before the answer."""
+    url = f"{daemon.http_base}/everything/mcp"
+
+    async def scenario() -> tuple[str, str, str, int]:
+        async with http(daemon.hosts["alice"]) as client:
+            json_first = {"Accept": "application/json, text/event-stream"}
+            opened = await _post(client, url, INIT, **json_first)
+            session = {"Mcp-Session-Id": opened.headers["Mcp-Session-Id"]}
+            listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+            as_json = await _post(client, url, listing, **json_first, **session)
+            sse_first = {"Accept": "text/event-stream, application/json"}
+            as_sse = await _post(client, url, {**listing, "id": 3}, **sse_first, **session)
+            slow = {  # progress notifications come before the answer
+                "jsonrpc": "2.0",
+                "id": 4,
+                "method": "tools/call",
+                "params": {
+                    "name": "trigger-long-running-operation",
+                    "arguments": {"duration": 1, "steps": 2},
+                    "_meta": {"progressToken": "p"},
+                },
+            }
+            streamed = await _post(client, url, slow, **json_first, **session)
+            return (
+                as_json.headers["Content-Type"],
+                as_sse.headers["Content-Type"],
+                streamed.headers["Content-Type"],
+                len(sse_messages(streamed)),
+            )
+
+    as_json, as_sse, streamed, messages = asyncio.run(scenario())
+    assert as_json.startswith("application/json")
+    assert as_sse.startswith("text/event-stream")
+    assert streamed.startswith("text/event-stream") and messages >= 2

@@ -242,15 +242,37 @@ class HttpFront:
         if message.kind is not Kind.REQUEST:
             await session.send(message)
             return web.Response(status=202)
-        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
+        headers = {"Cache-Control": "no-store"}
         if message.method == "initialize":
             headers[SESSION_HEADER] = session.id
         if message.id_key in session.waiting:
             raise web.HTTPConflict(text=f"request id {message.id!r} is already in flight")
-        response = web.StreamResponse(headers=headers)
-        await response.prepare(request)
-        async for raw in session.request_stream(message, REQUEST_TIMEOUT_SECONDS):
+        return await self._answer(request, session, message, headers)
+
+    async def _answer(
+        self,
+        request: web.Request,
+        session: HttpSession,
+        message: jsonrpc.Message,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """Forward a request and answer the POST with what the server says."""
+        # An answer that comes with nothing before it goes back as plain JSON when the client
+        # prefers it (the spec lets the server choose): the connection stays reusable, where
+        # a client closing an event stream would cost a new TLS handshake per call.
+        # Progress, logs or a server request before the answer make it an event stream.
+        response: web.StreamResponse | None = None
+        json_first = _prefers_json(request.headers.get("Accept", ""))
+        async for raw, is_answer in session.request_stream(message, REQUEST_TIMEOUT_SECONDS):
+            if response is None:
+                if is_answer and json_first:
+                    return web.Response(body=raw, content_type="application/json", headers=headers)
+                response = web.StreamResponse(
+                    headers={**headers, "Content-Type": "text/event-stream"}
+                )
+                await response.prepare(request)
             await response.write(b"event: message\ndata: %s\n\n" % raw)
+        assert response is not None  # noqa: S101 - the stream always ends with the answer
         return response
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
@@ -349,6 +371,25 @@ class HttpFront:
         if stateless:
             del self._stateless[(session.identity, session.server)]
         await session.end(why)
+
+
+def _prefers_json(accept: str) -> bool:
+    """Whether the client ranks application/json above text/event-stream (q, then order)."""
+    ranks: dict[str, tuple[float, int]] = {}
+    for position, part in enumerate(accept.split(",")):
+        media, *parameters = (item.strip() for item in part.split(";"))
+        quality = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        ranks.setdefault(media.lower(), (-quality, position))
+    json_rank = ranks.get("application/json")
+    sse_rank = ranks.get("text/event-stream")
+    return json_rank is not None and (sse_rank is None or json_rank < sse_rank)
 
 
 def _no_modern_stream(request: web.Request) -> None:

@@ -122,7 +122,8 @@ class HttpSession:
             self.last_used = time.monotonic()
 
     async def request_stream(self, message: Message, timeout: float) -> Any:
-        """Forward a request; yield what the server says meanwhile, then its answer."""
+        """Forward a request; yield (bytes, False) for what the server says meanwhile, then
+        (its answer, True)."""
         queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._posts.append(queue)
         answer = asyncio.ensure_future(self.request(message, timeout))
@@ -131,12 +132,12 @@ class HttpSession:
                 getter = asyncio.ensure_future(queue.get())
                 await asyncio.wait({answer, getter}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    yield getter.result()
+                    yield getter.result(), False
                     continue
                 getter.cancel()
                 while not queue.empty():  # said just before the answer: still this stream's
-                    yield queue.get_nowait()
-                yield answer.result()
+                    yield queue.get_nowait(), False
+                yield answer.result(), True
                 return
         finally:
             self._posts.remove(queue)
