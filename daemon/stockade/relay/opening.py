@@ -282,8 +282,8 @@ class SessionOpener:
                     detail={"quota": refused.quota, "refusals": count},
                     **audit_fields,
                 )
-        with log_context(server=audit_fields["server"]):
-            log.info("session refused", reason=refused.reason, quota=refused.quota)
+            with log_context(server=audit_fields["server"]):  # the log, as sparingly
+                log.info("session refused", reason=refused.reason, refusals=count)
         raise OpenRefused(kind, refused.reason)
 
     def _guard(
