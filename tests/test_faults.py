@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from tests.daemon_helper import Daemon, HostSession, running_daemon, secure_chan
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
 REQUEST_TIMEOUT = -32001
+DAEMON_GONE = -32004
 
 
 @pytest.fixture
@@ -94,3 +96,44 @@ def test_a_request_the_server_never_answers_times_out(daemon: Daemon) -> None:
     answer = asyncio.run(scenario())
     error = answer["error"]
     assert isinstance(error, dict) and error["code"] == REQUEST_TIMEOUT
+
+
+def _bridge(daemon: Daemon) -> subprocess.Popen[bytes]:
+    if "bridge-host" not in daemon.hosts:
+        daemon.issue_host("bridge-host")
+    return subprocess.Popen(
+        daemon.bridge("scratch", daemon.hosts["bridge-host"]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=daemon.env,
+    )
+
+
+HANG = b'{"jsonrpc":"2.0","id":7,"method":"scratch/hang","params":{}}\n'
+
+
+def test_the_bridge_ends_soon_after_stdin_closes_with_a_request_pending(daemon: Daemon) -> None:
+    bridge = _bridge(daemon)
+    assert bridge.stdin is not None
+    bridge.stdin.write(HANG)
+    bridge.stdin.flush()
+    time.sleep(1)
+    bridge.stdin.close()
+    # The daemon would wait 30 s (session_drain_seconds) for the answer; the host that
+    # closed stdin wants the process gone, so the bridge ends after its 1 s grace.
+    assert bridge.wait(timeout=15) == 0
+
+
+def test_a_daemon_that_goes_away_leaves_no_request_unanswered(daemon: Daemon) -> None:
+    bridge = _bridge(daemon)
+    assert bridge.stdin is not None and bridge.stdout is not None
+    bridge.stdin.write(HANG)
+    bridge.stdin.flush()
+    time.sleep(1)  # the request is with the server
+    daemon.kill9()
+    out, err = bridge.communicate(timeout=30)
+    answers = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert [(a["id"], a["error"]["code"]) for a in answers] == [(7, DAEMON_GONE)]
+    assert "went away" in answers[0]["error"]["message"]
+    assert bridge.returncode != 0 and err.strip()  # and says why on stderr

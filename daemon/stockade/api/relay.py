@@ -34,9 +34,15 @@ GRPC_STATUS = {
 
 class RelayServicer(relay_pb2_grpc.RelayServicer):
     def __init__(
-        self, opener: SessionOpener, *, drain_seconds: float = 30.0, max_streams: int = 256
+        self,
+        opener: SessionOpener,
+        *,
+        drain_seconds: float = 30.0,
+        max_streams: int = 256,
+        max_message_bytes: int = 0,
     ) -> None:
         self._opener = opener
+        self._max_message_bytes = max_message_bytes
         self._drain_seconds = drain_seconds
         self._max_streams = max_streams
         self._streams = 0
@@ -49,9 +55,11 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         context: Context,
     ) -> None:
         if self._streams >= self._max_streams:
-            await context.abort(
+            await _refuse(
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the daemon carries {self._streams} sessions, its limit (max_relay_streams)",
+                "quota",
             )
         self._streams += 1
         try:
@@ -84,7 +92,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                 credential=current_credential.get() or "",
             )
         except OpenRefused as exc:
-            await context.abort(GRPC_STATUS[exc.refusal], str(exc))
+            await _refuse(context, GRPC_STATUS[exc.refusal], str(exc), exc.refusal.name.lower())
         with log_context(session=session.id, server=first.open.server):
             await self._serve(context, host, session)
 
@@ -103,7 +111,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if session.revoked.done():
                 reason = session.revoked.result()
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+                await _refuse(context, grpc.StatusCode.UNAUTHENTICATED, reason, "revoked")
             if session.ended.done():
                 report = session.ended.result()
                 reason = f"server {session.record.server!r} {report.describe()}"
@@ -157,6 +165,16 @@ async def _host_messages(context: Context) -> AsyncIterator[bytes]:
 async def _pump_host(context: Context, session: HostSession) -> None:
     async for raw in _host_messages(context):
         await session.from_host(raw)
+
+
+# Trailing metadata on every refusal the daemon itself makes: a client can then tell the
+# daemon's reason (quota, audit unavailable, unknown server, ...) from a transport failure,
+# which gRPC reports with the same status codes.
+REFUSAL_KEY = "stockade-refusal"
+
+
+async def _refuse(context: Context, code: grpc.StatusCode, message: str, kind: str) -> None:
+    await context.abort(code, message, trailing_metadata=((REFUSAL_KEY, kind),))
 
 
 async def _read(context: Context) -> relay_pb2.ClientFrame | None:

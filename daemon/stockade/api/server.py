@@ -94,6 +94,7 @@ async def start_server(
         opener,
         drain_seconds=settings.session_drain_seconds,
         max_streams=settings.max_relay_streams,
+        max_message_bytes=settings.max_message_bytes,
     )
     relay_pb2_grpc.add_RelayServicer_to_server(relay, server)
     control = ControlServicer(

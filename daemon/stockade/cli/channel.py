@@ -165,6 +165,12 @@ def listening(target: str) -> bool:
 def rpc_error(exc: grpc.aio.AioRpcError, target: str) -> CliError:
     """Map a gRPC failure to the documented exit codes, with what to do next."""
     code, details = exc.code(), exc.details() or ""
+    refusal = _daemon_refusal(exc)
+    if refusal is not None:  # the daemon's own reason: say it as it is
+        exit_code = exitcodes.FAILED if refusal == "unavailable" else exitcodes.REFUSED
+        return CliError(
+            details if refusal == "unknown_server" else f"refused: {details}", exit_code
+        )
     # gRPC reports a refused TLS handshake as UNAVAILABLE, like a daemon that is not running;
     # the listener answering a plain connection tells the two apart.
     if code is grpc.StatusCode.UNAVAILABLE and listening(target):
@@ -178,13 +184,32 @@ def rpc_error(exc: grpc.aio.AioRpcError, target: str) -> CliError:
             f"the daemon does not answer on {target}; start it with `stockaded`",
             exitcodes.UNREACHABLE,
         )
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        return CliError(f"refused: {details}", exitcodes.REFUSED)
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
-        return CliError(details or "invalid request", exitcodes.USAGE)
-    if code is grpc.StatusCode.NOT_FOUND:
-        return CliError(details or "not found", exitcodes.REFUSED)
-    return CliError(f"the daemon refused: {details}", exitcodes.REFUSED)
+    shown, exit_code = _PLAIN_REFUSALS.get(code, ("the daemon refused: {}", exitcodes.REFUSED))
+    return CliError(shown.format(details) if details else shown.format(code.name), exit_code)
+
+
+_PLAIN_REFUSALS = {
+    grpc.StatusCode.UNAUTHENTICATED: ("refused: {}", exitcodes.REFUSED),
+    grpc.StatusCode.PERMISSION_DENIED: ("refused: {}", exitcodes.REFUSED),
+    grpc.StatusCode.INVALID_ARGUMENT: ("{}", exitcodes.USAGE),
+    grpc.StatusCode.ALREADY_EXISTS: ("{}", exitcodes.USAGE),
+    grpc.StatusCode.NOT_FOUND: ("{}", exitcodes.REFUSED),
+}
+
+
+REFUSAL_KEY = "stockade-refusal"  # set by the daemon on its own refusals (api/relay.py)
+
+
+def _daemon_refusal(exc: grpc.aio.AioRpcError) -> str | None:
+    """The kind of refusal when the daemon itself refused (not the transport), else None."""
+    try:
+        metadata = exc.trailing_metadata() or ()
+    except Exception:
+        return None
+    for key, value in metadata:
+        if key == REFUSAL_KEY:
+            return str(value)
+    return None
 
 
 def call_control(args: argparse.Namespace, rpc: Callable[[ControlAsyncStub], Awaitable[T]]) -> T:

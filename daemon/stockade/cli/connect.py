@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import stat
 import sys
@@ -84,65 +85,149 @@ class _Output:
                 sys.stdout.buffer.flush()
 
 
-async def bridge(target: Connection, server: str) -> int:
-    max_message_bytes = target.max_message_bytes
-    stdin = await _Input.open()
-    stdout = await _Output.open()
-    emit = stdout.line
+# After the host closes stdin, how long the bridge waits for the answers still owed before
+# it exits anyway: a host that closed stdin wants the process gone (`--drain` for scripts
+# that pipe a file in and want every answer).
+EOF_GRACE_SECONDS = 1.0
 
-    async def pump_stdin(call: Any) -> None:
+
+class _Pending:
+    """Ids of the host's requests not answered yet, so none is left hanging at the end."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, Any] = {}
+
+    def sent(self, line: bytes) -> None:
+        body = _lenient(line)
+        if isinstance(body, dict) and "method" in body and "id" in body:
+            self._ids[jsonrpc.id_key(body["id"])] = body["id"]
+
+    def received(self, message: bytes) -> None:
+        body = _lenient(message)
+        if isinstance(body, dict) and "method" not in body and "id" in body:
+            self._ids.pop(jsonrpc.id_key(body["id"]), None)
+
+    def fail_all(self, why: str) -> list[bytes]:
+        ids, self._ids = list(self._ids.values()), {}
+        return [jsonrpc.error_response(i, jsonrpc.DAEMON_GONE, why) for i in ids]
+
+
+def _lenient(raw: bytes) -> Any:
+    """A quick read of a line's id and method (the daemon parses strictly)."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+class _Bridge:
+    """One host's stdio, carried over one Relay.Connect stream."""
+
+    def __init__(
+        self, target: Connection, stdin: _Input, stdout: _Output, drain_seconds: float
+    ) -> None:
+        self._target = target
+        self._drain_seconds = drain_seconds
+        self._stdin = stdin
+        self._emit = stdout.line
+        self._pending = _Pending()
+        self.stdin_closed = asyncio.Event()
+
+    async def pump_stdin(self, call: Any, limit: int) -> None:
         """stdin lines to the daemon; an oversized line is answered here, never sent."""
-        splitter = LineSplitter(max_message_bytes)
+        splitter = LineSplitter(limit)
         try:
-            while chunk := await stdin.read():
+            while chunk := await self._stdin.read():
                 for line in splitter.feed(chunk):
                     if isinstance(line, OversizedLine):
-                        await emit(
+                        await self._emit(
                             jsonrpc.error_response(
-                                None,
+                                jsonrpc.id_from_head(line.head),
                                 jsonrpc.MESSAGE_TOO_LARGE,
-                                f"message of {line.seen} bytes is over the "
-                                f"{max_message_bytes}-byte limit",
+                                f"message of {line.seen} bytes is over the {limit}-byte limit",
                             )
                         )
                         continue
+                    self._pending.sent(line)
                     await call.write(relay_pb2.ClientFrame(message=line))
             await call.done_writing()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             return  # the call has ended; the reader reports why
+        finally:
+            self.stdin_closed.set()
 
+    async def end_after_eof(self, call: Any) -> None:
+        await self.stdin_closed.wait()
+        await asyncio.sleep(self._drain_seconds)
+        call.cancel()
+
+    async def daemon_gone(self, why: str) -> None:
+        """Every request still pending gets an error: a host shows it instead of hanging."""
+        for error in self._pending.fail_all(f"the Stockade daemon went away: {why}"):
+            await self._emit(error)
+
+    def start(self, call: Any, opened: relay_pb2.SessionOpened) -> list[asyncio.Task[None]]:
+        # The daemon's limit, when it says one: a longer line is answered here.
+        limit = min(
+            opened.max_message_bytes or self._target.max_message_bytes,
+            self._target.max_message_bytes,
+        )
+        return [
+            asyncio.create_task(self.pump_stdin(call, limit)),
+            asyncio.create_task(self.end_after_eof(call)),
+        ]
+
+    async def frames(self, call: Any) -> int:
+        """Serve the daemon's frames until the stream ends; the exit code."""
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            while (frame := await call.read()) is not grpc.aio.EOF:
+                assert isinstance(frame, relay_pb2.ServerFrame)  # noqa: S101 - typed stream
+                kind = frame.WhichOneof("kind")
+                if kind == "opened" and not tasks:
+                    tasks = self.start(call, frame.opened)
+                elif kind == "message":
+                    self._pending.received(frame.message)
+                    await self._emit(frame.message)
+                elif kind == "closed":
+                    await self.daemon_gone(frame.closed.reason)
+                    print(f"stockade connect: {printable(frame.closed.reason)}", file=sys.stderr)
+                    return exitcodes.FAILED
+            if not self.stdin_closed.is_set():  # the daemon ended the stream without a word
+                await self.daemon_gone("the session ended")
+            return exitcodes.OK
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+async def bridge(target: Connection, server: str, drain_seconds: float = EOF_GRACE_SECONDS) -> int:
+    link = _Bridge(target, await _Input.open(), await _Output.open(), drain_seconds)
     async with target.channel() as channel:
         # Write only when no refusal can be in flight: grpc.aio replaces a refusal's status
         # with INTERNAL when a client write races it (grpc/grpc#36066). The daemon sends
         # initial metadata once the caller is authenticated, and `opened` once the session
         # exists; stdin is pumped only after that.
         call = relay_pb2_grpc.RelayStub(channel).Connect()
-        writer: asyncio.Task[None] | None = None
         try:
             await call.initial_metadata()
             if not call.done():
                 await call.write(relay_pb2.ClientFrame(open=relay_pb2.OpenSession(server=server)))
-            while (frame := await call.read()) is not grpc.aio.EOF:
-                assert isinstance(frame, relay_pb2.ServerFrame)  # noqa: S101 - typed stream
-                kind = frame.WhichOneof("kind")
-                if kind == "opened" and writer is None:
-                    writer = asyncio.create_task(pump_stdin(call))
-                elif kind == "message":
-                    await emit(frame.message)
-                elif kind == "closed":
-                    print(f"stockade connect: {printable(frame.closed.reason)}", file=sys.stderr)
-                    return exitcodes.FAILED
+            return await link.frames(call)
+        except asyncio.CancelledError:
+            if not link.stdin_closed.is_set():
+                raise
+            return exitcodes.OK  # the host closed stdin: ended after the grace period
         except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.CANCELLED and link.stdin_closed.is_set():
+                return exitcodes.OK
+            await link.daemon_gone(exc.details() or exc.code().name)
             raise rpc_error(exc, target.target) from None
-        finally:
-            if writer is not None:
-                writer.cancel()
-    return exitcodes.OK
 
 
-def run_connect(target: Connection, server: str) -> int:
+def run_connect(target: Connection, server: str, drain_seconds: float = EOF_GRACE_SECONDS) -> int:
     try:
-        return asyncio.run(bridge(target, server))
+        return asyncio.run(bridge(target, server, drain_seconds))
     except CliError:
         raise
     except (BrokenPipeError, ConnectionResetError):  # the host went away: nothing to report to
@@ -152,7 +237,7 @@ def run_connect(target: Connection, server: str) -> int:
 def cmd_connect(args: argparse.Namespace) -> int:
     target = connection(args, as_host=True)
     if args.listen is None:
-        return run_connect(target, args.name)
+        return run_connect(target, args.name, args.drain)
     from stockade.cli.http_bridge import BridgeError, HttpBridge  # noqa: PLC0415
 
     if not args.front:
@@ -181,6 +266,13 @@ def add_connect_parser(sub: Any) -> None:
         "`stockade client config`)",
     )
     connect.add_argument("name", help="registered server to connect to")
+    connect.add_argument(
+        "--drain",
+        type=float,
+        default=EOF_GRACE_SECONDS,
+        metavar="SECONDS",
+        help="after stdin ends, wait this long for answers still owed (default: 1)",
+    )
     connect.add_argument(
         "--listen",
         help="instead of stdio, serve plain Streamable HTTP on this loopback HOST:PORT (/mcp)",

@@ -45,6 +45,7 @@ METHOD_NOT_FOUND = -32601
 SERVER_EXITED = -32000  # the sandboxed server ended while the request was pending
 SERVER_UNAVAILABLE = -32002  # the server is restarting or could not be started
 MESSAGE_TOO_LARGE = -32003  # over the configured size limit
+DAEMON_GONE = -32004  # (from `stockade connect`) the daemon went away with the request pending
 POLICY_DENIED = -32010  # refused by the access policy; never forwarded
 RATE_LIMITED = -32011  # a rate limit of the policy is reached; data.retry_after_seconds
 AUDIT_UNAVAILABLE = -32030  # the audit log cannot be written: nothing is relayed until it can

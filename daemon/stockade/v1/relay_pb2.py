@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17stockade/v1/relay.proto\x12\x0bstockade.v1\"\x85\x01\n\x0bOpenSession\x12\x0e\n\x06server\x18\x01 \x01(\t\x12\x36\n\x07options\x18\x02 \x03(\x0b\x32%.stockade.v1.OpenSession.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x0b\x43lientFrame\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.stockade.v1.OpenSessionH\x00\x12\x11\n\x07message\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"5\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08instance\x18\x02 \x01(\t\"2\n\rSessionClosed\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x11\n\texit_code\x18\x02 \x01(\x05\"\x84\x01\n\x0bServerFrame\x12,\n\x06opened\x18\x01 \x01(\x0b\x32\x1a.stockade.v1.SessionOpenedH\x00\x12\x11\n\x07message\x18\x02 \x01(\x0cH\x00\x12,\n\x06\x63losed\x18\x03 \x01(\x0b\x32\x1a.stockade.v1.SessionClosedH\x00\x42\x06\n\x04kind2J\n\x05Relay\x12\x41\n\x07\x43onnect\x12\x18.stockade.v1.ClientFrame\x1a\x18.stockade.v1.ServerFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17stockade/v1/relay.proto\x12\x0bstockade.v1\"\x85\x01\n\x0bOpenSession\x12\x0e\n\x06server\x18\x01 \x01(\t\x12\x36\n\x07options\x18\x02 \x03(\x0b\x32%.stockade.v1.OpenSession.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x0b\x43lientFrame\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.stockade.v1.OpenSessionH\x00\x12\x11\n\x07message\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"P\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08instance\x18\x02 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\"2\n\rSessionClosed\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x11\n\texit_code\x18\x02 \x01(\x05\"\x84\x01\n\x0bServerFrame\x12,\n\x06opened\x18\x01 \x01(\x0b\x32\x1a.stockade.v1.SessionOpenedH\x00\x12\x11\n\x07message\x18\x02 \x01(\x0cH\x00\x12,\n\x06\x63losed\x18\x03 \x01(\x0b\x32\x1a.stockade.v1.SessionClosedH\x00\x42\x06\n\x04kind2J\n\x05Relay\x12\x41\n\x07\x43onnect\x12\x18.stockade.v1.ClientFrame\x1a\x18.stockade.v1.ServerFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,11 +40,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLIENTFRAME']._serialized_start=176
   _globals['_CLIENTFRAME']._serialized_end=258
   _globals['_SESSIONOPENED']._serialized_start=260
-  _globals['_SESSIONOPENED']._serialized_end=313
-  _globals['_SESSIONCLOSED']._serialized_start=315
-  _globals['_SESSIONCLOSED']._serialized_end=365
-  _globals['_SERVERFRAME']._serialized_start=368
-  _globals['_SERVERFRAME']._serialized_end=500
-  _globals['_RELAY']._serialized_start=502
-  _globals['_RELAY']._serialized_end=576
+  _globals['_SESSIONOPENED']._serialized_end=340
+  _globals['_SESSIONCLOSED']._serialized_start=342
+  _globals['_SESSIONCLOSED']._serialized_end=392
+  _globals['_SERVERFRAME']._serialized_start=395
+  _globals['_SERVERFRAME']._serialized_end=527
+  _globals['_RELAY']._serialized_start=529
+  _globals['_RELAY']._serialized_end=603
 # @@protoc_insertion_point(module_scope)
