@@ -27,8 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from stockade.atomic import write_atomically
 from stockade.audit.chain import FILE_PATTERN, HEAD_FILE, line_hash
+from stockade.audit.verify import valid_signature
 from stockade.logs import get_logger
 
 log = get_logger("stockade.audit.anchor")
@@ -108,11 +111,28 @@ class Anchor:
     def status(self) -> list[tuple[str, str, int]]:
         return []
 
-    def trusted_fields(self, audit_dir: Path) -> dict[str, Any]:
-        """The fields of the newest checkpoint the log holds (after `guard_start`)."""
+    def trusted_fields(self, audit_dir: Path, key: Ed25519PublicKey) -> dict[str, Any]:
+        """The fields of the newest checkpoint the log holds (after `guard_start`), among
+        those whose signature verifies with the daemon's key.
+
+        A head that claims a signature it does not have is a forgery (anyone who can write
+        `head.json` can write a line that looks like a checkpoint): refused, never trusted.
+        """
         heads = [h for h in known_heads(audit_dir, self) if h.record and "signature" in h.record]
+        for head in heads:
+            assert head.record is not None  # noqa: S101 - filtered above
+            if not valid_signature(key, head.record):
+                raise AuditRollback(
+                    f"{head.source}: checkpoint {head.seq} does not carry the daemon's "
+                    "signature (forged)"
+                )
         newest = max(heads, key=lambda h: h.seq, default=None)
         return dict(newest.record) if newest is not None and newest.record else {}
+
+    def signed_seq(self) -> int:
+        """The seq of the last checkpoint the daemon itself copied here (0 if none)."""
+        head = self.head()
+        return head.seq if head is not None else 0
 
 
 def _known(source: str, data: bytes) -> KnownHead:

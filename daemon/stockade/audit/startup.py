@@ -7,6 +7,11 @@ at every start (and when the key is made), for verifiers to pin.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
 from stockade.audit.anchor import Anchor, guard_start
 from stockade.audit.chain import AUDIT_KEY_FILE, load_or_create_key, public_path
 from stockade.audit.headroom import Headroom
@@ -21,6 +26,28 @@ log = get_logger("stockade.audit")
 
 def anchor_of(settings: Settings) -> Anchor:
     return Anchor(settings.audit_anchor_dir or settings.state_dir / "audit-anchor")
+
+
+def unvouched_tail(directory: Path, signed_seq: int) -> dict[str, Any] | None:
+    """The records after the last checkpoint the daemon signed (seq range, digest), if any."""
+    lines = [
+        line
+        for path in sorted(directory.glob("audit-*.jsonl"))
+        for line in path.read_bytes().split(b"\n")
+        if line.strip()
+    ]
+    after = []
+    for line in lines:
+        try:
+            seq = int(json.loads(line)["seq"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn tail: the log cuts and records it itself
+        if seq > signed_seq:
+            after.append((seq, line))
+    if not signed_seq or not after:
+        return None
+    digest = hashlib.sha256(b"\n".join(line for _, line in after)).hexdigest()
+    return {"from_seq": after[0][0], "to_seq": after[-1][0], "sha256": digest}
 
 
 def open_audit_log(settings: Settings, daemon_id: str, *, accept_gap: bool = False) -> AuditLog:
@@ -47,10 +74,17 @@ def open_audit_log(settings: Settings, daemon_id: str, *, accept_gap: bool = Fal
             observers=observers,
             headroom=Headroom(settings.audit_reserve_bytes, settings.audit_warn_free_bytes),
         )
-        trusted = anchor.trusted_fields(directory)
+        trusted = anchor.trusted_fields(directory, key.public_key())
         if SECRETS_GENERATION in trusted:
             audit.checkpoint_fields[SECRETS_GENERATION] = int(trusted[SECRETS_GENERATION])
-        audit.open(first=("audit.gap_accepted", gap) if gap is not None else None)
+        first = ("audit.gap_accepted", gap) if gap is not None else None
+        unvouched = unvouched_tail(directory, anchor.signed_seq())
+        if first is None and unvouched is not None:
+            # Records after the last checkpoint this daemon signed: a crash leaves them, and
+            # so does anyone who can append to the folder. They are said as such before the
+            # next checkpoint signs past them, so that `verify` reports them.
+            first = ("audit.unvouched_tail", unvouched)
+        audit.open(first=first)
         if gap is not None:
             anchor.set_aside_acknowledgements()
             audit.checkpoint()  # re-anchor at once: the head copy now names this history

@@ -51,6 +51,7 @@ class VerifyResult:
     last_checkpoint: dict[str, Any] | None = None  # the newest signed checkpoint, whole
     daemons: list[str] = field(default_factory=list)  # the daemon ids the records name
     notes: list[str] = field(default_factory=list)
+    unvouched: list[str] = field(default_factory=list)  # seq ranges said unvouched at start
 
     def fail(self, where: str, what: str) -> VerifyResult:
         self.ok = False
@@ -137,6 +138,9 @@ def verify(
             result.unsigned_tail = 0
         else:
             result.unsigned_tail += 1
+        if record.get("type") == "audit.unvouched_tail":
+            detail = record.get("detail") or {}
+            result.unvouched.append(f"{detail.get('from_seq')}-{detail.get('to_seq')}")
         if record.get("daemon") not in result.daemons:
             result.daemons.append(str(record.get("daemon")))
         result.first_seq = result.first_seq or record_seq
@@ -214,6 +218,12 @@ def _check_head(
             and result.signatures.get(int(signed["seq"])) != signed["signature"]
         ):
             return result.fail(str(head), "the signed head's checkpoint is not in the log")
+    if result.ok and result.unvouched:
+        result.notes.append(
+            "records written after a signed checkpoint and before a restart were not vouched "
+            "for by a signature when written (a crash, or someone appending to the folder): "
+            + ", ".join(result.unvouched)
+        )
     if result.ok and result.unsigned_tail:
         result.notes.append(
             f"{result.unsigned_tail} records after the last checkpoint are not yet signed: "
