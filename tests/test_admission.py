@@ -146,3 +146,25 @@ def test_an_http_session_past_the_quota_ends_the_callers_least_recently_used(
             ]
 
     assert asyncio.run(scenario()) == [404, 200, 200]
+
+
+def test_opens_on_made_up_server_names_cannot_grow_the_audit_log(daemon: Daemon) -> None:
+    audit = daemon.state_dir / "audit"
+    before = sum(p.stat().st_size for p in audit.glob("audit-*.jsonl"))
+    name = "n" * 1_000_000
+
+    async def scenario() -> list[grpc.aio.AioRpcError]:
+        errors = []
+        for _ in range(10):
+            try:
+                async with HostSession(daemon, name, daemon.hosts["polite"]):
+                    pass
+            except grpc.aio.AioRpcError as exc:
+                errors.append(exc)
+        return errors
+
+    errors = asyncio.run(scenario())
+    grown = sum(p.stat().st_size for p in audit.glob("audit-*.jsonl")) - before
+    assert len(errors) == 10 and all(e.code() == grpc.StatusCode.NOT_FOUND for e in errors)
+    assert len(errors[0].details() or "") < 1000  # the name is cut in what is said
+    assert grown < 10_000, grown  # 10 MB of names sent: one short record

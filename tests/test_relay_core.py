@@ -334,3 +334,23 @@ def test_a_server_answer_to_nothing_pending_is_dropped(tmp_path: Path) -> None:
         assert [m.get("result") for m in host.got] == ["first"]
 
     play(tmp_path, scenario)
+
+
+def test_caller_strings_in_reasons_and_server_requests_are_cut_and_counted(
+    tmp_path: Path,
+) -> None:
+    async def scenario(book: Playbook) -> None:
+        session, server, host = own_session(book, B)
+        huge = "n" * 1_000_000
+        before = book.audit_bytes()
+        for n in range(5):  # the default-deny reason quotes the name: cut, and counted
+            await session.from_host(request(n, "tools/call", name=huge))
+        for n in range(5):  # a lying server asks the host with a 1 MB method, again and again
+            await server.says(request(f"s{n}", "x" * 1_000_000))
+        grown = book.audit_bytes() - before
+        assert grown < 20_000, grown  # 10 MB of caller strings, a few KiB of records
+        refused = [m for m in server.sent if "error" in m]
+        assert len(refused) == 5 and all(len(m["error"]["message"]) < 1000 for m in refused)
+        assert all(len(m["error"]["message"]) < 1000 for m in host.got)
+
+    play(tmp_path, scenario)

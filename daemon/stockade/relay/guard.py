@@ -154,7 +154,7 @@ class PolicyGuard:
         error = jsonrpc.error_response(
             message.id,
             jsonrpc.POLICY_DENIED,
-            f"denied by policy: {decision.reason}",
+            f"denied by policy: {capped(decision.reason)}",
             {"rule": decision.rule, "source": decision.source},
         )
         return await self._denied(message, fields, decision.reason, error)
@@ -163,6 +163,7 @@ class PolicyGuard:
         self, message: Message, fields: dict[str, Any], reason: str, error: bytes
     ) -> bytes:
         """Record a denial within this identity's budget; what to answer the host with."""
+        reason = capped(reason) or ""  # a reason may quote the caller's own strings
         answer = b"" if message.kind is Kind.NOTIFICATION else error
         if not self._budget.denial_allowed(self.identity):
             count = self._budget.due("denials-over-budget", self.identity, self.server)
@@ -254,7 +255,12 @@ class PolicyGuard:
         if message.kind is not Kind.REQUEST:
             return None
         for limit in self._store.evaluator.limits_for(request):
-            key = (limit.name, self.identity, self.server, request.name or request.method)
+            key = (
+                limit.name,
+                self.identity,
+                self.server,
+                capped(request.name or request.method) or "",
+            )
             wait = self._store.limiter.take(key, limit.per_minute, limit.burst)
             if wait > 0:  # logged with the denial record, once per window
                 return jsonrpc.error_response(
@@ -278,23 +284,36 @@ class PolicyGuard:
         """None: forward it to the host. Otherwise the error to answer the server with."""
         assert message.method is not None  # noqa: S101 - a request has one
         decision = self._store.evaluator.server_request(self.server, message.method)
-        outcome = "allow" if decision.allowed else "deny"
-        try:
-            await self._record(
-                "server_request",
-                durable=not decision.allowed,
-                outcome=outcome,
-                action=message.method,
-                rule=decision.rule,
-                reason=None if decision.allowed else decision.reason,
+        method = capped(message.method)
+        reason = None if decision.allowed else capped(decision.reason)
+        # A server repeating a refused request is said once per window, with the count: a
+        # server must not be able to grow the audit log (or the daemon's) at will.
+        count = (
+            1
+            if decision.allowed
+            else self._budget.due(
+                "server-request", self.identity, self.server, method or "", reason or ""
             )
+        )
+        try:
+            if count is not None:
+                await self._record(
+                    "server_request",
+                    durable=not decision.allowed,
+                    outcome="allow" if decision.allowed else "deny",
+                    action=method,
+                    rule=decision.rule,
+                    reason=reason,
+                    count=None if decision.allowed else count,
+                )
         except AuditUnavailable as exc:
             return jsonrpc.error_response(message.id, jsonrpc.AUDIT_UNAVAILABLE, f"refused: {exc}")
         if decision.allowed:
             return None
-        log.warning("policy denied a server request", method=message.method, reason=decision.reason)
+        if count is not None:
+            log.warning("policy denied a server request", method=method, reason=reason)
         return jsonrpc.error_response(
-            message.id, jsonrpc.POLICY_DENIED, f"denied by policy: {decision.reason}"
+            message.id, jsonrpc.POLICY_DENIED, f"denied by policy: {reason}"
         )
 
     def _filter_capabilities(self, body: dict[str, Any]) -> dict[str, Any] | None:

@@ -31,7 +31,7 @@ from stockade.metrics import SESSIONS
 from stockade.policy.store import PolicyStore
 from stockade.registry import Registry, UnknownServer
 from stockade.relay.admission import Admission, Quotas, Refused
-from stockade.relay.budget import HostBudget
+from stockade.relay.budget import HostBudget, capped
 from stockade.relay.digest import Digest
 from stockade.relay.guard import PolicyGuard
 from stockade.relay.session import RelaySession, ToHost
@@ -231,12 +231,22 @@ class SessionOpener:
         audit_fields = {"transport": transport, "peer": peer, **where}
         try:
             definition = self._registry.get(server)
-        except UnknownServer as exc:
-            with contextlib.suppress(AuditUnavailable):  # refused either way
-                await self._audit.record(
-                    "session.open", durable=True, outcome="deny", reason=str(exc), **audit_fields
-                )
-            raise OpenRefused(Refusal.UNKNOWN_SERVER, str(exc)) from None
+        except UnknownServer:
+            # The name is the caller's: cut in what is said, and one record per window.
+            reason = f"no server named {capped(server)!r} is registered (see `stockade server ls`)"
+            audit_fields["server"] = capped(server)
+            count = self._refusals.due((identity, "unknown-server"))
+            if count is not None:
+                with contextlib.suppress(AuditUnavailable):  # refused either way
+                    await self._audit.record(
+                        "session.open",
+                        durable=True,
+                        outcome="deny",
+                        reason=reason,
+                        detail={"refusals": count},
+                        **audit_fields,
+                    )
+            raise OpenRefused(Refusal.UNKNOWN_SERVER, reason) from None
         refused = self._admission.check(
             identity, server, transport, definition.shared, self.live.values()
         )
