@@ -168,3 +168,22 @@ def test_opens_on_made_up_server_names_cannot_grow_the_audit_log(daemon: Daemon)
     assert len(errors) == 10 and all(e.code() == grpc.StatusCode.NOT_FOUND for e in errors)
     assert len(errors[0].details() or "") < 1000  # the name is cut in what is said
     assert grown < 10_000, grown  # 10 MB of names sent: one short record
+
+
+def test_opens_racing_each_other_cannot_pass_the_quota_together(daemon: Daemon) -> None:
+    greedy = daemon.hosts["greedy"]
+
+    async def scenario() -> tuple[int, int]:
+        async def try_open(stack: AsyncExitStack) -> bool:
+            try:
+                await stack.enter_async_context(HostSession(daemon, "scratch", greedy))
+            except grpc.aio.AioRpcError:
+                return False
+            return True
+
+        async with AsyncExitStack() as stack:
+            results = await asyncio.gather(*(try_open(stack) for _ in range(6)))
+            return sum(results), len(daemon.containers())
+
+    opened, _ = asyncio.run(scenario())
+    assert opened <= 2  # sessions_per_identity = 2, however many open at the same moment

@@ -17,7 +17,8 @@ import grpc
 
 from stockade.api.auth import current_credential, current_identity
 from stockade.logs import get_logger, log_context
-from stockade.relay.opening import HostSession, OpenRefused, Refusal, SessionOpener
+from stockade.relay.host_session import HostSession
+from stockade.relay.opening import OpenRefused, Refusal, SessionOpener
 from stockade.v1 import relay_pb2, relay_pb2_grpc
 
 log = get_logger("stockade.relay")

@@ -23,8 +23,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from stockade.relay import jsonrpc
+from stockade.relay.host_session import HostSession
 from stockade.relay.jsonrpc import Message
-from stockade.relay.opening import HostSession
 
 REPLAY_EVENTS = 1000  # server->host messages kept for Last-Event-ID resumption
 

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from enum import Enum
 from typing import NoReturn, Protocol
 
@@ -34,15 +32,19 @@ from stockade.relay.admission import Admission, Quotas, Refused
 from stockade.relay.budget import HostBudget, capped
 from stockade.relay.digest import Digest
 from stockade.relay.guard import PolicyGuard
+from stockade.relay.host_session import (
+    SHARED,
+    HostSession,
+    SessionRecord,
+    new_session_id,
+)
 from stockade.relay.session import RelaySession, ToHost
 from stockade.relay.shared import SharedRouter, SharedSession
 from stockade.sandbox.errors import SandboxError
-from stockade.sandbox.instance import ExitReport, Instance
+from stockade.sandbox.instance import Instance
 from stockade.secrets.redact import Redactor
 
 log = get_logger("stockade.relay")
-
-SHARED = "shared"  # the instance name sessions on a shared server report
 
 
 class InstanceSource(Protocol):
@@ -70,96 +72,6 @@ class OpenRefused(Exception):
         self.refusal = refusal
 
 
-@dataclass(frozen=True)
-class SessionRecord:
-    """What `stockade session ls` shows about a live session."""
-
-    id: str
-    server: str
-    identity: str
-    instance: str
-    transport: str
-    credential: str = ""  # "cert:SERIAL" or "token:ID": what revoking ends it
-    started_at: float = field(default_factory=time.time)
-
-    @property
-    def shared(self) -> bool:
-        return self.instance == SHARED
-
-
-def new_session_id() -> str:
-    return uuid.uuid4().hex[:16]
-
-
-class HostSession:
-    """One open host session, whatever carries it; made by `SessionOpener.open`."""
-
-    def __init__(
-        self,
-        record: SessionRecord,
-        *,
-        guard: PolicyGuard,
-        forward: Callable[[bytes], Awaitable[None]],
-        drain: Callable[[float], Awaitable[None]],
-        expire: Callable[[float], Awaitable[None]],
-        release: Callable[[], None],
-        on_close: Callable[[HostSession, str], None],
-    ) -> None:
-        self.record = record
-        self._guard = guard
-        self.from_host = forward
-        self.drain = drain
-        self.expire = expire  # requests older than the timeout get -32001
-        self._release = release
-        self._on_close = on_close
-        self._closed = False
-        # Resolves when the session's own instance ended (never for a shared instance,
-        # which the supervisor restarts while its sessions go on).
-        self.ended: asyncio.Future[ExitReport] = asyncio.get_running_loop().create_future()
-        # Resolves (with the reason) when the caller's credential was revoked: the transport
-        # ends the session at once.
-        self.revoked: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._watcher: asyncio.Task[None] | None = None
-
-    @property
-    def id(self) -> str:
-        return self.record.id
-
-    @property
-    def instance(self) -> str:
-        return self.record.instance
-
-    def _watch(self, instance: Instance, relay: RelaySession) -> None:
-        async def watch() -> None:
-            report = await asyncio.shield(instance.exited)
-            await relay.server_ended(report)  # pending requests get errors first
-            if not self.ended.done():
-                self.ended.set_result(report)
-
-        self._watcher = asyncio.create_task(watch(), name=f"session-{self.id}")
-
-    async def close(self, reason: str) -> None:
-        """Give the instance back and record the end. Idempotent."""
-        if await self._give_back():
-            await self._guard.summarise()  # repeats of denials not yet on record
-            self._on_close(self, reason)
-
-    async def abandon(self) -> None:
-        """Give the instance back from a session that never opened: nothing to record."""
-        await self._give_back()
-
-    async def _give_back(self) -> bool:
-        if self._closed:
-            return False
-        self._closed = True
-        if self._watcher is not None and not self._watcher.done():
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-        self._release()
-        return True
-
-
 class SessionOpener:
     def __init__(
         self,
@@ -181,6 +93,7 @@ class SessionOpener:
         self._max = max_message_bytes
         self.live: dict[str, SessionRecord] = {}
         self._open: dict[str, HostSession] = {}
+        self._opening: dict[str, SessionRecord] = {}  # admitted, not yet open
 
     async def expire_forever(self, timeout: float) -> None:
         """Every second: requests older than `timeout`, in every open session, time out."""
@@ -247,11 +160,31 @@ class SessionOpener:
                         **audit_fields,
                     )
             raise OpenRefused(Refusal.UNKNOWN_SERVER, reason) from None
+        # Checked and counted with no await in between: opens racing each other all see the
+        # sessions still being opened (a slot is held until the open succeeds or fails).
         refused = self._admission.check(
-            identity, server, transport, definition.shared, self.live.values()
+            identity,
+            server,
+            transport,
+            definition.shared,
+            [*self.live.values(), *self._opening.values()],
         )
         if refused is not None:
             await self._refused(refused, audit_fields)
+        instance = SHARED if definition.shared else "(starting)"
+        held = SessionRecord(session_id, server, identity, instance, transport, credential)
+        self._opening[session_id] = held
+        try:
+            return await self._open_admitted(held, to_host, audit_fields)
+        finally:
+            del self._opening[session_id]
+
+    async def _open_admitted(
+        self, held: SessionRecord, to_host: ToHost, audit_fields: dict[str, str | None]
+    ) -> HostSession:
+        session_id, server, identity = held.id, held.server, held.identity
+        transport, credential = held.transport, held.credential
+        definition = self._registry.get(server)
         with log_context(session=session_id, server=server):
             if definition.shared:
                 session = self._join_shared(session_id, identity, server, to_host, transport)
