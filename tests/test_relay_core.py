@@ -189,20 +189,45 @@ def shared(book: Playbook) -> tuple[SharedRouter, FakeInstance, Any, Host, Any, 
 def test_shared_ids_never_cross_and_a_log_goes_only_to_its_session(tmp_path: Path) -> None:
     async def scenario(book: Playbook) -> None:
         router, server, seat_a, host_a, seat_b, host_b = shared(book)
+
+        async def log(text: str) -> None:
+            await server.says(notification("notifications/message", level="info", data=text))
+
         await router.from_host(seat_a, request(1, "tools/call", name="echo"))
         await router.from_host(seat_b, request(1, "tools/call", name="echo"))
         first, second = (m["id"] for m in server.sent)
         assert first != second  # rewritten: unique on the instance
-        await server.says(notification("notifications/message", level="info", data="both busy"))
+        await log("both busy")
         await server.says(result(second, "for b"))
-        await server.says(notification("notifications/message", level="info", data="a's log"))
+        await log("b is done")  # a is the only one busy now, but this may be about b
         await server.says(result(first, "for a"))
-        await server.says(notification("notifications/message", level="info", data="idle"))
+        await router.from_host(seat_a, request(2, "tools/call", name="echo"))
+        await log("a's log")  # only a has been active since its request began
+        await server.says(result(server.sent[-1]["id"], "again for a"))
+        await log("idle")
         assert host_a.answer(1)["result"] == "for a" and host_b.answer(1)["result"] == "for b"
         logs_a = [m["params"]["data"] for m in host_a.got if m.get("method")]
         logs_b = [m["params"]["data"] for m in host_b.got if m.get("method")]
         assert logs_a == ["a's log"] and logs_b == []
-        assert router.unattributed == 2  # while both were busy, and while none was
+        assert router.unattributed == 3
+
+    play(tmp_path, scenario)
+
+
+def test_a_shared_session_cannot_make_the_router_hold_without_bound(tmp_path: Path) -> None:
+    async def scenario(book: Playbook) -> None:
+        router, server, seat_a, host_a, _, _ = shared(book)
+        big = "t" * 10_000
+        await router.from_host(
+            seat_a, request(1, "tools/call", name="echo", _meta={"progressToken": big})
+        )
+        assert server.sent == [] and host_a.answer(1)["error"]["code"] == jsonrpc.INVALID_REQUEST
+        for n in range(20):  # tokens are forgotten when their request is answered
+            await router.from_host(
+                seat_a, request(10 + n, "tools/call", name="echo", _meta={"progressToken": n})
+            )
+            await server.says(result(server.sent[-1]["id"], "ok"))
+        assert router._tokens == {} and router._routes == {}
 
     play(tmp_path, scenario)
 

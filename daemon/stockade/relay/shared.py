@@ -47,6 +47,11 @@ from stockade.wire.lines import OversizedLine
 log = get_logger("stockade.shared")
 
 HANDSHAKE_PROTOCOL_VERSION = "2025-06-18"
+# What one session may make the router hold: progress tokens live as long as their request,
+# and subscriptions are bounded in number and size.
+MAX_TOKEN_CHARS = 256
+MAX_SUBSCRIPTIONS = 256
+MAX_URI_CHARS = 2048
 HANDSHAKE_TIMEOUT = 60.0
 
 
@@ -62,6 +67,7 @@ class SharedSession:
     # original id key -> rewritten id, to translate this session's cancellations
     outstanding: dict[str, str] = field(default_factory=dict)
     subscriptions: set[str] = field(default_factory=set)  # resource URIs it subscribed to
+    active_at: float = 0.0  # when a request of it last started or ended (for attribution)
 
 
 class SharedRouter:
@@ -75,6 +81,7 @@ class SharedRouter:
         # rewritten id -> (session, the host's id, method, when it was forwarded)
         self._routes: dict[str, tuple[SharedSession, Any, str, float]] = {}
         self._tokens: dict[str, tuple[SharedSession, Any]] = {}  # rewritten token -> owner
+        self._route_tokens: dict[str, str] = {}  # rewritten id -> its rewritten token
         self._handshake: asyncio.Future[dict[str, Any]] | None = None
         self._seq = itertools.count(1)
         self.unattributed = 0  # notifications dropped: no single session they belong to
@@ -130,6 +137,7 @@ class SharedRouter:
         self._instance = None
         routes, self._routes = self._routes, {}
         self._tokens.clear()
+        self._route_tokens.clear()
         for session, original_id, _, _ in routes.values():
             session.outstanding.clear()
             await session.to_host(
@@ -157,7 +165,7 @@ class SharedRouter:
     def leave(self, session: SharedSession) -> None:
         self._sessions.discard(session)
         for key in [k for k, (owner, *_) in self._routes.items() if owner is session]:
-            del self._routes[key]
+            self._end_route(key)
         for key in [k for k, (owner, _) in self._tokens.items() if owner is session]:
             del self._tokens[key]
 
@@ -181,6 +189,10 @@ class SharedRouter:
             body = {"jsonrpc": "2.0", "id": message.id, "result": self.init_result}
             await session.to_host(
                 jsonrpc.encode(session.guard.filter_list("initialize", body) or body)
+            )
+        elif message.kind is Kind.REQUEST and (too_much := self._too_much(session, message)):
+            await session.to_host(
+                jsonrpc.error_response(message.id, jsonrpc.INVALID_REQUEST, too_much)
             )
         elif self._instance is not None:  # (a notification while down has nowhere to go)
             payload = self._rewrite_from_host(session, message)
@@ -215,6 +227,33 @@ class SharedRouter:
             return None
         return message
 
+    def _end_route(self, key: str) -> tuple[SharedSession, Any, str, float] | None:
+        """A request is over (answered, cancelled, timed out): forget it and its token."""
+        route = self._routes.pop(key, None)
+        token = self._route_tokens.pop(key, None)
+        if token is not None:
+            self._tokens.pop(token, None)
+        if route is not None:
+            route[0].active_at = time.monotonic()
+        return route
+
+    def _too_much(self, session: SharedSession, message: Message) -> str | None:
+        """Why a request would make the router hold too much for this session, if it would."""
+        params = message.params or {}
+        meta = params.get("_meta")
+        if (
+            isinstance(meta, dict)
+            and len(jsonrpc.id_key(meta.get("progressToken"))) > MAX_TOKEN_CHARS
+        ):
+            return f"progressToken is over {MAX_TOKEN_CHARS} characters"
+        uri = params.get("uri")
+        if message.method == "resources/subscribe" and isinstance(uri, str):
+            if len(uri) > MAX_URI_CHARS:
+                return f"uri is over {MAX_URI_CHARS} characters"
+            if uri not in session.subscriptions and len(session.subscriptions) >= MAX_SUBSCRIPTIONS:
+                return f"this session has {MAX_SUBSCRIPTIONS} subscriptions, the most it may"
+        return None
+
     def _rewrite_from_host(self, session: SharedSession, message: Message) -> bytes:
         body = dict(message.body)
         if message.kind is Kind.REQUEST:
@@ -226,12 +265,14 @@ class SharedRouter:
                 time.monotonic(),
             )
             session.outstanding[message.id_key] = rewritten
+            session.active_at = time.monotonic()
             body["id"] = rewritten
             params = body.get("params")
             meta = params.get("_meta") if isinstance(params, dict) else None
             if isinstance(meta, dict) and "progressToken" in meta:
                 token = f"stk-progress-{next(self._seq)}"
                 self._tokens[jsonrpc.id_key(token)] = (session, meta["progressToken"])
+                self._route_tokens[jsonrpc.id_key(rewritten)] = jsonrpc.id_key(token)
                 assert isinstance(params, dict)  # noqa: S101 - meta was found inside it
                 body["params"] = {**params, "_meta": {**meta, "progressToken": token}}
             uri = params.get("uri") if isinstance(params, dict) else None
@@ -244,7 +285,7 @@ class SharedRouter:
             rewritten_id = session.outstanding.pop(original, None)
             if rewritten_id is None:
                 return b""  # not one of this session's requests: never cancel another's
-            self._routes.pop(jsonrpc.id_key(rewritten_id), None)  # no answer is owed now
+            self._end_route(jsonrpc.id_key(rewritten_id))  # no answer is owed now
             body["params"] = {**message.params, "requestId": rewritten_id}
         return jsonrpc.encode(body)
 
@@ -253,7 +294,7 @@ class SharedRouter:
     async def _from_server(self, line: bytes | OversizedLine) -> None:
         message = jsonrpc.parse_server_line(line, self._max)
         if isinstance(line, OversizedLine):  # its request, if it can be told, fails at once
-            route = self._routes.pop(jsonrpc.id_key(jsonrpc.id_from_head(line.head)), None)
+            route = self._end_route(jsonrpc.id_key(jsonrpc.id_from_head(line.head)))
             if route is not None:
                 session, original_id, _, _ = route
                 session.outstanding.pop(jsonrpc.id_key(original_id), None)
@@ -275,7 +316,7 @@ class SharedRouter:
             else:
                 self._handshake.set_exception(HandshakeFailed(str(message.body.get("error"))))
             return
-        route = self._routes.pop(message.id_key, None)
+        route = self._end_route(message.id_key)
         if route is None:  # its session has left, it timed out, or the id is made up
             jsonrpc.log_unowed_answer(self.server, message.id)
             return
@@ -321,10 +362,19 @@ class SharedRouter:
                 if isinstance(uri, str) and uri in s.subscriptions and s.guard.may_read(uri)
             ]
         busy = [s for s in self._sessions if s.outstanding]
-        if len(busy) != 1:
+        if len(busy) != 1 or self._others_active_since(busy[0]):
             self.unattributed += 1
             return []
         return busy
+
+    def _others_active_since(self, session: SharedSession) -> bool:
+        """Whether another session had a request start or end while this one's oldest was
+        in flight: then a log line of that time may be about the other one."""
+        began = min(
+            (started for owner, _, _, started in self._routes.values() if owner is session),
+            default=0.0,
+        )
+        return any(s.active_at >= began for s in self._sessions if s is not session)
 
     async def expire(self, session: SharedSession, timeout: float) -> None:
         """This session's requests older than `timeout`: -32001 to it, a cancel to the server."""
@@ -335,7 +385,9 @@ class SharedRouter:
             if owner is session and now - began > timeout
         ]
         for key in overdue:
-            _, original_id, _, _ = self._routes.pop(key)
+            route = self._end_route(key)
+            assert route is not None  # noqa: S101 - listed just above
+            _, original_id, _, _ = route
             rewritten = session.outstanding.pop(jsonrpc.id_key(original_id), None)
             await session.to_host(jsonrpc.timed_out(original_id, self.server, timeout))
             if self._instance is not None and rewritten is not None:
