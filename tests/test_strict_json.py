@@ -213,3 +213,17 @@ def test_fuzz_the_relay_parser_raises_only_invalid_message() -> None:
             continue
         assert jsonrpc.parse(message.raw, 1 << 20).raw == message.raw
         assert jsonrpc.parse_server_line(data, 1 << 20) is not None
+
+
+def test_depth_limit_holds_where_arrays_and_objects_alternate() -> None:
+    def nested(depth: int) -> bytes:
+        opening = "".join("[" if i % 2 == 0 else '{"a":' for i in range(depth))
+        closing = "".join("]" if i % 2 == 0 else "}" for i in reversed(range(depth)))
+        return (
+            (opening + "1" + closing).encode() if depth % 2 == 0 else (opening + closing).encode()
+        )
+
+    strict_json.loads(nested(MAX_DEPTH))
+    for depth in (MAX_DEPTH + 1, MAX_DEPTH + 2, 2 * MAX_DEPTH):
+        with pytest.raises(StrictJSONError, match="nesting deeper"):
+            strict_json.loads(nested(depth))

@@ -20,6 +20,7 @@ A server's bad line is dropped and logged (at a bounded rate), never raised.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -263,12 +264,18 @@ def _refuse_look_alike(
             )
 
 
+LENIENT_ID_BYTES = 64 * 1024
+
+
 def _readable_id(raw: bytes) -> Any:
     """The id of a message the strict parser refused, when a lenient reading is unambiguous.
 
     Only to address the error to the right request: a top-level "id" member that is the only
     key folding to "id", and a valid id. Otherwise None (JSON-RPC: null when unknown).
+    A large message is not parsed a second time: its id is read from its head.
     """
+    if len(raw) > LENIENT_ID_BYTES:
+        return id_from_head(raw[:HEAD_BYTES])
     try:
         top = json.loads(
             raw.decode("utf-8", errors="replace"),
@@ -360,6 +367,25 @@ class _DropLog:
 
 
 _dropped = _DropLog()
+
+
+# A message this large is parsed in a worker thread: a crafted one (deep nesting, many
+# distinct keys) can take a second or more of CPU, and the event loop serves every session.
+OFF_LOOP_BYTES = 64 * 1024
+
+
+async def parse_off_loop(raw: bytes, max_bytes: int) -> Message:
+    """`parse`, in a worker thread for a large message (raises InvalidMessage)."""
+    if len(raw) <= OFF_LOOP_BYTES:
+        return parse(raw, max_bytes)
+    return await asyncio.to_thread(parse, raw, max_bytes)
+
+
+async def parse_server_line_off_loop(line: bytes | OversizedLine, max_bytes: int) -> Message | None:
+    """`parse_server_line`, in a worker thread for a large line."""
+    if isinstance(line, OversizedLine) or len(line) <= OFF_LOOP_BYTES:
+        return parse_server_line(line, max_bytes)
+    return await asyncio.to_thread(parse_server_line, line, max_bytes)
 
 
 def parse_server_line(line: bytes | OversizedLine, max_bytes: int) -> Message | None:

@@ -67,7 +67,7 @@ class RelaySession:
     async def from_host(self, raw: bytes) -> None:
         """One message from the host: refuse it with a JSON-RPC error, or forward it."""
         try:
-            message = jsonrpc.parse(raw, self._max)
+            message = await jsonrpc.parse_off_loop(raw, self._max)
         except InvalidMessage as exc:
             await self._to_host(await self._guard.malformed(exc.code, str(exc), exc.request_id))
             return
@@ -96,7 +96,7 @@ class RelaySession:
 
     async def from_server(self, line: bytes | OversizedLine) -> None:
         """One stdout line from the server: forward it (not forwarded: garbage, oversized)."""
-        message = jsonrpc.parse_server_line(line, self._max)
+        message = await jsonrpc.parse_server_line_off_loop(line, self._max)
         if isinstance(line, OversizedLine):  # its request, if it can be told, fails at once
             owed = self._pending.pop(jsonrpc.id_key(jsonrpc.id_from_head(line.head)), None)
             if owed is not None:

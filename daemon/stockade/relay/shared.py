@@ -202,7 +202,7 @@ class SharedRouter:
     async def _screen(self, session: SharedSession, raw: bytes) -> Message | None:
         """The message if it may go on; None when it was refused (and answered) or is moot."""
         try:
-            message = jsonrpc.parse(raw, self._max)
+            message = await jsonrpc.parse_off_loop(raw, self._max)
         except InvalidMessage as exc:
             await session.to_host(await session.guard.malformed(exc.code, str(exc), exc.request_id))
             return None
@@ -292,7 +292,7 @@ class SharedRouter:
     # -- the server's output ---------------------------------------------------------
 
     async def _from_server(self, line: bytes | OversizedLine) -> None:
-        message = jsonrpc.parse_server_line(line, self._max)
+        message = await jsonrpc.parse_server_line_off_loop(line, self._max)
         if isinstance(line, OversizedLine):  # its request, if it can be told, fails at once
             route = self._end_route(jsonrpc.id_key(jsonrpc.id_from_head(line.head)))
             if route is not None:

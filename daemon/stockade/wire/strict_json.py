@@ -43,6 +43,7 @@ MAX_NUMBER_CHARS = 100  # any number literal longer than this is refused
 _ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 # Bytes other than quotes and brackets; a string once only quotes and brackets are left.
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+_INNERMOST = re.compile(rb"\[\]|\{\}")
 _STRING = re.compile(rb'"[^"]*+"?')  # unterminated: to the end (the decoder stops there)
 _ASCII_CONTROLS = dict.fromkeys([*range(0x20), 0x7F])
 # Key sets already found free of fold collisions (most objects repeat a few shapes). Bounded
@@ -186,7 +187,9 @@ def _check_depth(raw: bytes) -> None:
     for _ in range(MAX_DEPTH):  # each pass removes the innermost level of every branch
         if not shape:
             return
-        peeled = shape.replace(b"[]", b"").replace(b"{}", b"")
+        # One regex pass removes exactly one level: two replace() calls in a row could peel
+        # two where [ and { alternate, letting 128 levels through.
+        peeled = _INNERMOST.sub(b"", shape)
         if peeled == shape:
             raise StrictJSONError(PARSE_ERROR, "invalid JSON: unbalanced brackets")
         shape = peeled
