@@ -395,6 +395,20 @@ def test_an_admin_cannot_read_a_secret_back_by_changing_what_its_server_runs(
             check=False,
         )
         assert other_image.returncode != 0 and "allows only" in other_image.stderr
+        elsewhere = daemon.cli(  # the same argv run elsewhere could be other code
+            "server",
+            "add",
+            "everything",
+            "--replace",
+            "--image",
+            "stockade/node:latest",
+            "--workdir",
+            "/tmp",
+            "--",
+            "mcp-server-everything",
+            check=False,
+        )
+        assert elsewhere.returncode != 0 and "working directory" in elsewhere.stderr
         # The registration is unchanged, and nothing it ran printed the value in any form.
         shown = json.loads(daemon.cli("server", "inspect", "everything", "--json").stdout)
         assert shown["command"] == ["mcp-server-everything"]

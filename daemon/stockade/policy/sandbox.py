@@ -205,6 +205,9 @@ class SandboxPolicy(BaseModel):
     image: str | None = Field(default=None, min_length=1)
     command: tuple[str, ...] | None = Field(default=None, min_length=1)
     command_prefix: tuple[str, ...] | None = Field(default=None, min_length=1)
+    # With a pinned command, the working directory is pinned too (the image's own when
+    # unset): `node dist/index.js` runs different code in another directory.
+    working_dir: str | None = None
     user: str | None = None
     runtime: Runtime | None = None
     memory_mb: int | None = Field(default=None, ge=16)
@@ -297,6 +300,15 @@ class SandboxPolicy(BaseModel):
         prefix = self.command_prefix
         if prefix is not None and argv[: len(prefix)] != prefix:
             return f"runs {list(argv)}; the policy pins the command prefix {list(prefix)}"
+        return None
+
+    def working_dir_problem(self, working_dir: str | None) -> str | None:
+        """Why `working_dir` is not the pinned one, when the command is pinned."""
+        if self.command is None and self.command_prefix is None:
+            return None
+        if working_dir != self.working_dir:
+            pinned = self.working_dir or "the image's own"
+            return f"runs in {working_dir!r}; the policy pins the working directory ({pinned})"
         return None
 
     @property

@@ -162,7 +162,9 @@ def pin_problem(
                 f"{where}: image {definition.image!r} is not the digest {source} pins "
                 f"({digest}); secrets are never handed to another image"
             )
-    command = policy.command_problem(definition.argv)
+    command = policy.command_problem(definition.argv) or policy.working_dir_problem(
+        definition.working_dir
+    )
     if command is not None:
         return f"{where} {command} ({source}); secrets are never handed to another command"
     return None
