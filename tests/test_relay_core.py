@@ -379,3 +379,30 @@ def test_caller_strings_in_reasons_and_server_requests_are_cut_and_counted(
         assert all(len(m["error"]["message"]) < 1000 for m in host.got)
 
     play(tmp_path, scenario)
+
+
+def test_completions_are_decided_as_using_the_prompt_or_resource(tmp_path: Path) -> None:
+    async def scenario(book: Playbook) -> None:
+        session, server, host = own_session(book, B)  # B may not read file:///a/*
+        complete = {"argument": {"name": "x", "value": "a"}}
+        await session.from_host(
+            request(
+                1,
+                "completion/complete",
+                ref={"type": "ref/resource", "uri": "file:///a/{x}"},
+                **complete,
+            )
+        )
+        await session.from_host(
+            request(
+                2,
+                "completion/complete",
+                ref={"type": "ref/prompt", "name": "secret_report"},
+                **complete,
+            )
+        )
+        assert server.sent == []
+        assert host.answer(1)["error"]["code"] == jsonrpc.POLICY_DENIED
+        assert host.answer(2)["error"]["code"] == jsonrpc.POLICY_DENIED
+
+    play(tmp_path, scenario)

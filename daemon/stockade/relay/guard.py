@@ -65,6 +65,20 @@ def _target(message: Message) -> tuple[str | None, dict[str, Any]]:
     )
 
 
+def _completion_target(message: Message) -> tuple[str, str | None] | None:
+    """For `completion/complete`: the method and name its `ref` uses, else None."""
+    if message.method != "completion/complete":
+        return None
+    ref = (message.params or {}).get("ref")
+    if not isinstance(ref, dict):
+        return ("prompts/get", None)  # no ref: decided as an unnamed prompt (denied)
+    if ref.get("type") == "ref/resource":
+        uri = ref.get("uri")
+        return ("resources/read", uri if isinstance(uri, str) else None)
+    name = ref.get("name")
+    return ("prompts/get", name if isinstance(name, str) else None)
+
+
 def arguments_digest(arguments: dict[str, Any]) -> str | None:
     """SHA-256 of the canonical JSON arguments: proves what was sent, shows nothing."""
     if not arguments:
@@ -135,6 +149,14 @@ class PolicyGuard:
         name, arguments = _target(message)
         request = Request(self.identity, self.server, message.method, name, arguments)
         decision = self._store.evaluator.decide(request)
+        completed = _completion_target(message)
+        if decision.allowed and completed is not None:
+            # Completing a prompt's or a resource template's arguments reveals what using it
+            # would: the caller must be allowed to use that prompt or resource.
+            method, target = completed
+            decision = self._store.evaluator.decide(
+                Request(self.identity, self.server, method, target, {})
+            )
         fields = {
             "action": capped(message.method),
             "target": capped(name),
