@@ -45,6 +45,36 @@ class SandboxSettings(BaseModel):
     network: Literal["none"] = "none"
 
 
+class ServerSource(BaseModel):
+    """Where a server's image came from, pinned at registration (see `stockade server show`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["image", "pypi", "npm"] = "image"
+    package: str | None = None
+    version: str | None = None
+    digest: str | None = None  # image: the repository digest, when the image has one
+    lock_hash: str | None = None
+    recipe_hash: str | None = None
+    index: str | None = None
+    image_user: str | None = None  # the image's own USER; instances run as the daemon's
+
+
+class TrialReport(BaseModel):
+    """What answered in the trial sandbox when the server was registered."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    server_name: str = ""
+    server_version: str = ""
+    protocol_version: str = ""
+    tools: int = 0
+    prompts: int = 0
+    resources: int = 0
+    at: float = 0.0
+    seconds: float = 0.0
+
+
 class ServerDefinition(BaseModel):
     """A registered MCP server: the image, the command, and how it is sandboxed and shared."""
 
@@ -59,6 +89,16 @@ class ServerDefinition(BaseModel):
     shared: bool = False
     warm_pool: int = Field(default=1, ge=0, le=16)
     restart_policy: Literal["on-failure", "never"] = "on-failure"
+    # The image pinned at registration (an image id, sha256:...): instances run exactly it,
+    # so a re-tagged or rebuilt `image` never changes a registered server silently.
+    image_id: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
+    source: ServerSource | None = None
+    checked: TrialReport | None = None
+
+    @property
+    def run_image(self) -> str:
+        """What instances are created from: the pinned id, else the reference as given."""
+        return self.image_id or self.image
 
     @property
     def argv(self) -> tuple[str, ...]:

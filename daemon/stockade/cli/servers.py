@@ -27,6 +27,7 @@ from stockade.cli.channel import (
     with_socket,
 )
 from stockade.cli.terminal import printable
+from stockade.sandbox.errors import EXIT_MEANINGS
 from stockade.v1 import control_pb2
 
 UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -52,11 +53,38 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  listening on {listener}")
     print(f"  audit: {status.audit_state} ({status.audit_records} records)")
     for server in status.servers:
-        print(
-            f"  {server.name}: {server.instances} in use, {server.pooled}/{server.warm_pool} warm"
-            f", {server.restarts} restarts"
-        )
+        print(f"  {server_line(server)}")
+        if server.last_error:
+            print(f"    {failing_line(server)}")
     return exitcodes.OK
+
+
+def server_line(server: control_pb2.ServerStatus) -> str:
+    health = "FAILING" if server.last_error else "ok"
+    return (
+        f"{server.name}: {health}, {server.instances} in use, "
+        f"{server.pooled}/{server.warm_pool} warm, {server.restarts} restarts"
+    )
+
+
+def failing_line(server: control_pb2.ServerStatus) -> str:
+    """Why a server is failing and when it is tried again (its error is the server's words)."""
+    text = f"last error: {printable(server.last_error)} ({server.failures} failures in a row)"
+    if server.next_retry_at:
+        wait = max(0.0, server.next_retry_at - time.time())
+        when = time.strftime("%H:%M:%S", time.localtime(server.next_retry_at))
+        text += f"; next retry at {when} (in {wait:.0f}s)"
+    return text
+
+
+def trial_line(checked: control_pb2.TrialReport) -> str:
+    name = printable(checked.server_name or "(unnamed)")
+    version = printable(checked.server_version or "?")
+    return (
+        f"answered: {name} {version}, protocol {printable(checked.protocol_version or '?')}, "
+        f"{checked.tools} tools, {checked.prompts} prompts, {checked.resources} resources "
+        f"(trial {checked.seconds:.1f}s)"
+    )
 
 
 def cmd_server_add(args: argparse.Namespace) -> int:
@@ -80,12 +108,35 @@ def cmd_server_add(args: argparse.Namespace) -> int:
         warm_pool=args.warm,
         restart_policy=args.restart,
     )
-    request = control_pb2.AddServerRequest(server=definition, replace=args.replace)
-    added = call_control(args, lambda stub: stub.AddServer(request, timeout=10))
+    return register(args, definition)
+
+
+def register(args: argparse.Namespace, definition: control_pb2.ServerDefinition) -> int:
+    """AddServer (the daemon pins the image and runs the trial); print what answered."""
+    request = control_pb2.AddServerRequest(
+        server=definition,
+        replace=args.replace,
+        skip_check=args.no_check,
+        check_timeout_seconds=args.check_timeout,
+    )
+    added = call_control(
+        args, lambda stub: stub.AddServer(request, timeout=args.check_timeout + 60)
+    )
     if args.json:
         print(json.dumps(as_dict(added)))
+        return exitcodes.OK
+    pinned = f", pinned {added.image_id[:19]}" if added.image_id else ""
+    print(f"registered {added.name} ({added.image}{pinned}, warm pool {added.warm_pool})")
+    if added.HasField("checked"):
+        print(trial_line(added.checked))
     else:
-        print(f"registered {added.name} ({added.image}, warm pool {added.warm_pool})")
+        print(
+            "not checked (--no-check): no trial sandbox was started, so nothing proved that "
+            "the command exists or that the server answers initialize"
+        )
+    user = added.source.image_user
+    if user in ("", "0", "root") or user.startswith(("0:", "root:")):
+        print(f"note: the image's own USER is {user or 'root'}; Stockade runs it as uid 10001")
     return exitcodes.OK
 
 
@@ -130,10 +181,9 @@ def cmd_server_status(args: argparse.Namespace) -> int:
         print(json.dumps([as_dict(s) for s in servers]))
         return exitcodes.OK
     for server in servers:
-        print(
-            f"{server.name}: {server.instances} in use, {server.pooled}/{server.warm_pool} warm, "
-            f"{server.restarts} restarts"
-        )
+        print(server_line(server))
+        if server.last_error:
+            print(f"  {failing_line(server)}")
         for exit_record in server.recent_exits:
             when = time.strftime("%H:%M:%S", time.localtime(exit_record.at))
             how = "stopped" if exit_record.stopped_by_daemon else "exited by itself"
@@ -143,6 +193,9 @@ def cmd_server_status(args: argparse.Namespace) -> int:
             if exit_record.pids_limit_hits:
                 notes.append(f"pids limit hit {exit_record.pids_limit_hits}x")
             extra = f" ({', '.join(notes)})" if notes else ""
+            meaning = EXIT_MEANINGS.get(exit_record.exit_code)
+            if meaning and not exit_record.oom_killed and not exit_record.stopped_by_daemon:
+                extra += f" ({meaning})"
             print(f"  {when} {exit_record.instance} {how}, code {exit_record.exit_code}{extra}")
     return exitcodes.OK
 
@@ -227,6 +280,18 @@ def add_server_parsers(sub: Any) -> None:
     add.add_argument("--warm", type=int, default=1, help="warm pool size (default: 1)")
     add.add_argument("--restart", choices=["on-failure", "never"], default="on-failure")
     add.add_argument("--replace", action="store_true", help="redefine an existing server")
+    add.add_argument(
+        "--no-check",
+        action="store_true",
+        help="register without the trial sandbox (for servers that need secrets or egress "
+        "not granted yet); nothing then proves the server starts",
+    )
+    add.add_argument(
+        "--check-timeout",
+        type=int,
+        default=30,
+        help="seconds the trial waits for initialize (default: %(default)s, at most 300)",
+    )
     add.usage = "stockade server add NAME --image IMAGE [OPTIONS] -- COMMAND [ARGS...]"
     with_socket(add)
     add.set_defaults(handler=cmd_server_add)

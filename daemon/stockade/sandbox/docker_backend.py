@@ -25,7 +25,7 @@ from stockade.sandbox.errors import (
     RuntimeMissing,
     SandboxError,
 )
-from stockade.sandbox.runtime import Attachment, ExitStatus
+from stockade.sandbox.runtime import Attachment, ExitStatus, ImageInfo
 from stockade.sandbox.spec import LABEL_MANAGED, ContainerSpec
 
 log = get_logger("stockade.sandbox")
@@ -190,6 +190,21 @@ class DockerBackend:
                 if key == "max" and value.strip().isdigit():
                     return int(value)
         return 0
+
+    def image_info(self, ref: str) -> ImageInfo:
+        try:
+            image = self._client.images.get(ref)
+        except docker.errors.ImageNotFound:
+            raise ImageMissing(f"image {ref!r} is not present on this Docker engine") from None
+        except docker.errors.APIError as exc:
+            raise SandboxError(f"could not inspect image {ref!r}: {exc}") from None
+        attrs: dict[str, Any] = image.attrs
+        config = attrs.get("Config") or {}
+        return ImageInfo(
+            id=str(image.id),
+            repo_digests=tuple(attrs.get("RepoDigests") or ()),
+            user=str(config.get("User") or ""),
+        )
 
     def inspect(self, container_id: str) -> dict[str, Any]:
         try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from stockade.logs import get_logger, log_context
 from stockade.sandbox.attached import AttachedStdio
-from stockade.sandbox.errors import ContainerGone
+from stockade.sandbox.errors import EXIT_MEANINGS, ContainerGone
 from stockade.sandbox.runtime import ExitStatus, SandboxRuntime
 from stockade.sandbox.spec import ContainerSpec
 from stockade.secrets.redact import Redactor
@@ -63,6 +63,9 @@ class ExitReport:
 
     def describe(self) -> str:
         text = f"exited with code {self.exit_code}"
+        meaning = EXIT_MEANINGS.get(self.exit_code)
+        if meaning and not self.oom_killed:
+            text += f" ({meaning})"
         if self.oom_killed:
             text += " (killed: out of memory)"
         if self.pids_limit_hits:

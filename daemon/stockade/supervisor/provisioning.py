@@ -98,7 +98,7 @@ def build_spec(
             "use an egress allowlist; choose runc for this server or drop the allowlist"
         )
     fields: dict[str, object] = {
-        "image": definition.image,
+        "image": definition.run_image,
         "command": definition.argv,
         "working_dir": definition.working_dir,
         "runtime": runtime,

@@ -26,6 +26,7 @@ from stockade.sandbox.runtime import SandboxRuntime
 from stockade.sandbox.spec import LABEL_DAEMON
 from stockade.supervisor.provisioning import Provisioner
 from stockade.supervisor.state import ServerState
+from stockade.supervisor.trial import describe_exit, describe_start_error
 
 log = get_logger("stockade.supervisor")
 
@@ -113,11 +114,17 @@ class SharedRunner:
                 state.in_use[instance.id] = instance
                 with log_context(server=name, instance=instance.id):
                     log.info("shared instance serving")
+                state.record_healthy()
                 report = await asyncio.shield(instance.exited)
                 await router.instance_ended(report)
+                if not report.stopped_by_daemon:
+                    tail = instance.stderr.since(max(0, instance.stderr.total - 5))
+                    state.record_failure(describe_exit(state.definition, report, tail))
             except (SandboxError, HandshakeFailed) as exc:
+                error = describe_start_error(state.definition, exc)
+                state.record_failure(error)
                 with log_context(server=name):
-                    log.error("shared instance failed to start", error=str(exc))
+                    log.error("shared instance failed to start", error=error)
             finally:
                 if instance is not None:
                     state.in_use.pop(instance.id, None)
@@ -127,6 +134,8 @@ class SharedRunner:
             failures = 0 if time.monotonic() - began >= STABLE_RUN else failures + 1
             delay = min(BACKOFF_BASE * 2 ** (failures - 1), BACKOFF_CAP) if failures else 0.0
             state.restarts += 1
+            if state.last_error:
+                state.next_retry_at = time.time() + delay
             with log_context(server=name):
                 log.warning(
                     "restarting shared instance", delay_seconds=delay, restarts=state.restarts

@@ -39,12 +39,22 @@ from stockade.secrets.model import SecretStore
 from stockade.supervisor.provisioning import Provisioner
 from stockade.supervisor.shared_runner import SharedRunner
 from stockade.supervisor.state import ServerState
+from stockade.supervisor.trial import (
+    DEFAULT_TIMEOUT,
+    MAX_TIMEOUT,
+    describe_exit,
+    describe_start_error,
+    pin,
+    run_trial,
+)
 
 log = get_logger("stockade.supervisor")
 
 # Often enough that a leaked container or an empty pool is noticed within seconds, rarely
 # enough that listing containers costs the engine nothing measurable.
 RECONCILE_INTERVAL = 2.0
+# A pooled instance alive this long counts as healthy: a failure streak ends there.
+HEALTHY_AFTER = 5.0
 DAEMON_ID_FILE = "daemon-id"
 
 
@@ -139,6 +149,7 @@ class Supervisor:
             state = self._servers[definition.name] = ServerState(definition)
         else:
             state.definition = definition
+            state.record_healthy()  # a new definition starts with a clean record
             # Instances were made from the old definition: recycle pooled and shared ones
             # (sessions in progress keep theirs until they end).
             await self._shared.stop(state)
@@ -155,6 +166,34 @@ class Supervisor:
         self._shared.forget(name)
         instances = [*state.pool, *state.in_use.values()]
         await asyncio.gather(*(self.stop_instance(i) for i in instances), return_exceptions=True)
+
+    async def vet(
+        self, definition: ServerDefinition, *, trial: bool, timeout: float = 0.0
+    ) -> ServerDefinition:
+        """Pin the image; with `trial`, prove the server answers in a trial sandbox.
+
+        Raises SandboxError (TrialFailed, ImageMissing) with one line; the trial's
+        container is gone when this returns, whatever happened.
+        """
+        try:
+            pinned = await asyncio.to_thread(pin, self._backend, definition)
+        except SandboxError as exc:
+            raise SandboxError(describe_start_error(definition, exc)) from None
+        if not trial:
+            return pinned
+        instance_id = new_instance_id()
+
+        async def start() -> Instance:
+            self._known_containers.add(instance_id)
+            try:
+                return await self._provisioner.start(pinned, instance_id)
+            except BaseException:
+                self._known_containers.discard(instance_id)
+                raise
+
+        bounded = min(timeout or DEFAULT_TIMEOUT, MAX_TIMEOUT)
+        report = await run_trial(start, self.stop_instance, pinned, bounded)
+        return pinned.model_copy(update={"checked": report})
 
     # -- sessions --------------------------------------------------------------------
 
@@ -173,6 +212,8 @@ class Supervisor:
             self._spawn(self.stop_instance(candidate))  # dead, or made under an older policy
         if instance is None:
             instance = await self.start_instance(state)
+        else:
+            state.record_healthy()
         instance.session_id = session_id
         state.in_use[instance.id] = instance
         self._spawn(self._refill(state))
@@ -308,6 +349,9 @@ class Supervisor:
         if state is not None and instance in state.pool:
             state.pool.remove(instance)  # a pooled instance died before use: drop it
             self._spawn(self.stop_instance(instance))
+            if not report.stopped_by_daemon:
+                tail = instance.stderr.since(max(0, instance.stderr.total - 5))
+                self._pool_failed(state, describe_exit(state.definition, report, tail))
 
     async def stop_instance(self, instance: Instance) -> ExitReport:
         try:
@@ -316,17 +360,28 @@ class Supervisor:
             self._known_containers.discard(instance.id)
             self._provisioner.forget_secrets(instance.id)  # the files go with the container
 
+    def _pool_failed(self, state: ServerState, error: str) -> None:
+        """A start failed or a pooled instance died: say why once, back off, count it."""
+        delay = state.record_failure(error)
+        with log_context(server=state.definition.name):
+            log.error(
+                "warm pool instance failed",
+                error=error,
+                failures=state.failures,
+                retry_in_seconds=delay,
+            )
+
     async def _refill(self, state: ServerState) -> None:
         while (
             not self._closing
             and state.definition.name in self._servers
             and len(state.pool) + state.starting < state.definition.warm_pool
+            and state.may_retry()
         ):
             try:
                 instance = await self.start_instance(state)
             except SandboxError as exc:
-                with log_context(server=state.definition.name):
-                    log.error("warm pool could not start an instance", error=str(exc))
+                self._pool_failed(state, describe_start_error(state.definition, exc))
                 return
             if self._closing or state.definition.name not in self._servers:
                 await self.stop_instance(instance)
@@ -344,6 +399,8 @@ class Supervisor:
     async def reconcile_once(self) -> None:
         for state in list(self._servers.values()):
             for instance in list(state.pool):
+                if state.failures and instance.alive and instance.age > HEALTHY_AFTER:
+                    state.record_healthy()
                 if instance.age > self._pool_max_age:
                     state.pool.remove(instance)
                     self._spawn(self.stop_instance(instance))

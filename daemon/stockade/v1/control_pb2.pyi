@@ -308,6 +308,9 @@ class ServerStatus(_message.Message):
     RESTARTS_FIELD_NUMBER: _builtins.int
     WARM_POOL_FIELD_NUMBER: _builtins.int
     RECENT_EXITS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    NEXT_RETRY_AT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     instances: _builtins.int
     """serving sessions now"""
@@ -317,6 +320,15 @@ class ServerStatus(_message.Message):
     """shared instances restarted after a crash"""
     warm_pool: _builtins.int
     """the pool size asked for"""
+    last_error: _builtins.str
+    """Health of the warm pool / shared instance: empty last_error means no failure since
+    the last instance that came up and stayed up.
+    e.g. "exited with code 127 (command not found): ..."
+    """
+    failures: _builtins.int
+    """consecutive failed starts"""
+    next_retry_at: _builtins.float
+    """seconds since the epoch; 0 = not waiting to retry"""
     @_builtins.property
     def recent_exits(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExitRecord]: ...
     def __init__(
@@ -328,10 +340,13 @@ class ServerStatus(_message.Message):
         restarts: _builtins.int = ...,
         warm_pool: _builtins.int = ...,
         recent_exits: _abc.Iterable[Global___ExitRecord] | None = ...,
+        last_error: _builtins.str = ...,
+        failures: _builtins.int = ...,
+        next_retry_at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "name", b"name", "pooled", b"pooled", "recent_exits", b"recent_exits", "restarts", b"restarts", "warm_pool", b"warm_pool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures", b"failures", "instances", b"instances", "last_error", b"last_error", "name", b"name", "next_retry_at", b"next_retry_at", "pooled", b"pooled", "recent_exits", b"recent_exits", "restarts", b"restarts", "warm_pool", b"warm_pool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -428,6 +443,9 @@ class ServerDefinition(_message.Message):
     SHARED_FIELD_NUMBER: _builtins.int
     WARM_POOL_FIELD_NUMBER: _builtins.int
     RESTART_POLICY_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    CHECKED_FIELD_NUMBER: _builtins.int
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     image: _builtins.str
     working_dir: _builtins.str
@@ -437,12 +455,22 @@ class ServerDefinition(_message.Message):
     """containers kept started and attached, not yet spoken to"""
     restart_policy: _builtins.str
     """shared instances: "on-failure" (default) or "never" """
+    image_id: _builtins.str
+    """the image pinned at registration (sha256:...); instances run it"""
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def sandbox(self) -> Global___SandboxSettings: ...
+    @_builtins.property
+    def source(self) -> Global___ServerSource:
+        """where the image came from, pinned at registration"""
+
+    @_builtins.property
+    def checked(self) -> Global___TrialReport:
+        """what answered in the trial sandbox at registration"""
+
     def __init__(
         self,
         *,
@@ -455,14 +483,113 @@ class ServerDefinition(_message.Message):
         shared: _builtins.bool = ...,
         warm_pool: _builtins.int = ...,
         restart_policy: _builtins.str = ...,
+        source: Global___ServerSource | None = ...,
+        checked: Global___TrialReport | None = ...,
+        image_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sandbox", b"sandbox"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "sandbox", b"sandbox", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "image", b"image", "name", b"name", "restart_policy", b"restart_policy", "sandbox", b"sandbox", "shared", b"shared", "warm_pool", b"warm_pool", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "checked", b"checked", "command", b"command", "image", b"image", "image_id", b"image_id", "name", b"name", "restart_policy", b"restart_policy", "sandbox", b"sandbox", "shared", b"shared", "source", b"source", "warm_pool", b"warm_pool", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServerDefinition: _TypeAlias = ServerDefinition  # noqa: Y015
+
+@_typing.final
+class ServerSource(_message.Message):
+    """Provenance of a server's image: a package resolved to an exact version, or an image
+    pinned to its digest. Written by `stockade server add`, kept in the registry.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    PACKAGE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    LOCK_HASH_FIELD_NUMBER: _builtins.int
+    RECIPE_HASH_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    IMAGE_USER_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"image", "pypi" or "npm" """
+    package: _builtins.str
+    """pypi/npm: the package name"""
+    version: _builtins.str
+    """pypi/npm: the exact version resolved"""
+    digest: _builtins.str
+    """image: the repository digest, when it has one"""
+    lock_hash: _builtins.str
+    """pypi/npm: sha256 of the lock the image was built from"""
+    recipe_hash: _builtins.str
+    """pypi/npm: the per-server image's recipe hash"""
+    index: _builtins.str
+    """pypi/npm: the index or registry resolved against"""
+    image_user: _builtins.str
+    """the image's own USER (it runs as the daemon's user anyway)"""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        package: _builtins.str = ...,
+        version: _builtins.str = ...,
+        digest: _builtins.str = ...,
+        lock_hash: _builtins.str = ...,
+        recipe_hash: _builtins.str = ...,
+        index: _builtins.str = ...,
+        image_user: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "image_user", b"image_user", "index", b"index", "kind", b"kind", "lock_hash", b"lock_hash", "package", b"package", "recipe_hash", b"recipe_hash", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerSource: _TypeAlias = ServerSource  # noqa: Y015
+
+@_typing.final
+class TrialReport(_message.Message):
+    """The answer of a server's trial sandbox (initialize, then the lists it advertises)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_NAME_FIELD_NUMBER: _builtins.int
+    SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    PROMPTS_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    server_name: _builtins.str
+    server_version: _builtins.str
+    protocol_version: _builtins.str
+    tools: _builtins.int
+    prompts: _builtins.int
+    resources: _builtins.int
+    at: _builtins.float
+    """seconds since the epoch"""
+    seconds: _builtins.float
+    """how long the trial took"""
+    def __init__(
+        self,
+        *,
+        server_name: _builtins.str = ...,
+        server_version: _builtins.str = ...,
+        protocol_version: _builtins.str = ...,
+        tools: _builtins.int = ...,
+        prompts: _builtins.int = ...,
+        resources: _builtins.int = ...,
+        at: _builtins.float = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "prompts", b"prompts", "protocol_version", b"protocol_version", "resources", b"resources", "seconds", b"seconds", "server_name", b"server_name", "server_version", b"server_version", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrialReport: _TypeAlias = TrialReport  # noqa: Y015
 
 @_typing.final
 class AddServerRequest(_message.Message):
@@ -470,7 +597,15 @@ class AddServerRequest(_message.Message):
 
     SERVER_FIELD_NUMBER: _builtins.int
     REPLACE_FIELD_NUMBER: _builtins.int
+    SKIP_CHECK_FIELD_NUMBER: _builtins.int
+    CHECK_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     replace: _builtins.bool
+    skip_check: _builtins.bool
+    """Registration starts the server once in a trial sandbox (exactly like an instance)
+    and refuses it unless it answers initialize. skip_check registers without that.
+    """
+    check_timeout_seconds: _builtins.int
+    """0: the daemon's default"""
     @_builtins.property
     def server(self) -> Global___ServerDefinition: ...
     def __init__(
@@ -478,10 +613,12 @@ class AddServerRequest(_message.Message):
         *,
         server: Global___ServerDefinition | None = ...,
         replace: _builtins.bool = ...,
+        skip_check: _builtins.bool = ...,
+        check_timeout_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["replace", b"replace", "server", b"server"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_timeout_seconds", b"check_timeout_seconds", "replace", b"replace", "server", b"server", "skip_check", b"skip_check"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
