@@ -26,6 +26,7 @@ from stockade.cli.channel import (
     rpc_error,
     with_socket,
 )
+from stockade.cli.server_sources import add_source_arguments, resolve_source
 from stockade.cli.terminal import printable
 from stockade.sandbox.errors import EXIT_MEANINGS
 from stockade.v1 import control_pb2
@@ -88,14 +89,14 @@ def trial_line(checked: control_pb2.TrialReport) -> str:
 
 
 def cmd_server_add(args: argparse.Namespace) -> int:
-    command = list(args.server_argv)
-    if not command:
+    image, command, source = resolve_source(args)
+    if not command and not args.image:
         raise CliError(
             "give the server's command after --, e.g. `... -- mcp-server-time`", exitcodes.USAGE
         )
     definition = control_pb2.ServerDefinition(
         name=args.name,
-        image=args.image,
+        image=image,
         command=command,
         working_dir=args.workdir or "",
         sandbox=control_pb2.SandboxSettings(
@@ -107,6 +108,7 @@ def cmd_server_add(args: argparse.Namespace) -> int:
         shared=args.shared,
         warm_pool=args.warm,
         restart_policy=args.restart,
+        source=source,
     )
     return register(args, definition)
 
@@ -261,7 +263,7 @@ def add_server_parsers(sub: Any) -> None:
         epilog="example: stockade server add time --image stockade/python -- mcp-server-time",
     )
     add.add_argument("name")
-    add.add_argument("--image", required=True, help="sandbox image (built locally)")
+    add_source_arguments(add)
     add.add_argument(
         "--runtime",
         choices=["runc", "runsc"],
@@ -292,7 +294,10 @@ def add_server_parsers(sub: Any) -> None:
         default=30,
         help="seconds the trial waits for initialize (default: %(default)s, at most 300)",
     )
-    add.usage = "stockade server add NAME --image IMAGE [OPTIONS] -- COMMAND [ARGS...]"
+    add.usage = (
+        "stockade server add NAME (--image REF [-- COMMAND [ARGS...]] | --pypi PKG | --npm PKG"
+        " [-- ARGS...]) [OPTIONS]"
+    )
     with_socket(add)
     add.set_defaults(handler=cmd_server_add)
 
