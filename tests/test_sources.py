@@ -202,3 +202,49 @@ def test_a_root_user_image_runs_as_10001(daemon: Daemon) -> None:
         assert container.exec_run(["id", "-u"]).output.strip() == b"10001"
     finally:
         daemon.cli("server", "rm", "rooted")
+
+
+def show(daemon: Daemon, name: str) -> dict[str, Any]:
+    details: dict[str, Any] = json.loads(daemon.cli("server", "show", name, "--json").stdout)
+    return details
+
+
+def test_server_show_prints_source_pin_sandbox_and_secrets(daemon: Daemon) -> None:
+    add(daemon, "shown", "--pypi", FETCH, *build_args())
+    text = daemon.cli("server", "show", "shown").stdout
+    assert "source:   pypi mcp-server-fetch 2026.10.24 (lock sha256:" in text
+    assert "pinned to sha256:" in text
+    assert "answered: mcp-fetch" in text
+    assert "network none, read-only root" in text
+    assert "secrets:  none" in text
+    details = show(daemon, "shown")
+    assert details["sandbox"]["user"] == "10001:10001"
+    daemon.cli("server", "rm", "shown")
+
+
+def test_upgrade_swaps_only_when_the_trial_answers(daemon: Daemon) -> None:
+    older = MEMORY.replace("2026.8.31", "2026.7.4")
+    add(daemon, "upgraded", "--npm", older, *build_args())
+    before = show(daemon, "upgraded")["server"]
+    assert before["source"]["version"] == "2026.7.4"
+    bad = daemon.cli(
+        "server", "upgrade", "upgraded", "--to", "9999.0.0", *build_args(), check=False
+    )
+    assert bad.returncode != 0
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert show(daemon, "upgraded")["server"] == before  # nothing changed
+    daemon.cli("server", "upgrade", "upgraded", "--to", "2026.8.31", *build_args())
+    after = show(daemon, "upgraded")["server"]
+    assert after["source"]["version"] == "2026.8.31"
+    assert after["image_id"] != before["image_id"]
+    daemon.cli("server", "rm", "upgraded")
+
+
+def test_a_version_pin_survives_a_daemon_restart(tmp_path: Path, images: ImageBuilder) -> None:
+    with running_daemon(tmp_path) as first:
+        add(first, "memory", "--npm", MEMORY, *build_args())
+        before = first.cli("server", "show", "memory").stdout
+    with running_daemon(tmp_path) as second:
+        after = second.cli("server", "show", "memory").stdout
+    assert "npm @modelcontextprotocol/server-memory 2026.8.31" in after
+    assert after == before

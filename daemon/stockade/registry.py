@@ -58,6 +58,7 @@ class ServerSource(BaseModel):
     recipe_hash: str | None = None
     index: str | None = None
     image_user: str | None = None  # the image's own USER; instances run as the daemon's
+    system_packages: tuple[str, ...] = ()  # Debian packages added to a package's image
 
 
 class TrialReport(BaseModel):

@@ -132,6 +132,33 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         except UnknownServer as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
 
+    async def ShowServer(
+        self, request: control_pb2.GetServerRequest, context: Context
+    ) -> control_pb2.ServerDetails:
+        try:
+            definition = self._registry.get(request.name)
+        except UnknownServer as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        effective, missing, state = await self._supervisor.details(definition)
+        return control_pb2.ServerDetails(
+            server=definition_to_proto(definition),
+            sandbox=control_pb2.EffectiveSandbox(
+                runtime=effective.runtime,
+                memory_bytes=effective.memory_bytes,
+                cpus=effective.cpus,
+                pids_limit=effective.pids_limit,
+                user=effective.user,
+                egress=list(effective.egress),
+                mounts=list(effective.mounts),
+                capabilities=list(effective.capabilities),
+                policy_source=effective.policy_source,
+                image_pin=effective.image_pin,
+            ),
+            secrets=list(effective.secrets),
+            missing_secrets=list(missing),
+            status=server_status_to_proto(state) if state else None,
+        )
+
     async def RemoveServer(
         self, request: control_pb2.RemoveServerRequest, context: Context
     ) -> control_pb2.RemoveServerResponse:

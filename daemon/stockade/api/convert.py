@@ -50,13 +50,16 @@ def definition_from_proto(message: control_pb2.ServerDefinition) -> ServerDefini
                     "image_user",
                 )
             },
+            "system_packages": tuple(src.system_packages),
         }
     return parse_definition(data)
 
 
 def source_to_proto(source: ServerSource) -> control_pb2.ServerSource:
+    fields = source.model_dump(exclude={"system_packages"})
     return control_pb2.ServerSource(
-        **{key: value or "" for key, value in source.model_dump().items()}
+        **{key: value or "" for key, value in fields.items()},
+        system_packages=list(source.system_packages),
     )
 
 

@@ -19,19 +19,24 @@ def progress(line: str) -> None:
     print(line, flush=True)
 
 
-def resolve_source(
-    args: argparse.Namespace,
-) -> tuple[str, list[str], control_pb2.ServerSource | None]:
-    """(image reference, command, provenance) for the source the operator chose."""
+Resolved = tuple[str, list[str], list[str], control_pb2.ServerSource | None]
+
+
+def resolve_source(args: argparse.Namespace) -> Resolved:
+    """(image reference, command, server arguments, provenance) for the chosen source.
+
+    For --image everything after `--` is the command; for a package it is the arguments
+    of the package's entry point (kept apart, so `server upgrade` can keep them).
+    """
     if args.pypi or args.npm:
         return _build(args)
     if args.image:
-        _pull_if_absent(args.image)
-        return args.image, list(args.server_argv), None
+        pull_if_absent(args.image)
+        return args.image, list(args.server_argv), [], None
     raise CliError("give a source: --image REF, --pypi PKG or --npm PKG", exitcodes.USAGE)
 
 
-def _pull_if_absent(ref: str) -> None:
+def pull_if_absent(ref: str) -> None:
     import docker  # noqa: PLC0415
     import docker.errors  # noqa: PLC0415
 
@@ -57,7 +62,7 @@ def _pull_if_absent(ref: str) -> None:
     progress(f"pulled {ref}")
 
 
-def _build(args: argparse.Namespace) -> tuple[str, list[str], control_pb2.ServerSource]:
+def _build(args: argparse.Namespace) -> Resolved:
     from stockade.sandbox.docker_backend import DockerBackend  # noqa: PLC0415
     from stockade.sandbox.locks import LockError  # noqa: PLC0415
     from stockade.sandbox.server_images import BuildOptions, ServerImageBuilder  # noqa: PLC0415
@@ -87,8 +92,9 @@ def _build(args: argparse.Namespace) -> tuple[str, list[str], control_pb2.Server
         lock_hash=image.lock_hash,
         recipe_hash=image.recipe_hash,
         index=index or "",
+        system_packages=list(options.apt),
     )
-    return image.tag, [*image.command, *args.server_argv], source
+    return image.tag, list(image.command), list(args.server_argv), source
 
 
 def add_source_arguments(add: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ from stockade.cli.channel import (
     rpc_error,
     with_socket,
 )
+from stockade.cli.server_show import add_show_parsers
 from stockade.cli.server_sources import add_source_arguments, resolve_source
 from stockade.cli.terminal import printable
 from stockade.sandbox.errors import EXIT_MEANINGS
@@ -89,7 +90,7 @@ def trial_line(checked: control_pb2.TrialReport) -> str:
 
 
 def cmd_server_add(args: argparse.Namespace) -> int:
-    image, command, source = resolve_source(args)
+    image, command, server_args, source = resolve_source(args)
     if not command and not args.image:
         raise CliError(
             "give the server's command after --, e.g. `... -- mcp-server-time`", exitcodes.USAGE
@@ -98,6 +99,7 @@ def cmd_server_add(args: argparse.Namespace) -> int:
         name=args.name,
         image=image,
         command=command,
+        args=server_args,
         working_dir=args.workdir or "",
         sandbox=control_pb2.SandboxSettings(
             runtime=args.runtime,
@@ -331,6 +333,8 @@ def add_server_parsers(sub: Any) -> None:
     status.add_argument("name", nargs="?")
     with_socket(status)
     status.set_defaults(handler=cmd_server_status)
+
+    add_show_parsers(actions)
 
     logs = actions.add_parser(
         "logs", help="a server's stderr", epilog="example: stockade server logs time --follow"

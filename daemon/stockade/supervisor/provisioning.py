@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from stockade.audit.log import AuditLog, AuditUnavailable
@@ -135,6 +136,46 @@ def build_spec(
     return ContainerSpec.from_settings(settings, **fields)
 
 
+@dataclass(frozen=True)
+class EffectiveSandbox:
+    """What an instance of a server would run with now (for `stockade server show`)."""
+
+    runtime: str
+    memory_bytes: int
+    cpus: float
+    pids_limit: int
+    user: str
+    egress: tuple[str, ...]
+    mounts: tuple[str, ...]
+    capabilities: tuple[str, ...]
+    policy_source: str
+    image_pin: str
+    secrets: tuple[str, ...]
+
+
+def effective_sandbox(
+    settings: Settings, definition: ServerDefinition, policy: SandboxPolicy
+) -> EffectiveSandbox:
+    """The combining rule of `build_spec`, without starting anything or checking mounts."""
+    sandbox = definition.sandbox
+    asked_memory = sandbox.memory_bytes or settings.container_memory_bytes
+    asked_cpus = sandbox.cpus or settings.container_cpus
+    asked_pids = sandbox.pids_limit or settings.container_pids_limit
+    return EffectiveSandbox(
+        runtime="runsc" if "runsc" in (sandbox.runtime, policy.runtime) else "runc",
+        memory_bytes=int(_lower(asked_memory, policy.memory_bytes) or asked_memory),
+        cpus=float(_lower(asked_cpus, policy.cpus) or asked_cpus),
+        pids_limit=int(_lower(asked_pids, policy.pids) or asked_pids),
+        user=policy.user or settings.container_user,
+        egress=tuple(policy.egress.egress) if policy.egress else (),
+        mounts=tuple(f"{m.source} -> {m.target} ({'rw' if m.rw else 'ro'})" for m in policy.mounts),
+        capabilities=policy.capabilities,
+        policy_source=policy.source,
+        image_pin=policy.image or "",
+        secrets=policy.secrets,
+    )
+
+
 def sandbox_fingerprint(definition: ServerDefinition, policy: SandboxPolicy) -> str:
     """Changes whenever what an instance would be built from changes (pool freshness)."""
     text = definition.model_dump_json() + policy.model_dump_json()
@@ -167,6 +208,21 @@ class Provisioner:
 
     def policy(self, server: str) -> SandboxPolicy:
         return self._sandbox_policy(server)
+
+    def effective(self, definition: ServerDefinition) -> EffectiveSandbox:
+        return effective_sandbox(self._settings, definition, self._sandbox_policy(definition.name))
+
+    def missing_secrets(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """Which of `names` the vault does not hold (all of them when there is no vault)."""
+        if not names:
+            return ()
+        if self._secrets is None:
+            return names
+        try:
+            present = {info.name for info in self._secrets.list()}
+        except SecretError:
+            return names
+        return tuple(name for name in names if name not in present)
 
     def fingerprint(self, definition: ServerDefinition) -> str:
         return sandbox_fingerprint(definition, self._sandbox_policy(definition.name))

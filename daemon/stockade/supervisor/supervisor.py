@@ -36,7 +36,7 @@ from stockade.sandbox.runtime import SandboxRuntime
 from stockade.sandbox.spec import LABEL_DAEMON, LABEL_INSTANCE
 from stockade.secrets.delivery import SecretDelivery
 from stockade.secrets.model import SecretStore
-from stockade.supervisor.provisioning import Provisioner
+from stockade.supervisor.provisioning import EffectiveSandbox, Provisioner
 from stockade.supervisor.shared_runner import SharedRunner
 from stockade.supervisor.state import ServerState
 from stockade.supervisor.trial import (
@@ -291,6 +291,15 @@ class Supervisor:
             (name, len(s.pool), s.definition.warm_pool, len(s.in_use))
             for name, s in list(self._servers.items())
         ]
+
+    async def details(
+        self, definition: ServerDefinition
+    ) -> tuple[EffectiveSandbox, tuple[str, ...], ServerState | None]:
+        """The sandbox in force for `definition`, its granted secrets missing from the
+        vault, and its live state (None if not loaded)."""
+        effective = self._provisioner.effective(definition)
+        missing = await asyncio.to_thread(self._provisioner.missing_secrets, effective.secrets)
+        return effective, missing, self._servers.get(definition.name)
 
     def servers(self) -> dict[str, ServerState]:
         return dict(self._servers)

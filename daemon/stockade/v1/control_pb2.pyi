@@ -511,6 +511,7 @@ class ServerSource(_message.Message):
     RECIPE_HASH_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     IMAGE_USER_FIELD_NUMBER: _builtins.int
+    SYSTEM_PACKAGES_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """"image", "pypi" or "npm" """
     package: _builtins.str
@@ -527,6 +528,10 @@ class ServerSource(_message.Message):
     """pypi/npm: the index or registry resolved against"""
     image_user: _builtins.str
     """the image's own USER (it runs as the daemon's user anyway)"""
+    @_builtins.property
+    def system_packages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """pypi/npm: Debian packages added to the image"""
+
     def __init__(
         self,
         *,
@@ -538,10 +543,11 @@ class ServerSource(_message.Message):
         recipe_hash: _builtins.str = ...,
         index: _builtins.str = ...,
         image_user: _builtins.str = ...,
+        system_packages: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "image_user", b"image_user", "index", b"index", "kind", b"kind", "lock_hash", b"lock_hash", "package", b"package", "recipe_hash", b"recipe_hash", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "image_user", b"image_user", "index", b"index", "kind", b"kind", "lock_hash", b"lock_hash", "package", b"package", "recipe_hash", b"recipe_hash", "system_packages", b"system_packages", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -590,6 +596,103 @@ class TrialReport(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrialReport: _TypeAlias = TrialReport  # noqa: Y015
+
+@_typing.final
+class EffectiveSandbox(_message.Message):
+    """The sandbox an instance of a server gets now: the registry's settings capped by policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    CPUS_FIELD_NUMBER: _builtins.int
+    PIDS_LIMIT_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    EGRESS_FIELD_NUMBER: _builtins.int
+    MOUNTS_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
+    POLICY_SOURCE_FIELD_NUMBER: _builtins.int
+    IMAGE_PIN_FIELD_NUMBER: _builtins.int
+    runtime: _builtins.str
+    memory_bytes: _builtins.int
+    cpus: _builtins.float
+    pids_limit: _builtins.int
+    user: _builtins.str
+    policy_source: _builtins.str
+    """the policy file that set it ("" = defaults)"""
+    image_pin: _builtins.str
+    """the policy's image pin, if any"""
+    @_builtins.property
+    def egress(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """host:port allowed out; empty = no network"""
+
+    @_builtins.property
+    def mounts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"SOURCE -> TARGET (ro|rw)" """
+
+    @_builtins.property
+    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        runtime: _builtins.str = ...,
+        memory_bytes: _builtins.int = ...,
+        cpus: _builtins.float = ...,
+        pids_limit: _builtins.int = ...,
+        user: _builtins.str = ...,
+        egress: _abc.Iterable[_builtins.str] | None = ...,
+        mounts: _abc.Iterable[_builtins.str] | None = ...,
+        capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        policy_source: _builtins.str = ...,
+        image_pin: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "cpus", b"cpus", "egress", b"egress", "image_pin", b"image_pin", "memory_bytes", b"memory_bytes", "mounts", b"mounts", "pids_limit", b"pids_limit", "policy_source", b"policy_source", "runtime", b"runtime", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EffectiveSandbox: _TypeAlias = EffectiveSandbox  # noqa: Y015
+
+@_typing.final
+class ServerDetails(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_FIELD_NUMBER: _builtins.int
+    SANDBOX_FIELD_NUMBER: _builtins.int
+    SECRETS_FIELD_NUMBER: _builtins.int
+    MISSING_SECRETS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def server(self) -> Global___ServerDefinition: ...
+    @_builtins.property
+    def sandbox(self) -> Global___EffectiveSandbox: ...
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """granted by policy (names only)"""
+
+    @_builtins.property
+    def missing_secrets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """granted but not in the vault: instances cannot start"""
+
+    @_builtins.property
+    def status(self) -> Global___ServerStatus: ...
+    def __init__(
+        self,
+        *,
+        server: Global___ServerDefinition | None = ...,
+        sandbox: Global___EffectiveSandbox | None = ...,
+        secrets: _abc.Iterable[_builtins.str] | None = ...,
+        missing_secrets: _abc.Iterable[_builtins.str] | None = ...,
+        status: Global___ServerStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sandbox", b"sandbox", "server", b"server", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing_secrets", b"missing_secrets", "sandbox", b"sandbox", "secrets", b"secrets", "server", b"server", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerDetails: _TypeAlias = ServerDetails  # noqa: Y015
 
 @_typing.final
 class AddServerRequest(_message.Message):
