@@ -248,3 +248,61 @@ def test_a_version_pin_survives_a_daemon_restart(tmp_path: Path, images: ImageBu
         after = second.cli("server", "show", "memory").stdout
     assert "npm @modelcontextprotocol/server-memory 2026.8.31" in after
     assert after == before
+
+
+SERVER_JSON = {
+    "$schema": "https://static.modelcontextprotocol.io/schemas/2025-09-29/server.schema.json",
+    "name": "io.github.modelcontextprotocol/server-memory",
+    "version": "2026.8.31",
+    "packages": [
+        {
+            "registryType": "npm",
+            "identifier": "@modelcontextprotocol/server-memory",
+            "version": "2026.8.31",
+            "transport": {"type": "stdio"},
+            "environmentVariables": [
+                {"name": "MEMORY_FILE_PATH", "default": "/tmp/memory.json"},
+                {"name": "MEMORY_TOKEN", "isSecret": True, "isRequired": True},
+            ],
+        }
+    ],
+}
+SECRET_GRANT = ALLOW_ALL_POLICY + "sandboxes:\n  mem:\n    secrets: [mem.MEMORY_TOKEN]\n"
+
+
+def test_a_server_json_with_a_secret_starts_only_once_the_secret_is_set(
+    tmp_path: Path, images: ImageBuilder
+) -> None:
+    entry = tmp_path / "server.json"
+    entry.write_text(json.dumps(SERVER_JSON))
+    token = "tok-" + os.urandom(8).hex()
+    with running_daemon(tmp_path / "daemon", policy=SECRET_GRANT) as daemon:
+        arguments = ("--from", str(entry), "--warm", "1", *build_args())
+        line = refused(daemon, "mem", *arguments)
+        assert "needs the secret(s) mem.MEMORY_TOKEN" in line
+        assert "stockade secret set" in line
+        subprocess.run(
+            [str(BIN / "stockade"), "secret", "set", "mem.MEMORY_TOKEN"],
+            input=token.encode(),
+            env=daemon.env,
+            check=True,
+            capture_output=True,
+        )
+        out = daemon.cli("server", "add", "mem", *arguments).stdout
+        assert "answered: memory-server" in out
+        shown = daemon.cli("server", "show", "mem").stdout
+        assert "MEMORY_FILE_PATH=/tmp/memory.json" in shown
+        assert "MEMORY_TOKEN <- mem.MEMORY_TOKEN" in shown
+        assert token not in shown
+        deadline = time.monotonic() + 60
+        while not daemon.containers() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        container = docker.from_env().containers.get(daemon.containers()[0]["Id"])
+        # The server process (tini's child, exec'd by the shim) has both variables ...
+        seen = container.exec_run(
+            ["sh", "-c", "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'"]
+        ).output.decode()
+        assert f"MEMORY_TOKEN={token}" in seen
+        assert "MEMORY_FILE_PATH=/tmp/memory.json" in seen
+        # ... but the container's configuration holds only the plain one.
+        assert token not in json.dumps(container.attrs)

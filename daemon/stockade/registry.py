@@ -8,15 +8,19 @@ validated with pydantic; errors name the field.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stockade.atomic import write_atomically
 from stockade.config import MiB
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,127}"
+MAX_ENV_VALUE = 4096
+SHIM_COMMAND = "stockade-secret-env"  # in stockade/base, see sandbox-images/base
 REGISTRY_FILE = "servers.json"
 SCHEMA_VERSION = 1
 
@@ -95,6 +99,20 @@ class ServerDefinition(BaseModel):
     image_id: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
     source: ServerSource | None = None
     checked: TrialReport | None = None
+    # Environment: plain values (visible to `docker inspect`: never secrets), and variables
+    # filled from vault secrets by the `stockade-secret-env` shim (VAR -> secret name).
+    env: dict[str, str] = Field(default_factory=dict, max_length=64)
+    secret_env: dict[str, str] = Field(default_factory=dict, max_length=32)
+
+    @field_validator("env", "secret_env")
+    @classmethod
+    def _variables(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, item in value.items():
+            if not re.fullmatch(ENV_NAME, name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+            if len(item) > MAX_ENV_VALUE or "\0" in item:
+                raise ValueError(f"the value of {name} is too long or holds a NUL")
+        return value
 
     @property
     def run_image(self) -> str:
@@ -103,7 +121,11 @@ class ServerDefinition(BaseModel):
 
     @property
     def argv(self) -> tuple[str, ...]:
-        return self.command + self.args
+        """The command line; through the secret shim when variables come from secrets."""
+        if not self.secret_env:
+            return self.command + self.args
+        pairs = tuple(f"{var}={secret}" for var, secret in sorted(self.secret_env.items()))
+        return (SHIM_COMMAND, *pairs, "--", *self.command, *self.args)
 
 
 def describe_validation_error(error: ValidationError, prefix: str = "") -> str:

@@ -33,6 +33,8 @@ def definition_from_proto(message: control_pb2.ServerDefinition) -> ServerDefini
         "warm_pool": message.warm_pool,
         "restart_policy": message.restart_policy or "on-failure",
         "image_id": message.image_id or None,
+        "env": dict(message.env),
+        "secret_env": dict(message.secret_env),
     }
     if message.HasField("source"):
         src = message.source
@@ -86,6 +88,8 @@ def definition_to_proto(definition: ServerDefinition) -> control_pb2.ServerDefin
         warm_pool=definition.warm_pool,
         restart_policy=definition.restart_policy,
         image_id=definition.image_id or "",
+        env=dict(definition.env),
+        secret_env=dict(definition.secret_env),
         source=source_to_proto(definition.source) if definition.source else None,
         checked=trial_to_proto(definition.checked) if definition.checked else None,
     )

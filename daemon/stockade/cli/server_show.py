@@ -41,6 +41,12 @@ def show_lines(details: control_pb2.ServerDetails) -> list[str]:
         f"  image:    {printable(server.image)} pinned to {server.image_id or '(not pinned)'}",
         f"  command:  {printable(' '.join([*server.command, *server.args]))}",
     ]
+    if server.env:
+        plain = ", ".join(f"{k}={v}" for k, v in sorted(server.env.items()))
+        lines.append(f"  env:      {printable(plain)}")
+    if server.secret_env:
+        mapped = ", ".join(f"{k} <- {v}" for k, v in sorted(server.secret_env.items()))
+        lines.append(f"  secret env (through stockade-secret-env): {printable(mapped)}")
     if server.HasField("checked"):
         checked = server.checked
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(checked.at))

@@ -104,6 +104,18 @@ def add_source_arguments(add: argparse.ArgumentParser) -> None:
     )
     source.add_argument("--pypi", metavar="PKG[==VER]", help="a server from PyPI, built")
     source.add_argument("--npm", metavar="PKG[@VER]", help="a server from npm, built")
+    source.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="SERVER.JSON",
+        help="an MCP Registry server.json (pypi, npm or oci package)",
+    )
+    add.add_argument(
+        "--env",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a plain environment variable (never a secret: those come from the vault)",
+    )
     add.add_argument(
         "--entrypoint", help="which console script / bin to run (default: the package's own)"
     )

@@ -26,6 +26,7 @@ from stockade.cli.channel import (
     rpc_error,
     with_socket,
 )
+from stockade.cli.server_json import apply_server_json, parse_env_options
 from stockade.cli.server_show import add_show_parsers
 from stockade.cli.server_sources import add_source_arguments, resolve_source
 from stockade.cli.terminal import printable
@@ -90,8 +91,12 @@ def trial_line(checked: control_pb2.TrialReport) -> str:
 
 
 def cmd_server_add(args: argparse.Namespace) -> int:
+    env = parse_env_options(args.env)
+    secret_env: dict[str, str] = {}
+    if args.from_file:
+        env, secret_env = apply_server_json(args, env)
     image, command, server_args, source = resolve_source(args)
-    if not command and not args.image:
+    if not command and (not args.image or secret_env):
         raise CliError(
             "give the server's command after --, e.g. `... -- mcp-server-time`", exitcodes.USAGE
         )
@@ -111,6 +116,8 @@ def cmd_server_add(args: argparse.Namespace) -> int:
         warm_pool=args.warm,
         restart_policy=args.restart,
         source=source,
+        env=env,
+        secret_env=secret_env,
     )
     return register(args, definition)
 

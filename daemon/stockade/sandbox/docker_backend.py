@@ -58,6 +58,8 @@ def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
     }
     if spec.cap_add:
         kwargs["cap_add"] = list(spec.cap_add)
+    if spec.environment:
+        kwargs["environment"] = dict(spec.environment)
     if spec.extra_hosts:
         kwargs["extra_hosts"] = dict(spec.extra_hosts)
     if spec.dns:

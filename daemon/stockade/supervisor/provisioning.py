@@ -102,6 +102,7 @@ def build_spec(
         "image": definition.run_image,
         "command": definition.argv,
         "working_dir": definition.working_dir,
+        "environment": dict(definition.env),
         "runtime": runtime,
         "labels": labels,
         "cap_add": policy.capabilities,

@@ -175,6 +175,7 @@ class Supervisor:
         Raises SandboxError (TrialFailed, ImageMissing) with one line; the trial's
         container is gone when this returns, whatever happened.
         """
+        await self._secrets_ready(definition)
         try:
             pinned = await asyncio.to_thread(pin, self._backend, definition)
         except SandboxError as exc:
@@ -194,6 +195,25 @@ class Supervisor:
         bounded = min(timeout or DEFAULT_TIMEOUT, MAX_TIMEOUT)
         report = await run_trial(start, self.stop_instance, pinned, bounded)
         return pinned.model_copy(update={"checked": report})
+
+    async def _secrets_ready(self, definition: ServerDefinition) -> None:
+        """Refuse a server whose secret variables are not set, or not granted by policy."""
+        needed = tuple(sorted(set(definition.secret_env.values())))
+        if not needed:
+            return
+        missing = await asyncio.to_thread(self._provisioner.missing_secrets, needed)
+        if missing:
+            names = ", ".join(missing)
+            raise SandboxError(
+                f"needs the secret(s) {names}: set them first with `stockade secret set NAME`"
+            )
+        granted = self._provisioner.effective(definition).secrets
+        ungranted = [name for name in needed if name not in granted]
+        if ungranted:
+            raise SandboxError(
+                f"needs the secret(s) {', '.join(ungranted)}, which its sandbox policy does not "
+                f"grant (add `secrets: [...]` under sandboxes: {definition.name})"
+            )
 
     # -- sessions --------------------------------------------------------------------
 

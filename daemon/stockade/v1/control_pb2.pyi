@@ -434,6 +434,46 @@ Global___SandboxSettings: _TypeAlias = SandboxSettings  # noqa: Y015
 class ServerDefinition(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class SecretEnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
@@ -446,6 +486,8 @@ class ServerDefinition(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     CHECKED_FIELD_NUMBER: _builtins.int
     IMAGE_ID_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    SECRET_ENV_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     image: _builtins.str
     working_dir: _builtins.str
@@ -471,6 +513,14 @@ class ServerDefinition(_message.Message):
     def checked(self) -> Global___TrialReport:
         """what answered in the trial sandbox at registration"""
 
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """plain environment (never secrets: inspectable)"""
+
+    @_builtins.property
+    def secret_env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """VAR -> vault secret, set by stockade-secret-env"""
+
     def __init__(
         self,
         *,
@@ -486,10 +536,12 @@ class ServerDefinition(_message.Message):
         source: Global___ServerSource | None = ...,
         checked: Global___TrialReport | None = ...,
         image_id: _builtins.str = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        secret_env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "sandbox", b"sandbox", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "checked", b"checked", "command", b"command", "image", b"image", "image_id", b"image_id", "name", b"name", "restart_policy", b"restart_policy", "sandbox", b"sandbox", "shared", b"shared", "source", b"source", "warm_pool", b"warm_pool", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "checked", b"checked", "command", b"command", "env", b"env", "image", b"image", "image_id", b"image_id", "name", b"name", "restart_policy", b"restart_policy", "sandbox", b"sandbox", "secret_env", b"secret_env", "shared", b"shared", "source", b"source", "warm_pool", b"warm_pool", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
