@@ -11,6 +11,10 @@ if ! command -v systemd-analyze >/dev/null; then  # the unit checks (tests/test_
   echo "test: installing Debian's systemd tools"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
 fi
+if ! command -v git >/dev/null; then  # tests/test_sources.py makes a repository for mcp-server-git
+  echo "test: installing git"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq git >/dev/null
+fi
 export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff" && ruff check . && ruff format --check .
 echo "== mypy --strict" && mypy
