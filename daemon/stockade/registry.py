@@ -12,7 +12,14 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stockade.atomic import write_atomically
 from stockade.config import MiB
@@ -101,6 +108,12 @@ class ServerDefinition(BaseModel):
     checked: TrialReport | None = None
     # Environment: plain values (visible to `docker inspect`: never secrets), and variables
     # filled from vault secrets by the `stockade-secret-env` shim (VAR -> secret name).
+    # How the host's messages reach the server: its stdin/stdout, or streamable HTTP on
+    # `port` + `path` inside the container (reached over an internal network, never a
+    # published port).
+    transport: Literal["stdio", "streamable-http"] = "stdio"
+    port: int | None = Field(default=None, ge=1, le=65535)
+    path: str = Field(default="/mcp", pattern=r"^/[A-Za-z0-9/_.~-]{0,200}$")
     env: dict[str, str] = Field(default_factory=dict, max_length=64)
     secret_env: dict[str, str] = Field(default_factory=dict, max_length=32)
 
@@ -113,6 +126,12 @@ class ServerDefinition(BaseModel):
             if len(item) > MAX_ENV_VALUE or "\0" in item:
                 raise ValueError(f"the value of {name} is too long or holds a NUL")
         return value
+
+    @model_validator(mode="after")
+    def _http_needs_a_port(self) -> ServerDefinition:
+        if self.transport == "streamable-http" and self.port is None:
+            raise ValueError("a streamable-http server needs its port (--port N)")
+        return self
 
     @property
     def run_image(self) -> str:

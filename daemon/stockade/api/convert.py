@@ -35,6 +35,9 @@ def definition_from_proto(message: control_pb2.ServerDefinition) -> ServerDefini
         "image_id": message.image_id or None,
         "env": dict(message.env),
         "secret_env": dict(message.secret_env),
+        "transport": message.transport or "stdio",
+        "port": message.port or None,
+        "path": message.path or "/mcp",
     }
     if message.HasField("source"):
         src = message.source
@@ -90,6 +93,9 @@ def definition_to_proto(definition: ServerDefinition) -> control_pb2.ServerDefin
         image_id=definition.image_id or "",
         env=dict(definition.env),
         secret_env=dict(definition.secret_env),
+        transport=definition.transport,
+        port=definition.port or 0,
+        path=definition.path,
         source=source_to_proto(definition.source) if definition.source else None,
         checked=trial_to_proto(definition.checked) if definition.checked else None,
     )

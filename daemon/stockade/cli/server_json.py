@@ -14,7 +14,8 @@ is chosen. Mapping:
   delivered by the `stockade-secret-env` shim (the daemon refuses the server until each
   is set and granted); the others take `--env NAME=VALUE`, else their value or default,
   and a required one with neither is refused.
-- only the stdio transport runs today; others are refused with one line.
+- transport `stdio`, or `streamable-http` with a `url` naming the port and path the
+  server listens on inside its container; others are refused with one line.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from stockade import exitcodes
 from stockade.cli.channel import CliError
@@ -99,6 +101,20 @@ def _environment(
     return plain, secret
 
 
+def _transport(path: Path, package: dict[str, Any], args: argparse.Namespace) -> None:
+    transport = package.get("transport") or {"type": "stdio"}
+    if not isinstance(transport, dict):
+        raise _refuse(path, "transport is not an object")
+    kind_of_transport = transport.get("type", "stdio")
+    if kind_of_transport == "streamable-http":
+        url = urlsplit(str(transport.get("url") or ""))
+        if url.port is None:
+            raise _refuse(path, "a streamable-http transport needs a url with a port")
+        args.transport, args.port, args.path = "streamable-http", url.port, url.path or "/mcp"
+    elif kind_of_transport != "stdio":
+        raise _refuse(path, f"transport {kind_of_transport!r} is not supported (stdio, http)")
+
+
 def apply_server_json(
     args: argparse.Namespace, given_env: dict[str, str]
 ) -> tuple[dict[str, str], dict[str, str]]:
@@ -127,9 +143,7 @@ def apply_server_json(
     version = package.get("version")
     if not isinstance(identifier, str) or not identifier:
         raise _refuse(path, "the package has no identifier")
-    transport = package.get("transport") or {"type": "stdio"}
-    if not isinstance(transport, dict) or transport.get("type", "stdio") != "stdio":
-        raise _refuse(path, f"transport {transport!r} is not supported yet (stdio only)")
+    _transport(path, package, args)
     if _get(package, "runtimeArguments", "runtime_arguments"):
         print("note: runtimeArguments are for npx/uvx/docker; Stockade runs the package itself")
     pinned = isinstance(version, str) and version not in ("", "latest")

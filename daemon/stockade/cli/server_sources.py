@@ -125,6 +125,14 @@ def add_source_arguments(add: argparse.ArgumentParser) -> None:
         metavar="PKG",
         help="a Debian package the server needs in its image (e.g. git); repeatable",
     )
+    add.add_argument(
+        "--transport",
+        choices=["stdio", "streamable-http"],
+        default="stdio",
+        help="how the server speaks MCP inside its container (default: stdio)",
+    )
+    add.add_argument("--port", type=int, help="streamable-http: the port it listens on")
+    add.add_argument("--path", default="/mcp", help="streamable-http: its endpoint (/mcp)")
     add.add_argument("--ca-bundle", type=Path, help="CA bundle to trust while building")
     add.add_argument("--index-url", help="PyPI index URL for --pypi")
     add.add_argument("--registry", help="npm registry URL for --npm")

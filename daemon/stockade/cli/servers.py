@@ -118,6 +118,9 @@ def cmd_server_add(args: argparse.Namespace) -> int:
         source=source,
         env=env,
         secret_env=secret_env,
+        transport=args.transport,
+        port=args.port or 0,
+        path=args.path,
     )
     return register(args, definition)
 

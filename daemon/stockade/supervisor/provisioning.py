@@ -35,6 +35,7 @@ from stockade.sandbox.egress import (
     gateway_key,
 )
 from stockade.sandbox.errors import SandboxError
+from stockade.sandbox.http_channel import HttpTarget
 from stockade.sandbox.instance import Instance, Redaction
 from stockade.sandbox.runtime import SandboxRuntime
 from stockade.sandbox.spec import (
@@ -47,6 +48,7 @@ from stockade.sandbox.spec import (
 from stockade.secrets.delivery import CONTAINER_TARGET, SecretDelivery
 from stockade.secrets.model import SecretError, SecretStore
 from stockade.secrets.redact import Redactor
+from stockade.supervisor import http_networks
 
 log = get_logger("stockade.supervisor")
 
@@ -84,8 +86,13 @@ def build_spec(
     egress: EgressAttachment | None,
     *,
     secrets_mount: BindMount | None = None,
+    http_network: str | None = None,
 ) -> ContainerSpec:
-    """The hardened spec for one instance of `definition` under `policy`."""
+    """The hardened spec for one instance of `definition` under `policy`.
+
+    `http_network`: the internal network a streamable-HTTP server is reached on (its own,
+    when it has no egress network).
+    """
     if policy.image is not None and policy.image != definition.image:
         raise SandboxRefused(
             f"server {definition.name!r} asks for image {definition.image!r}; its sandbox "
@@ -93,6 +100,11 @@ def build_spec(
         )
     sandbox = definition.sandbox
     runtime = "runsc" if "runsc" in (sandbox.runtime, policy.runtime) else "runc"
+    if runtime == "runsc" and definition.transport != "stdio":
+        raise SandboxRefused(
+            f"server {definition.name!r}: runsc runs here with --network=none, and a "
+            "streamable-http server is reached over a network; choose runc for it"
+        )
     if runtime == "runsc" and egress is not None:
         raise SandboxRefused(
             f"server {definition.name!r}: runsc runs here with --network=none, so it cannot "
@@ -120,6 +132,8 @@ def build_spec(
     }
     for name, (asked, cap) in limits.items():
         fields[name] = _lower(asked, cap)
+    if http_network is not None and egress is None:
+        fields["network"] = http_network
     if egress is not None:
         fields |= {
             "network": egress.network,
@@ -237,6 +251,10 @@ class Provisioner:
         fingerprint = self.fingerprint(definition)
         try:
             spec, values = await self._spec(definition, instance_id)
+            http = None
+            if definition.transport == "streamable-http":
+                assert definition.port is not None  # noqa: S101 - the registry requires it
+                http = HttpTarget(spec.network, definition.port, definition.path)
             instance = await Instance.start(
                 self._backend,
                 spec,
@@ -244,9 +262,12 @@ class Provisioner:
                 instance_id,
                 self._settings.max_message_bytes,
                 redaction=self._redaction(definition.name, instance_id, values) if values else None,
+                http=http,
             )
         except BaseException:
             self.forget_secrets(instance_id)
+            if definition.transport != "stdio":
+                await self.forget_network(instance_id)
             raise
         instance.sandbox_fingerprint = fingerprint
         instance.granted_secrets = tuple(sorted(values))
@@ -284,6 +305,15 @@ class Provisioner:
         if self._delivery is not None:
             self._delivery.remove(instance_id)
 
+    async def forget_network(self, instance_id: str) -> None:
+        """Remove an instance's own network (HTTP servers), once its container is gone."""
+        with contextlib.suppress(SandboxError):
+            await asyncio.to_thread(http_networks.remove, self._backend, instance_id)
+
+    async def prune_networks(self, keep: Iterable[str]) -> None:
+        """Remove instance networks of instances not in `keep` (left by a crash)."""
+        await asyncio.to_thread(http_networks.prune, self._backend, self._daemon_id, list(keep))
+
     def forget_secrets_except(self, instance_ids: set[str]) -> None:
         """Remove the secret files of every instance but these (left by a crash)."""
         if self._delivery is not None:
@@ -318,8 +348,19 @@ class Provisioner:
             user = policy.user or self._settings.container_user
             folder = await asyncio.to_thread(self._delivery.write, instance_id, values, user)
             secrets_mount = BindMount(source=str(folder), target=CONTAINER_TARGET)
+        http_network = None
+        if definition.transport != "stdio" and egress is None:
+            http_network = await asyncio.to_thread(
+                http_networks.ensure, self._backend, self._daemon_id, instance_id
+            )
         spec = build_spec(
-            self._settings, definition, policy, labels, egress, secrets_mount=secrets_mount
+            self._settings,
+            definition,
+            policy,
+            labels,
+            egress,
+            secrets_mount=secrets_mount,
+            http_network=http_network,
         )
         return spec, values
 

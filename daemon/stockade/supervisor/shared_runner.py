@@ -165,8 +165,8 @@ class SharedRunner:
         for state in states:
             definition = state.definition
             path = self._folder / f"{definition.name}.json"
-            if not definition.shared or not path.exists():
-                continue
+            if not definition.shared or definition.transport != "stdio" or not path.exists():
+                continue  # (an HTTP server's channel is not kept across restarts)
             try:
                 record = json.loads(path.read_text())
                 if record["definition"] != definition.model_dump(mode="json"):

@@ -140,6 +140,7 @@ class Supervisor:
         await asyncio.gather(*(self.stop_instance(i) for i in instances), return_exceptions=True)
         await self._reap_unaccounted()
         await self._provisioner.prune_egress(())
+        await self._provisioner.prune_networks(())
 
     # -- registry changes ------------------------------------------------------------
 
@@ -388,6 +389,8 @@ class Supervisor:
         finally:
             self._known_containers.discard(instance.id)
             self._provisioner.forget_secrets(instance.id)  # the files go with the container
+            if instance.http is not None:
+                await self._provisioner.forget_network(instance.id)
 
     def _pool_failed(self, state: ServerState, error: str) -> None:
         """A start failed or a pooled instance died: say why once, back off, count it."""
@@ -442,6 +445,7 @@ class Supervisor:
                 await instance.sample_pids()
         await self._reap_unaccounted()
         await self._provisioner.prune_egress(list(self._servers))
+        await self._provisioner.prune_networks(set(self._known_containers))
 
     async def _reap_unaccounted(self) -> int:
         """Remove containers with this daemon's id that are not instances of this run."""

@@ -488,6 +488,9 @@ class ServerDefinition(_message.Message):
     IMAGE_ID_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
     SECRET_ENV_FIELD_NUMBER: _builtins.int
+    TRANSPORT_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     image: _builtins.str
     working_dir: _builtins.str
@@ -499,6 +502,12 @@ class ServerDefinition(_message.Message):
     """shared instances: "on-failure" (default) or "never" """
     image_id: _builtins.str
     """the image pinned at registration (sha256:...); instances run it"""
+    transport: _builtins.str
+    """"stdio" (default) or "streamable-http" """
+    port: _builtins.int
+    """streamable-http: where it listens inside its container"""
+    path: _builtins.str
+    """streamable-http: its endpoint (default /mcp)"""
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -538,10 +547,13 @@ class ServerDefinition(_message.Message):
         image_id: _builtins.str = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         secret_env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        transport: _builtins.str = ...,
+        port: _builtins.int = ...,
+        path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "sandbox", b"sandbox", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "checked", b"checked", "command", b"command", "env", b"env", "image", b"image", "image_id", b"image_id", "name", b"name", "restart_policy", b"restart_policy", "sandbox", b"sandbox", "secret_env", b"secret_env", "shared", b"shared", "source", b"source", "warm_pool", b"warm_pool", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "checked", b"checked", "command", b"command", "env", b"env", "image", b"image", "image_id", b"image_id", "name", b"name", "path", b"path", "port", b"port", "restart_policy", b"restart_policy", "sandbox", b"sandbox", "secret_env", b"secret_env", "shared", b"shared", "source", b"source", "transport", b"transport", "warm_pool", b"warm_pool", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
