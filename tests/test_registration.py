@@ -7,17 +7,24 @@ container; one that answers is registered with what answered; a failing pool say
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import docker
 import pytest
 
 from stockade.sandbox.images import ImageBuilder
-from tests.daemon_helper import Daemon, running_daemon, wait_until
+from tests.daemon_helper import Daemon, HostSession, running_daemon, wait_until
 
 PYTHON = "stockade/python:latest"
+INIT = {
+    "protocolVersion": "2025-06-18",
+    "capabilities": {},
+    "clientInfo": {"name": "registration-test", "version": "1"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +120,35 @@ def test_the_pinned_image_survives_a_restart(tmp_path: Path, images: ImageBuilde
         after = json.loads(second.cli("server", "inspect", "time", "--json").stdout)
     assert after["image_id"] == before["image_id"]
     assert after["checked"] == before["checked"]
+
+
+def test_instances_run_the_pinned_image_even_after_the_tag_moves(daemon: Daemon) -> None:
+    client = docker.from_env()
+    client.images.get(PYTHON).tag("stockade-test/moving", "17")
+    daemon.cli(
+        "server",
+        "add",
+        "pinned",
+        "--image",
+        "stockade-test/moving:17",
+        "--warm",
+        "0",
+        "--",
+        "mcp-server-time",
+    )
+    pinned = json.loads(daemon.cli("server", "inspect", "pinned", "--json").stdout)["image_id"]
+    client.images.get("stockade/node:latest").tag("stockade-test/moving", "17")  # moved
+
+    async def session_image() -> str:
+        async with HostSession(daemon, "pinned") as host:
+            await host.request("initialize", INIT)
+            (summary,) = [
+                c for c in daemon.containers() if c["Labels"]["io.stockade.server"] == "pinned"
+            ]
+            return str(summary["ImageID"])
+
+    try:
+        assert asyncio.run(session_image()) == pinned
+    finally:
+        daemon.cli("server", "rm", "pinned")
+        client.images.remove("stockade-test/moving:17")

@@ -281,6 +281,8 @@ def test_a_server_json_with_a_secret_starts_only_once_the_secret_is_set(
         line = refused(daemon, "mem", *arguments)
         assert "needs the secret(s) mem.MEMORY_TOKEN" in line
         assert "stockade secret set" in line
+        skipped = refused(daemon, "mem", *arguments, "--no-check")  # no trial: still refused
+        assert "needs the secret(s) mem.MEMORY_TOKEN" in skipped
         subprocess.run(
             [str(BIN / "stockade"), "secret", "set", "mem.MEMORY_TOKEN"],
             input=token.encode(),
