@@ -7,9 +7,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from stockade.logs import get_logger, log_context
 from stockade.registry import ServerDefinition
 from stockade.relay.shared import SharedRouter
 from stockade.sandbox.instance import ExitReport, Instance
+
+log = get_logger("stockade.supervisor")
 
 # Exit reports kept per server for `stockade server status`.
 EXIT_HISTORY = 20
@@ -49,6 +52,17 @@ class ServerState:
         self.retry_not_before = time.monotonic() + delay
         self.next_retry_at = time.time() + delay
         return delay
+
+    def pool_failed(self, error: str) -> None:
+        """A pool start failed or a pooled instance died: count it, back off, say why once."""
+        delay = self.record_failure(error)
+        with log_context(server=self.definition.name):
+            log.error(
+                "warm pool instance failed",
+                error=error,
+                failures=self.failures,
+                retry_in_seconds=delay,
+            )
 
     def record_healthy(self) -> None:
         """An instance came up and stayed up (or served): the failure streak is over."""

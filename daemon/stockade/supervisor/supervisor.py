@@ -39,14 +39,7 @@ from stockade.secrets.model import SecretStore
 from stockade.supervisor.provisioning import EffectiveSandbox, Provisioner
 from stockade.supervisor.shared_runner import SharedRunner
 from stockade.supervisor.state import ServerState
-from stockade.supervisor.trial import (
-    DEFAULT_TIMEOUT,
-    MAX_TIMEOUT,
-    describe_exit,
-    describe_start_error,
-    pin,
-    run_trial,
-)
+from stockade.supervisor.trial import describe_exit, describe_start_error, vet
 
 log = get_logger("stockade.supervisor")
 
@@ -171,50 +164,25 @@ class Supervisor:
     async def vet(
         self, definition: ServerDefinition, *, trial: bool, timeout: float = 0.0
     ) -> ServerDefinition:
-        """Pin the image; with `trial`, prove the server answers in a trial sandbox.
+        """Pin, check secrets and (with `trial`) prove the server answers: see `trial.vet`."""
 
-        Raises SandboxError (TrialFailed, ImageMissing) with one line; the trial's
-        container is gone when this returns, whatever happened.
-        """
-        await self._secrets_ready(definition)
-        try:
-            pinned = await asyncio.to_thread(pin, self._backend, definition)
-        except SandboxError as exc:
-            raise SandboxError(describe_start_error(definition, exc)) from None
-        if not trial:
-            return pinned
-        instance_id = new_instance_id()
-
-        async def start() -> Instance:
-            self._known_containers.add(instance_id)
+        async def start(pinned: ServerDefinition) -> Instance:
+            instance_id = new_instance_id()
+            self._known_containers.add(instance_id)  # the reaper leaves it alone
             try:
                 return await self._provisioner.start(pinned, instance_id)
             except BaseException:
                 self._known_containers.discard(instance_id)
                 raise
 
-        bounded = min(timeout or DEFAULT_TIMEOUT, MAX_TIMEOUT)
-        report = await run_trial(start, self.stop_instance, pinned, bounded)
-        return pinned.model_copy(update={"checked": report})
-
-    async def _secrets_ready(self, definition: ServerDefinition) -> None:
-        """Refuse a server whose secret variables are not set, or not granted by policy."""
-        needed = tuple(sorted(set(definition.secret_env.values())))
-        if not needed:
-            return
-        missing = await asyncio.to_thread(self._provisioner.missing_secrets, needed)
-        if missing:
-            names = ", ".join(missing)
-            raise SandboxError(
-                f"needs the secret(s) {names}: set them first with `stockade secret set NAME`"
-            )
-        granted = self._provisioner.effective(definition).secrets
-        ungranted = [name for name in needed if name not in granted]
-        if ungranted:
-            raise SandboxError(
-                f"needs the secret(s) {', '.join(ungranted)}, which its sandbox policy does not "
-                f"grant (add `secrets: [...]` under sandboxes: {definition.name})"
-            )
+        return await vet(
+            self._provisioner,
+            self._backend,
+            definition,
+            start=start if trial else None,
+            stop=self.stop_instance,
+            timeout=timeout,
+        )
 
     # -- sessions --------------------------------------------------------------------
 
@@ -381,7 +349,7 @@ class Supervisor:
             self._spawn(self.stop_instance(instance))
             if not report.stopped_by_daemon:
                 tail = instance.stderr.since(max(0, instance.stderr.total - 5))
-                self._pool_failed(state, describe_exit(state.definition, report, tail))
+                state.pool_failed(describe_exit(state.definition, report, tail))
 
     async def stop_instance(self, instance: Instance) -> ExitReport:
         try:
@@ -391,17 +359,6 @@ class Supervisor:
             self._provisioner.forget_secrets(instance.id)  # the files go with the container
             if instance.http is not None:
                 await self._provisioner.forget_network(instance.id)
-
-    def _pool_failed(self, state: ServerState, error: str) -> None:
-        """A start failed or a pooled instance died: say why once, back off, count it."""
-        delay = state.record_failure(error)
-        with log_context(server=state.definition.name):
-            log.error(
-                "warm pool instance failed",
-                error=error,
-                failures=state.failures,
-                retry_in_seconds=delay,
-            )
 
     async def _refill(self, state: ServerState) -> None:
         while (
@@ -413,7 +370,7 @@ class Supervisor:
             try:
                 instance = await self.start_instance(state)
             except SandboxError as exc:
-                self._pool_failed(state, describe_start_error(state.definition, exc))
+                state.pool_failed(describe_start_error(state.definition, exc))
                 return
             if self._closing or state.definition.name not in self._servers:
                 await self.stop_instance(instance)

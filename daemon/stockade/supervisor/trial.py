@@ -1,5 +1,8 @@
 """Registration's truth test: pin the image, then start the server once and ask who it is.
 
+`vet` is what `AddServer` runs: secret variables set and granted, the image pinned, then
+(unless skipped) the trial.
+
 `pin` resolves the definition's image on the engine to its id (the id instances then run,
 so a re-tagged image never changes a registered server) and records its repository digest
 and its own USER. `run_trial` starts one instance exactly as the warm pool would (same
@@ -24,6 +27,7 @@ from stockade.registry import ServerDefinition, ServerSource, TrialReport
 from stockade.sandbox.errors import ImageMissing, SandboxError
 from stockade.sandbox.instance import ExitReport, Instance
 from stockade.sandbox.runtime import SandboxRuntime
+from stockade.supervisor.provisioning import Provisioner
 from stockade.wire.lines import OversizedLine
 
 DEFAULT_TIMEOUT = 30.0
@@ -82,6 +86,57 @@ def pin(backend: SandboxRuntime, definition: ServerDefinition) -> ServerDefiniti
     return definition.model_copy(
         update={"image_id": info.id, "source": source.model_copy(update=update)}
     )
+
+
+async def vet(
+    provisioner: Provisioner,
+    backend: SandboxRuntime,
+    definition: ServerDefinition,
+    *,
+    start: Callable[[ServerDefinition], Awaitable[Instance]] | None,
+    stop: Callable[[Instance], Awaitable[object]],
+    timeout: float,
+) -> ServerDefinition:
+    """What registration keeps: the definition pinned and, with `start`, trial-checked.
+
+    Secret variables must be set and granted even without a trial. Raises SandboxError
+    (TrialFailed, ImageMissing) with one line; the trial's container is gone when this
+    returns, whatever happened.
+    """
+    await _secrets_ready(provisioner, definition)
+    try:
+        pinned = await asyncio.to_thread(pin, backend, definition)
+    except SandboxError as exc:
+        raise SandboxError(describe_start_error(definition, exc)) from None
+    if start is None:
+        return pinned
+
+    async def start_pinned() -> Instance:
+        return await start(pinned)
+
+    bounded = min(timeout or DEFAULT_TIMEOUT, MAX_TIMEOUT)
+    report = await run_trial(start_pinned, stop, pinned, bounded)
+    return pinned.model_copy(update={"checked": report})
+
+
+async def _secrets_ready(provisioner: Provisioner, definition: ServerDefinition) -> None:
+    """Refuse a server whose secret variables are not set, or not granted by policy."""
+    needed = tuple(sorted(set(definition.secret_env.values())))
+    if not needed:
+        return
+    missing = await asyncio.to_thread(provisioner.missing_secrets, needed)
+    if missing:
+        names = ", ".join(missing)
+        raise SandboxError(
+            f"needs the secret(s) {names}: set them first with `stockade secret set NAME`"
+        )
+    granted = provisioner.effective(definition).secrets
+    ungranted = [name for name in needed if name not in granted]
+    if ungranted:
+        raise SandboxError(
+            f"needs the secret(s) {', '.join(ungranted)}, which its sandbox policy does not "
+            f"grant (add `secrets: [...]` under sandboxes: {definition.name})"
+        )
 
 
 def _repo_digest(ref: str, repo_digests: tuple[str, ...]) -> str | None:
