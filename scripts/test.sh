@@ -15,6 +15,10 @@ if ! command -v git >/dev/null; then  # tests/test_sources.py makes a repository
   echo "test: installing git"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq git >/dev/null
 fi
+if ! command -v docker-registry >/dev/null; then  # tests/test_image_pull.py pulls from one
+  echo "test: installing Debian's docker-registry"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry >/dev/null
+fi
 export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff" && ruff check . && ruff format --check .
 echo "== mypy --strict" && mypy

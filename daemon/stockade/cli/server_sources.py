@@ -2,7 +2,8 @@
 
 The CLI does what needs the Docker engine and may take minutes (pulls, resolution, builds),
 printing one line per step, like `stockade image build`; the daemon then pins the image
-and runs the trial sandbox (`AddServer`). Docker is imported only when a source needs it.
+and runs the trial sandbox (`AddServer`). The sandbox modules that know Docker are
+imported only when a source needs them.
 """
 
 from __future__ import annotations
@@ -37,28 +38,25 @@ def resolve_source(args: argparse.Namespace) -> Resolved:
 
 
 def pull_if_absent(ref: str) -> None:
-    import docker  # noqa: PLC0415
-    import docker.errors  # noqa: PLC0415
+    """Pull `ref` when the local engine lacks it (our own images and ids never are)."""
+    from stockade.sandbox.docker_backend import DockerBackend  # noqa: PLC0415
+    from stockade.sandbox.errors import EngineUnavailable, ImageMissing  # noqa: PLC0415
 
     try:
-        client = docker.from_env()
-        client.images.get(ref)
+        backend = DockerBackend()
+        backend.image_info(ref)
         return
-    except docker.errors.ImageNotFound:
+    except ImageMissing:
         pass
-    except docker.errors.DockerException:
+    except EngineUnavailable:
         return  # no engine here: the daemon checks the image and says what is missing
-    if ref.startswith("sha256:") or ref.startswith("stockade/"):
-        return  # ids and our own images are never pulled: the daemon says how to get them
+    if ref.startswith(("sha256:", "stockade/")):
+        return  # the daemon says how to get these (`stockade image build`)
     progress(f"pulling {ref}")
     try:
-        client.images.pull(ref)
-    except docker.errors.APIError as exc:
-        explanation = getattr(exc, "explanation", None) or str(exc)
-        raise CliError(
-            f"image {ref!r} is not present and could not be pulled: {explanation}",
-            exitcodes.REFUSED,
-        ) from None
+        backend.pull(ref)
+    except ImageMissing as exc:
+        raise CliError(str(exc), exitcodes.REFUSED) from None
     progress(f"pulled {ref}")
 
 

@@ -208,6 +208,18 @@ class DockerBackend:
             user=str(config.get("User") or ""),
         )
 
+    def pull(self, ref: str) -> None:
+        """Pull `ref` from its registry (registration only; never at run time)."""
+        try:
+            self._client.images.pull(ref)
+        except docker.errors.APIError as exc:
+            why = getattr(exc, "explanation", None) or str(exc)
+            raise ImageMissing(
+                f"image {ref!r} is not present and could not be pulled: {why}"
+            ) from None
+        except docker.errors.DockerException as exc:
+            raise ImageMissing(f"image {ref!r} could not be pulled: {exc}") from None
+
     def inspect(self, container_id: str) -> dict[str, Any]:
         try:
             result: dict[str, Any] = self._client.api.inspect_container(container_id)
