@@ -7,6 +7,7 @@ installs it. The engine trusts 127.0.0.0/8 registries over plain HTTP by default
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -78,5 +79,25 @@ def test_an_absent_image_is_pulled_pinned_and_run_as_10001(
             assert digest.startswith(f"{registry}/stockade-test/rooted@sha256:")
             assert digest in client.images.get(ref).attrs["RepoDigests"]
             assert f"image {ref} ({digest})" in daemon.cli("server", "show", "remote").stdout
+            # upgrade to another tag: pulled, pinned anew, and the pool follows the trial
+            newer = f"{registry}/stockade-test/rooted:18"
+            client.images.build(
+                fileobj=io.BytesIO(b"FROM stockade/python:latest\nUSER root\nENV V=18\n"),
+                tag=newer,
+                rm=True,
+            )
+            client.images.push(newer)
+            client.images.remove(newer)
+            upgraded = daemon.cli("server", "upgrade", "remote", "--to", newer).stdout
+            assert f"pulling {newer}" in upgraded
+            after = json.loads(daemon.cli("server", "show", "remote", "--json").stdout)
+            assert after["server"]["image"] == newer
+            assert after["server"]["source"]["digest"].startswith(
+                f"{registry}/stockade-test/rooted@sha256:"
+            )
+            assert after["server"]["source"]["digest"] != digest
+            assert after["server"]["image_id"] != shown["server"]["image_id"]
         finally:
-            client.images.remove(ref, force=True)
+            for tag in (ref, f"{registry}/stockade-test/rooted:18"):
+                with contextlib.suppress(docker.errors.ImageNotFound):
+                    client.images.remove(tag, force=True)
