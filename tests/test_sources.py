@@ -308,3 +308,12 @@ def test_a_server_json_with_a_secret_starts_only_once_the_secret_is_set(
         assert "MEMORY_FILE_PATH=/tmp/memory.json" in seen
         # ... but the container's configuration holds only the plain one.
         assert token not in json.dumps(container.attrs)
+
+
+def test_the_index_and_registry_given_are_the_ones_asked(daemon: Daemon) -> None:
+    # Nothing listens on port 9: a package that exists on PyPI and npm is then not found,
+    # which shows the resolver asked only the index the operator named.
+    line = refused(daemon, "idx", "--pypi", FETCH, "--index-url", "http://127.0.0.1:9/simple")
+    assert "No matching distribution found for mcp-server-fetch==2026.10.24" in line
+    line = refused(daemon, "reg", "--npm", MEMORY, "--registry", "http://127.0.0.1:9/")
+    assert "ECONNREFUSED" in line

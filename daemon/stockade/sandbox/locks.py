@@ -39,8 +39,9 @@ PYPI_SCRIPT = r"""
 import hashlib, json, pathlib, re, subprocess, sys, zipfile
 req = sys.argv[1]
 subprocess.run([sys.executable, "-m", "venv", "/tmp/v"], check=True)
-subprocess.run(["/tmp/v/bin/pip", "download", "--disable-pip-version-check", "-q",
-                "--prefer-binary", "-d", "/tmp/d", req], check=True, stdout=sys.stderr)
+if subprocess.run(["/tmp/v/bin/pip", "download", "--disable-pip-version-check", "-q",
+                   "--prefer-binary", "-d", "/tmp/d", req], stdout=sys.stderr).returncode:
+    sys.exit(1)  # pip said why on stderr
 norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
 want = norm(re.split(r"[\[=<>!~ ]", req, maxsplit=1)[0])
 lines, version, scripts = [], None, []
@@ -71,6 +72,7 @@ NPM_SCRIPT = r"""
 const {execFileSync} = require("child_process");
 const fs = require("fs");
 const [pkg, range] = process.argv.slice(1);
+process.on("uncaughtException", () => process.exit(1));  // npm said why on stderr
 const npm = (args) =>
   execFileSync("npm", args, {encoding: "utf8", stdio: ["ignore", "pipe", "inherit"]});
 let version = JSON.parse(npm(["view", `${pkg}@${range}`, "version", "--json"]));
@@ -153,8 +155,7 @@ def _run(
     except docker.errors.ContainerError as exc:
         raw = exc.stderr or b""
         said = (raw.decode(errors="replace") if isinstance(raw, bytes) else raw).splitlines()
-        last = [line for line in said if line.strip()][-2:]
-        raise LockError(f"{what}: {' / '.join(last) or f'exit {exc.exit_status}'}") from None
+        raise LockError(f"{what}: {_reason(said) or f'exit {exc.exit_status}'}") from None
     except docker.errors.ImageNotFound:
         raise LockError(f"{image} is missing: run `stockade image build`") from None
     except docker.errors.APIError as exc:
@@ -168,11 +169,25 @@ def _run(
     return result
 
 
+def _reason(lines: list[str]) -> str:
+    """The resolver's own error line (pip's `ERROR:`, npm's `npm error`), else its last."""
+    said = [line.strip() for line in lines if line.strip()]
+    errors = [
+        line
+        for line in said
+        if line.startswith(("ERROR:", "npm ERR!", "npm error")) and "A complete log" not in line
+    ]
+    chosen = errors[:2] if errors else said[-1:]
+    return " / ".join(chosen)[:400]
+
+
 def lock_pypi(
     client: docker.DockerClient, spec: str, index_url: str | None, ca_bundle: Path | None
 ) -> Lock:
     name, version = parse_pypi(spec)
-    environment = {"HOME": "/tmp", "PIP_NO_CACHE_DIR": "1"}  # noqa: S108
+    # Two tries, short timeouts: a wrong index fails in seconds, with pip's own words.
+    environment = {"HOME": "/tmp", "PIP_NO_CACHE_DIR": "1", "PIP_RETRIES": "1"}  # noqa: S108
+    environment["PIP_TIMEOUT"] = "15"
     if index_url:
         environment["PIP_INDEX_URL"] = index_url
     if ca_bundle is not None:
@@ -205,6 +220,9 @@ def lock_npm(
         "HOME": "/tmp",  # noqa: S108 - the locking container's own tmpfs
         "npm_config_cache": "/tmp/.npm",  # noqa: S108
         "npm_config_update_notifier": "false",
+        "npm_config_fetch_retries": "1",  # a wrong registry fails in seconds
+        "npm_config_fetch_retry_mintimeout": "1000",
+        "npm_config_fetch_retry_maxtimeout": "3000",
     }
     if registry:
         environment["npm_config_registry"] = registry

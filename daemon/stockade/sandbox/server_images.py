@@ -7,7 +7,7 @@ the caller's CA bundle; the final stage is FROM stockade/python or stockade/node
 keeps uid 10001 and the base's contents, and never holds that CA or a package manager's
 cache. Optional Debian packages (`apt`, e.g. git for mcp-server-git) are part of the recipe.
 
-The recipe hash covers the lock, the template, the options and the ids of the parent
+The recipe hash covers the lock, the Dockerfile template, the options and the ids of the parent
 images: the same hash means the same image, so a second run skips the build. An exactly
 pinned package also skips resolution when an image for it (same parents) already exists.
 """
@@ -46,6 +46,7 @@ PARENTS = {
 PYPI_DOCKERFILE = """\
 FROM {build} AS build
 USER root
+ARG PIP_INDEX_URL
 COPY requirements.lock {ca} /build/
 RUN if [ -s /build/{ca} ]; then export PIP_CERT=/build/{ca}; fi \\
  && python3 -m venv {root} \\
@@ -132,6 +133,8 @@ class ServerImageBuilder:
         package, version = parse_pypi(spec) if kind == "pypi" else parse_npm(spec)
         settings = [
             TEMPLATE_VERSION,
+            PYPI_DOCKERFILE if kind == "pypi" else NPM_DOCKERFILE,  # a recipe change rebuilds
+            APT_LINE,
             kind,
             options.index or "",
             ",".join(options.apt),
@@ -223,9 +226,13 @@ class ServerImageBuilder:
                 shutil.copyfile(options.ca_bundle, ca_target)
             else:
                 ca_target.write_bytes(b"")
+            build_args = (
+                {"PIP_INDEX_URL": options.index} if kind == "pypi" and options.index else {}
+            )
             stream = self._client.api.build(
                 path=str(context),
                 tag=tag,
+                buildargs=build_args,
                 labels=labels,
                 rm=True,
                 forcerm=True,
