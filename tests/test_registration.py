@@ -152,3 +152,27 @@ def test_instances_run_the_pinned_image_even_after_the_tag_moves(daemon: Daemon)
     finally:
         daemon.cli("server", "rm", "pinned")
         client.images.remove("stockade-test/moving:17")
+
+
+def test_a_failing_shared_server_shows_as_failing(daemon: Daemon) -> None:
+    daemon.cli(
+        "server",
+        "add",
+        "sharedbad",
+        "--image",
+        PYTHON,
+        "--shared",
+        "--no-check",
+        "--",
+        "python3",
+        "-c",
+        "import sys; print('cannot start', file=sys.stderr); sys.exit(2)",
+    )
+    try:
+        wait_until(lambda: daemon.status("sharedbad").get("failures", 0) >= 1, 30, "a failure")
+        status = daemon.status("sharedbad")
+        assert "exited with code 2; last stderr: cannot start" in status["last_error"]
+        assert status["next_retry_at"] > 0
+        assert "sharedbad: FAILING" in daemon.cli("server", "status", "sharedbad").stdout
+    finally:
+        daemon.cli("server", "rm", "sharedbad")

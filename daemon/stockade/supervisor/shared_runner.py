@@ -121,7 +121,7 @@ class SharedRunner:
                     tail = instance.stderr.since(max(0, instance.stderr.total - 5))
                     state.record_failure(describe_exit(state.definition, report, tail))
             except (SandboxError, HandshakeFailed) as exc:
-                error = describe_start_error(state.definition, exc)
+                error = await self._why_it_failed(state, instance, exc)
                 state.record_failure(error)
                 with log_context(server=name):
                     log.error("shared instance failed to start", error=error)
@@ -141,6 +141,21 @@ class SharedRunner:
                     "restarting shared instance", delay_seconds=delay, restarts=state.restarts
                 )
             await asyncio.sleep(delay)
+
+    async def _why_it_failed(
+        self, state: ServerState, instance: Instance | None, exc: Exception
+    ) -> str:
+        """One line: the start error, and how the instance ended if it died (learnt just
+        after its output ends, so wait for that briefly)."""
+        error = describe_start_error(state.definition, exc)
+        if instance is None:
+            return error
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(instance.exited), 2)
+        if not instance.exited.done():
+            return error
+        tail = instance.stderr.since(max(0, instance.stderr.total - 5))
+        return f"{error}: it {describe_exit(state.definition, instance.exited.result(), tail)}"
 
     def _save_record(
         self, state: ServerState, instance: Instance, init_result: dict[str, Any]
