@@ -317,3 +317,11 @@ def test_the_index_and_registry_given_are_the_ones_asked(daemon: Daemon) -> None
     assert "No matching distribution found for mcp-server-fetch==2026.10.24" in line
     line = refused(daemon, "reg", "--npm", MEMORY, "--registry", "http://127.0.0.1:9/")
     assert "ECONNREFUSED" in line
+
+
+def test_an_sdist_only_package_is_refused_unless_source_builds_are_allowed(
+    daemon: Daemon,
+) -> None:
+    # docopt 0.6.2 exists only as an sdist: building it would run its setup.py.
+    line = refused(daemon, "sdist", "--pypi", "docopt==0.6.2", *build_args())
+    assert "wheels only: --allow-source-builds" in line

@@ -75,6 +75,7 @@ def _build(args: argparse.Namespace) -> Resolved:
         entrypoint=args.entrypoint,
         apt=tuple(args.apt or ()),
         allow_install_scripts=args.allow_install_scripts,
+        allow_source_builds=getattr(args, "allow_source_builds", False),
     )
     builder = ServerImageBuilder(DockerBackend().client, progress)
     try:
@@ -138,4 +139,9 @@ def add_source_arguments(add: argparse.ArgumentParser) -> None:
         "--allow-install-scripts",
         action="store_true",
         help="let npm run the packages' install scripts (off: npm ci --ignore-scripts)",
+    )
+    add.add_argument(
+        "--allow-source-builds",
+        action="store_true",
+        help="let pip build sdists (their setup code runs); off: wheels only",
     )

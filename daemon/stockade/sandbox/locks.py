@@ -34,13 +34,14 @@ NPM_NAME = re.compile(
 )
 LOCK_OUTPUT_LIMIT = 4 * 1024 * 1024
 
-# Run inside stockade/pybuild: argv[1] is the requirement. Prints one JSON object.
+# Run inside stockade/pybuild: argv[1] is the requirement, argv[2] pip's binary policy
+# (wheels only by default: no package's setup.py runs). Prints one JSON object.
 PYPI_SCRIPT = r"""
 import hashlib, json, pathlib, re, subprocess, sys, zipfile
-req = sys.argv[1]
+req, binary = sys.argv[1], sys.argv[2]
 subprocess.run([sys.executable, "-m", "venv", "/tmp/v"], check=True)
 if subprocess.run(["/tmp/v/bin/pip", "download", "--disable-pip-version-check", "-q",
-                   "--prefer-binary", "-d", "/tmp/d", req], stdout=sys.stderr).returncode:
+                   binary, "-d", "/tmp/d", req], stdout=sys.stderr).returncode:
     sys.exit(1)  # pip said why on stderr
 norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
 want = norm(re.split(r"[\[=<>!~ ]", req, maxsplit=1)[0])
@@ -181,9 +182,19 @@ def _reason(lines: list[str]) -> str:
     return " / ".join(chosen)[:400]
 
 
+ONLY_WHEELS = "--only-binary=:all:"
+SOURCES_TOO = "--prefer-binary"
+
+
 def lock_pypi(
-    client: docker.DockerClient, spec: str, index_url: str | None, ca_bundle: Path | None
+    client: docker.DockerClient,
+    spec: str,
+    index_url: str | None,
+    ca_bundle: Path | None,
+    allow_source_builds: bool = False,
 ) -> Lock:
+    """Resolve with wheels only unless `allow_source_builds` (an sdist runs its setup
+    code while it is resolved and built)."""
     name, version = parse_pypi(spec)
     # Two tries, short timeouts: a wrong index fails in seconds, with pip's own words.
     environment = {"HOME": "/tmp", "PIP_NO_CACHE_DIR": "1", "PIP_RETRIES": "1"}  # noqa: S108
@@ -193,14 +204,28 @@ def lock_pypi(
     if ca_bundle is not None:
         environment["PIP_CERT"] = CA_TARGET
     requirement = f"{name}=={version}" if version else name
-    found = _run(
-        client,
-        "stockade/pybuild:latest",
-        ["python3", "-c", PYPI_SCRIPT, requirement],
-        environment=environment,
-        ca_bundle=ca_bundle,
-        what=f"resolving {requirement} on PyPI failed",
-    )
+    try:
+        found = _run(
+            client,
+            "stockade/pybuild:latest",
+            [
+                "python3",
+                "-c",
+                PYPI_SCRIPT,
+                requirement,
+                SOURCES_TOO if allow_source_builds else ONLY_WHEELS,
+            ],
+            environment=environment,
+            ca_bundle=ca_bundle,
+            what=f"resolving {requirement} on PyPI failed",
+        )
+    except LockError as exc:
+        if allow_source_builds or "No matching distribution" not in str(exc):
+            raise
+        raise LockError(
+            f"{exc} (wheels only: --allow-source-builds lets pip build sdists, "
+            "whose setup code then runs)"
+        ) from None
     if not found.get("version"):
         raise LockError(f"resolving {requirement}: the package itself was not downloaded")
     return Lock(

@@ -1,7 +1,8 @@
 """Per-server images `stockade/srv/NAME:<recipe-hash>`, built FROM our base images.
 
 A PyPI server gets a venv at /opt/srv installed with `pip install --require-hashes
---no-deps` from its lock; an npm server gets /opt/srv/node_modules from `npm ci
+--no-deps --only-binary=:all:` from its lock (wheels only, so no package code runs at build
+time, unless `allow_source_builds`); an npm server gets /opt/srv/node_modules from `npm ci
 --ignore-scripts` (scripts only with `allow_install_scripts`). The build stage may trust
 the caller's CA bundle; the final stage is FROM stockade/python or stockade/node, so it
 keeps uid 10001 and the base's contents, and never holds that CA or a package manager's
@@ -51,7 +52,7 @@ COPY requirements.lock {ca} /build/
 RUN if [ -s /build/{ca} ]; then export PIP_CERT=/build/{ca}; fi \\
  && python3 -m venv {root} \\
  && {root}/bin/pip install --no-cache-dir --disable-pip-version-check -q \\
-      --require-hashes --no-deps -r /build/requirements.lock \\
+      --require-hashes --no-deps {binary} -r /build/requirements.lock \\
  && {root}/bin/pip uninstall -y -q pip \\
  && cp /build/requirements.lock {root}/stockade.lock
 
@@ -95,6 +96,7 @@ class BuildOptions:
     entrypoint: str | None = None
     apt: tuple[str, ...] = ()
     allow_install_scripts: bool = False
+    allow_source_builds: bool = False  # pypi: sdists (their setup code runs at build)
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,7 @@ class ServerImageBuilder:
             options.index or "",
             ",".join(options.apt),
             str(options.allow_install_scripts),
+            str(options.allow_source_builds),
             *parents,
         ]
         exact = version if version and EXACT_VERSION.fullmatch(version) else None
@@ -148,7 +151,9 @@ class ServerImageBuilder:
             return cached
         self._progress(f"{name}: resolving {spec} ({kind})")
         lock = (
-            lock_pypi(self._client, spec, options.index, options.ca_bundle)
+            lock_pypi(
+                self._client, spec, options.index, options.ca_bundle, options.allow_source_builds
+            )
             if kind == "pypi"
             else lock_npm(self._client, spec, options.index, options.ca_bundle)
         )
@@ -215,6 +220,7 @@ class ServerImageBuilder:
             root=SERVER_ROOT,
             apt=apt,
             scripts="" if options.allow_install_scripts else "--ignore-scripts",
+            binary="" if options.allow_source_builds else "--only-binary=:all:",
         )
         with tempfile.TemporaryDirectory(prefix="stockade-srv-") as tmp:
             context = Path(tmp)
