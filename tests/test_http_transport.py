@@ -7,6 +7,7 @@ container on an internal network of that instance alone: no published port, no r
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,16 +20,29 @@ from mcp import Client, StdioServerParameters
 
 from stockade.sandbox.images import ImageBuilder
 from stockade.supervisor.http_networks import LABEL_OWNER
-from tests.daemon_helper import BIN, Daemon, running_daemon
+from tests.daemon_helper import BIN, Daemon, HostSession, running_daemon
 
 pytestmark = [pytest.mark.docker]
+INIT = {
+    "protocolVersion": "2025-06-18",
+    "capabilities": {},
+    "clientInfo": {"name": "http-transport-test", "version": "1"},
+}
 
 SERVER = """
-from mcp.server.mcpserver import MCPServer
+import asyncio
+from mcp.server.mcpserver import Context, MCPServer
 server = MCPServer("http-in-a-box")
 @server.tool()
 def add(a: int, b: int) -> int:
     return a + b
+@server.tool()
+async def later(ctx: Context) -> str:
+    async def poke():
+        await asyncio.sleep(0.5)
+        await ctx.session.send_log_message("info", "said later", logger="later")
+    asyncio.get_running_loop().create_task(poke())
+    return "scheduled"
 server.run(transport="streamable-http", host="0.0.0.0", port=8000)
 """
 
@@ -67,7 +81,7 @@ def test_the_sdk_client_uses_an_http_server_in_its_sandbox(daemon: Daemon) -> No
         SERVER,
     )
     assert "answered: http-in-a-box" in added.stdout
-    assert "1 tools" in added.stdout
+    assert "2 tools" in added.stdout
     assert networks(daemon) == []  # the trial's network went with its container
     params = StdioServerParameters(
         command=str(BIN / "stockade"), args=daemon.bridge("web", daemon.hosts["web-host"])[1:]
@@ -87,7 +101,7 @@ def test_the_sdk_client_uses_an_http_server_in_its_sandbox(daemon: Daemon) -> No
             )
 
     names, total, during, container = anyio.run(scenario)
-    assert names == ["add"]
+    assert sorted(names) == ["add", "later"]
     assert json.loads(total) == 5
     # One network, the instance's own, internal; nothing published on the host.
     assert [n["Name"] for n in during] == list(container["NetworkSettings"]["Networks"])
@@ -138,3 +152,22 @@ def test_a_streamable_http_server_needs_a_port(daemon: Daemon, tmp_path: Path) -
     )
     assert result.returncode != 0
     assert "needs its port" in result.stderr
+
+
+def test_what_the_server_says_outside_a_request_reaches_the_host(daemon: Daemon) -> None:
+    """A notification sent after its request ended travels on the server's GET stream."""
+
+    async def scenario() -> dict[str, Any] | None:
+        async with HostSession(daemon, "web") as host:
+            await host.request("initialize", INIT)
+            await host.send_raw(b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
+            await host.request("tools/call", {"name": "later", "arguments": {}})
+
+            def changed() -> dict[str, Any] | None:
+                wanted = "notifications/message"
+                return next((m for m in host.messages if m.get("method") == wanted), None)
+
+            await host.wait_for(lambda: changed() is not None, 15)
+            return changed()
+
+    assert asyncio.run(scenario()) is not None

@@ -10,8 +10,9 @@ version it chose are sent back on every later request, as the transport requires
 Bounds: a body or event over `max_line_bytes` is dropped and reported in-band as an
 `OversizedLine` (as for stdio). A server not listening yet (it just started) is retried
 for `connect_patience` seconds; an HTTP error answers a request with a JSON-RPC error so
-nothing waits forever. Server-initiated streams (GET) are not opened: servers that need
-them to reach the host are a known limit.
+nothing waits forever. Once the session is initialized, a GET stream is opened for what
+the server says outside any request (list changes, logs); a server without one (405) is
+fine.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class HttpChannel:
             return
         if response.status in {202, 204}:
             response.release()
+            if b'"notifications/initialized"' in message:
+                self._spawn(self._listen())
             return
         if response.status >= 400:
             response.release()
@@ -103,9 +106,7 @@ class HttpChannel:
         self._session_id = response.headers.get(SESSION_HEADER, self._session_id)
         kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if kind == "text/event-stream":
-            task = asyncio.create_task(self._read_events(response))
-            self._streams.add(task)
-            task.add_done_callback(self._streams.discard)
+            self._spawn(self._read_events(response))
             return
         try:
             body = await response.content.read(self._max + 1)
@@ -147,6 +148,28 @@ class HttpChannel:
                 if time.monotonic() > deadline or self._closed:
                     raise
                 await asyncio.sleep(0.2)  # it has just started and is not listening yet
+
+    def _spawn(self, coroutine: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coroutine)
+        self._streams.add(task)
+        task.add_done_callback(self._streams.discard)
+
+    async def _listen(self) -> None:
+        """The server's own stream (GET): messages not tied to a request."""
+        headers = {"Accept": "text/event-stream"}
+        if self._session_id:
+            headers[SESSION_HEADER] = self._session_id
+        if self._protocol:
+            headers[VERSION_HEADER] = self._protocol
+        try:
+            response = await self._session.get(self._url, headers=headers)
+        except (aiohttp.ClientError, OSError):
+            return
+        kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if response.status != 200 or kind != "text/event-stream":
+            response.release()  # no such stream (405): the server does not offer one
+            return
+        await self._read_events(response)
 
     async def _read_events(self, response: aiohttp.ClientResponse) -> None:
         data: list[bytes] = []
