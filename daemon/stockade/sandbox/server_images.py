@@ -28,7 +28,7 @@ from typing import Any
 import docker
 import docker.errors
 
-from stockade.sandbox.images import CA_FILE_NAME, LABEL_RECIPE, Progress
+from stockade.sandbox.images import CA_FILE_NAME, LABEL_RECIPE, ImageBuilder, Progress
 from stockade.sandbox.locks import Lock, LockError, lock_npm, lock_pypi, parse_npm, parse_pypi
 
 TEMPLATE_VERSION = "1"
@@ -131,6 +131,11 @@ class ServerImageBuilder:
         for apt in options.apt:
             if not apt.replace("-", "").replace(".", "").replace("+", "").isalnum():
                 raise ServerImageError(f"not a Debian package name: {apt!r}")
+        # Our own images first (built, or confirmed current by their recipe hash).
+        recipes = [ref.split("/")[1].split(":")[0] for ref in PARENTS[kind]]
+        ImageBuilder(self._client, ca_bundle=options.ca_bundle, progress=self._progress).ensure(
+            recipes
+        )
         parents = [self._image_id(ref) for ref in PARENTS[kind]]
         package, version = parse_pypi(spec) if kind == "pypi" else parse_npm(spec)
         settings = [
