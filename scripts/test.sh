@@ -16,6 +16,14 @@ if ! command -v rsyslogd >/dev/null || ! ls /usr/lib/*/rsyslog/lmnsd_gtls.so >/d
   echo "test: installing Debian's rsyslog with its TLS driver (a real syslog collector)"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsyslog rsyslog-gnutls >/dev/null
 fi
+if ! command -v git >/dev/null; then  # tests/test_sources.py makes a repository for mcp-server-git
+  echo "test: installing git"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq git >/dev/null
+fi
+if ! command -v docker-registry >/dev/null; then  # tests/test_image_pull.py pulls from one
+  echo "test: installing Debian's docker-registry"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry >/dev/null
+fi
 export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff" && ruff check . && ruff format --check .
 echo "== mypy --strict" && mypy

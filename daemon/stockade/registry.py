@@ -8,15 +8,26 @@ validated with pydantic; errors name the field.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stockade.atomic import write_atomically
 from stockade.config import MiB
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,127}"
+MAX_ENV_VALUE = 4096
+SHIM_COMMAND = "stockade-secret-env"  # in stockade/base, see sandbox-images/base
 REGISTRY_FILE = "servers.json"
 SCHEMA_VERSION = 1
 
@@ -45,6 +56,37 @@ class SandboxSettings(BaseModel):
     network: Literal["none"] = "none"
 
 
+class ServerSource(BaseModel):
+    """Where a server's image came from, pinned at registration (see `stockade server show`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["image", "pypi", "npm"] = "image"
+    package: str | None = None
+    version: str | None = None
+    digest: str | None = None  # image: the repository digest, when the image has one
+    lock_hash: str | None = None
+    recipe_hash: str | None = None
+    index: str | None = None
+    image_user: str | None = None  # the image's own USER; instances run as the daemon's
+    system_packages: tuple[str, ...] = ()  # Debian packages added to a package's image
+
+
+class TrialReport(BaseModel):
+    """What answered in the trial sandbox when the server was registered."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    server_name: str = ""
+    server_version: str = ""
+    protocol_version: str = ""
+    tools: int = 0
+    prompts: int = 0
+    resources: int = 0
+    at: float = 0.0
+    seconds: float = 0.0
+
+
 class ServerDefinition(BaseModel):
     """A registered MCP server: the image, the command, and how it is sandboxed and shared."""
 
@@ -59,10 +101,50 @@ class ServerDefinition(BaseModel):
     shared: bool = False
     warm_pool: int = Field(default=1, ge=0, le=16)
     restart_policy: Literal["on-failure", "never"] = "on-failure"
+    # The image pinned at registration (an image id, sha256:...): instances run exactly it,
+    # so a re-tagged or rebuilt `image` never changes a registered server silently.
+    image_id: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
+    source: ServerSource | None = None
+    checked: TrialReport | None = None
+    # Environment: plain values (visible to `docker inspect`: never secrets), and variables
+    # filled from vault secrets by the `stockade-secret-env` shim (VAR -> secret name).
+    # How the host's messages reach the server: its stdin/stdout, or streamable HTTP on
+    # `port` + `path` inside the container (reached over an internal network, never a
+    # published port).
+    transport: Literal["stdio", "streamable-http"] = "stdio"
+    port: int | None = Field(default=None, ge=1, le=65535)
+    path: str = Field(default="/mcp", pattern=r"^/[A-Za-z0-9/_.~-]{0,200}$")
+    env: dict[str, str] = Field(default_factory=dict, max_length=64)
+    secret_env: dict[str, str] = Field(default_factory=dict, max_length=32)
+
+    @field_validator("env", "secret_env")
+    @classmethod
+    def _variables(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, item in value.items():
+            if not re.fullmatch(ENV_NAME, name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+            if len(item) > MAX_ENV_VALUE or "\0" in item:
+                raise ValueError(f"the value of {name} is too long or holds a NUL")
+        return value
+
+    @model_validator(mode="after")
+    def _http_needs_a_port(self) -> ServerDefinition:
+        if self.transport == "streamable-http" and self.port is None:
+            raise ValueError("a streamable-http server needs its port (--port N)")
+        return self
+
+    @property
+    def run_image(self) -> str:
+        """What instances are created from: the pinned id, else the reference as given."""
+        return self.image_id or self.image
 
     @property
     def argv(self) -> tuple[str, ...]:
-        return self.command + self.args
+        """The command line; through the secret shim when variables come from secrets."""
+        if not self.secret_env:
+            return self.command + self.args
+        pairs = tuple(f"{var}={secret}" for var, secret in sorted(self.secret_env.items()))
+        return (SHIM_COMMAND, *pairs, "--", *self.command, *self.args)
 
 
 def describe_validation_error(error: ValidationError, prefix: str = "") -> str:

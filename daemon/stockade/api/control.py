@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -12,13 +13,14 @@ import grpc
 
 from stockade import __version__
 from stockade.api.convert import definition_from_proto, definition_to_proto, server_status_to_proto
-from stockade.audit.log import AuditLog
+from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.logs import get_logger
 from stockade.pki.authority import CertificateAuthority, PkiError
 from stockade.pki.identity import Identity, IdentityError
 from stockade.pki.tokens import TokenError, TokenIssuer
 from stockade.registry import Registry, RegistryError, ServerExists, UnknownServer
 from stockade.relay.opening import SessionOpener
+from stockade.sandbox.errors import SandboxError
 from stockade.secrets.generation import record_change
 from stockade.secrets.model import (
     SecretBackendError,
@@ -80,6 +82,10 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     async def AddServer(
         self, request: control_pb2.AddServerRequest, context: Context
     ) -> control_pb2.ServerDefinition:
+        """Pin the image and (unless skip_check) prove the server answers, then register.
+
+        Nothing is registered and no container is left when any step fails.
+        """
         try:
             definition = definition_from_proto(request.server)
         except RegistryError as exc:
@@ -89,15 +95,38 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         pinned = await self._supervisor.check_pins(definition)
         if pinned is not None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"refused: {pinned}")
+        if not request.replace and definition.name in {d.name for d in self._registry.all()}:
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"server {definition.name!r} is already registered (use --replace to redefine it)",
+            )
+        try:
+            definition = await self._supervisor.vet(
+                definition,
+                trial=not request.skip_check,
+                timeout=float(request.check_timeout_seconds),
+            )
+        except SandboxError as exc:
+            self._audit_registration(definition.name, "error", str(exc))
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"server {definition.name!r}: {exc}"
+            )
         try:
             self._registry.add(definition, replace=request.replace)
-        except ServerExists as exc:
+        except ServerExists as exc:  # registered meanwhile by another caller
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except RegistryError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         await self._supervisor.server_added(definition)
+        self._audit_registration(definition.name, "ok", "checked" if definition.checked else "")
         log.info("server registered", server=definition.name, image=definition.image)
         return definition_to_proto(definition)
+
+    def _audit_registration(self, server: str, outcome: str, detail: str) -> None:
+        with contextlib.suppress(AuditUnavailable):
+            self._audit.write(
+                "server.register", outcome=outcome, server=server, detail={"reason": detail}
+            )
 
     async def ListServers(
         self, request: control_pb2.ListServersRequest, context: Context
@@ -113,6 +142,33 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             return definition_to_proto(self._registry.get(request.name))
         except UnknownServer as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+
+    async def ShowServer(
+        self, request: control_pb2.GetServerRequest, context: Context
+    ) -> control_pb2.ServerDetails:
+        try:
+            definition = self._registry.get(request.name)
+        except UnknownServer as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        effective, missing, state = await self._supervisor.details(definition)
+        return control_pb2.ServerDetails(
+            server=definition_to_proto(definition),
+            sandbox=control_pb2.EffectiveSandbox(
+                runtime=effective.runtime,
+                memory_bytes=effective.memory_bytes,
+                cpus=effective.cpus,
+                pids_limit=effective.pids_limit,
+                user=effective.user,
+                egress=list(effective.egress),
+                mounts=list(effective.mounts),
+                capabilities=list(effective.capabilities),
+                policy_source=effective.policy_source,
+                image_pin=effective.image_pin,
+            ),
+            secrets=list(effective.secrets),
+            missing_secrets=list(missing),
+            status=server_status_to_proto(state) if state else None,
+        )
 
     async def RemoveServer(
         self, request: control_pb2.RemoveServerRequest, context: Context

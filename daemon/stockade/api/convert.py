@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stockade.registry import ServerDefinition, parse_definition
+from stockade.registry import ServerDefinition, ServerSource, TrialReport, parse_definition
 from stockade.supervisor.state import ServerState
 from stockade.v1 import control_pb2
 
@@ -32,8 +32,44 @@ def definition_from_proto(message: control_pb2.ServerDefinition) -> ServerDefini
         "shared": message.shared,
         "warm_pool": message.warm_pool,
         "restart_policy": message.restart_policy or "on-failure",
+        "image_id": message.image_id or None,
+        "env": dict(message.env),
+        "secret_env": dict(message.secret_env),
+        "transport": message.transport or "stdio",
+        "port": message.port or None,
+        "path": message.path or "/mcp",
     }
+    if message.HasField("source"):
+        src = message.source
+        data["source"] = {
+            "kind": src.kind or "image",
+            **{
+                key: getattr(src, key) or None
+                for key in (
+                    "package",
+                    "version",
+                    "digest",
+                    "lock_hash",
+                    "recipe_hash",
+                    "index",
+                    "image_user",
+                )
+            },
+            "system_packages": tuple(src.system_packages),
+        }
     return parse_definition(data)
+
+
+def source_to_proto(source: ServerSource) -> control_pb2.ServerSource:
+    fields = source.model_dump(exclude={"system_packages"})
+    return control_pb2.ServerSource(
+        **{key: value or "" for key, value in fields.items()},
+        system_packages=list(source.system_packages),
+    )
+
+
+def trial_to_proto(report: TrialReport) -> control_pb2.TrialReport:
+    return control_pb2.TrialReport(**report.model_dump())
 
 
 def definition_to_proto(definition: ServerDefinition) -> control_pb2.ServerDefinition:
@@ -54,6 +90,14 @@ def definition_to_proto(definition: ServerDefinition) -> control_pb2.ServerDefin
         shared=definition.shared,
         warm_pool=definition.warm_pool,
         restart_policy=definition.restart_policy,
+        image_id=definition.image_id or "",
+        env=dict(definition.env),
+        secret_env=dict(definition.secret_env),
+        transport=definition.transport,
+        port=definition.port or 0,
+        path=definition.path,
+        source=source_to_proto(definition.source) if definition.source else None,
+        checked=trial_to_proto(definition.checked) if definition.checked else None,
     )
 
 
@@ -75,4 +119,7 @@ def server_status_to_proto(state: ServerState) -> control_pb2.ServerStatus:
             )
             for at, instance_id, report in state.exits
         ],
+        last_error=state.last_error,
+        failures=state.failures,
+        next_retry_at=state.next_retry_at,
     )

@@ -26,7 +26,11 @@ from stockade.cli.channel import (
     rpc_error,
     with_socket,
 )
+from stockade.cli.server_json import apply_server_json, parse_env_options
+from stockade.cli.server_show import add_show_parsers
+from stockade.cli.server_sources import add_source_arguments, resolve_source
 from stockade.cli.terminal import printable
+from stockade.sandbox.errors import EXIT_MEANINGS
 from stockade.v1 import control_pb2
 
 UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -58,23 +62,55 @@ def cmd_status(args: argparse.Namespace) -> int:
             f" (acknowledged seq {witness.acknowledged_seq})"
         )
     for server in status.servers:
-        print(
-            f"  {server.name}: {server.instances} in use, {server.pooled}/{server.warm_pool} warm"
-            f", {server.restarts} restarts"
-        )
+        print(f"  {server_line(server)}")
+        if server.last_error:
+            print(f"    {failing_line(server)}")
     return exitcodes.OK
 
 
+def server_line(server: control_pb2.ServerStatus) -> str:
+    health = "FAILING" if server.last_error else "ok"
+    return (
+        f"{server.name}: {health}, {server.instances} in use, "
+        f"{server.pooled}/{server.warm_pool} warm, {server.restarts} restarts"
+    )
+
+
+def failing_line(server: control_pb2.ServerStatus) -> str:
+    """Why a server is failing and when it is tried again (its error is the server's words)."""
+    text = f"last error: {printable(server.last_error)} ({server.failures} failures in a row)"
+    if server.next_retry_at:
+        wait = max(0.0, server.next_retry_at - time.time())
+        when = time.strftime("%H:%M:%S", time.localtime(server.next_retry_at))
+        text += f"; next retry at {when} (in {wait:.0f}s)"
+    return text
+
+
+def trial_line(checked: control_pb2.TrialReport) -> str:
+    name = printable(checked.server_name or "(unnamed)")
+    version = printable(checked.server_version or "?")
+    return (
+        f"answered: {name} {version}, protocol {printable(checked.protocol_version or '?')}, "
+        f"{checked.tools} tools, {checked.prompts} prompts, {checked.resources} resources "
+        f"(trial {checked.seconds:.1f}s)"
+    )
+
+
 def cmd_server_add(args: argparse.Namespace) -> int:
-    command = list(args.server_argv)
-    if not command:
+    env = parse_env_options(args.env)
+    secret_env: dict[str, str] = {}
+    if args.from_file:
+        env, secret_env = apply_server_json(args, env)
+    image, command, server_args, source = resolve_source(args)
+    if not command and (not args.image or secret_env):
         raise CliError(
             "give the server's command after --, e.g. `... -- mcp-server-time`", exitcodes.USAGE
         )
     definition = control_pb2.ServerDefinition(
         name=args.name,
-        image=args.image,
+        image=image,
         command=command,
+        args=server_args,
         working_dir=args.workdir or "",
         sandbox=control_pb2.SandboxSettings(
             runtime=args.runtime,
@@ -85,13 +121,42 @@ def cmd_server_add(args: argparse.Namespace) -> int:
         shared=args.shared,
         warm_pool=args.warm,
         restart_policy=args.restart,
+        source=source,
+        env=env,
+        secret_env=secret_env,
+        transport=args.transport,
+        port=args.port or 0,
+        path=args.path,
     )
-    request = control_pb2.AddServerRequest(server=definition, replace=args.replace)
-    added = call_control(args, lambda stub: stub.AddServer(request, timeout=10))
+    return register(args, definition)
+
+
+def register(args: argparse.Namespace, definition: control_pb2.ServerDefinition) -> int:
+    """AddServer (the daemon pins the image and runs the trial); print what answered."""
+    request = control_pb2.AddServerRequest(
+        server=definition,
+        replace=args.replace,
+        skip_check=args.no_check,
+        check_timeout_seconds=args.check_timeout,
+    )
+    added = call_control(
+        args, lambda stub: stub.AddServer(request, timeout=args.check_timeout + 60)
+    )
     if args.json:
         print(json.dumps(as_dict(added)))
+        return exitcodes.OK
+    pinned = f", pinned {added.image_id[:19]}" if added.image_id else ""
+    print(f"registered {added.name} ({added.image}{pinned}, warm pool {added.warm_pool})")
+    if added.HasField("checked"):
+        print(trial_line(added.checked))
     else:
-        print(f"registered {added.name} ({added.image}, warm pool {added.warm_pool})")
+        print(
+            "not checked (--no-check): no trial sandbox was started, so nothing proved that "
+            "the command exists or that the server answers initialize"
+        )
+    user = added.source.image_user
+    if user in ("", "0", "root") or user.startswith(("0:", "root:")):
+        print(f"note: the image's own USER is {user or 'root'}; Stockade runs it as uid 10001")
     return exitcodes.OK
 
 
@@ -136,10 +201,9 @@ def cmd_server_status(args: argparse.Namespace) -> int:
         print(json.dumps([as_dict(s) for s in servers]))
         return exitcodes.OK
     for server in servers:
-        print(
-            f"{server.name}: {server.instances} in use, {server.pooled}/{server.warm_pool} warm, "
-            f"{server.restarts} restarts"
-        )
+        print(server_line(server))
+        if server.last_error:
+            print(f"  {failing_line(server)}")
         for exit_record in server.recent_exits:
             when = time.strftime("%H:%M:%S", time.localtime(exit_record.at))
             how = "stopped" if exit_record.stopped_by_daemon else "exited by itself"
@@ -149,6 +213,9 @@ def cmd_server_status(args: argparse.Namespace) -> int:
             if exit_record.pids_limit_hits:
                 notes.append(f"pids limit hit {exit_record.pids_limit_hits}x")
             extra = f" ({', '.join(notes)})" if notes else ""
+            meaning = EXIT_MEANINGS.get(exit_record.exit_code)
+            if meaning and not exit_record.oom_killed and not exit_record.stopped_by_daemon:
+                extra += f" ({meaning})"
             print(f"  {when} {exit_record.instance} {how}, code {exit_record.exit_code}{extra}")
     return exitcodes.OK
 
@@ -214,7 +281,7 @@ def add_server_parsers(sub: Any) -> None:
         epilog="example: stockade server add time --image stockade/python -- mcp-server-time",
     )
     add.add_argument("name")
-    add.add_argument("--image", required=True, help="sandbox image (built locally)")
+    add_source_arguments(add)
     add.add_argument(
         "--runtime",
         choices=["runc", "runsc"],
@@ -233,7 +300,22 @@ def add_server_parsers(sub: Any) -> None:
     add.add_argument("--warm", type=int, default=1, help="warm pool size (default: 1)")
     add.add_argument("--restart", choices=["on-failure", "never"], default="on-failure")
     add.add_argument("--replace", action="store_true", help="redefine an existing server")
-    add.usage = "stockade server add NAME --image IMAGE [OPTIONS] -- COMMAND [ARGS...]"
+    add.add_argument(
+        "--no-check",
+        action="store_true",
+        help="register without the trial sandbox (for servers that need secrets or egress "
+        "not granted yet); nothing then proves the server starts",
+    )
+    add.add_argument(
+        "--check-timeout",
+        type=int,
+        default=30,
+        help="seconds the trial waits for initialize (default: %(default)s, at most 300)",
+    )
+    add.usage = (
+        "stockade server add NAME (--image REF [-- COMMAND [ARGS...]] | --pypi PKG | --npm PKG"
+        " [-- ARGS...]) [OPTIONS]"
+    )
     with_socket(add)
     add.set_defaults(handler=cmd_server_add)
 
@@ -267,6 +349,8 @@ def add_server_parsers(sub: Any) -> None:
     status.add_argument("name", nargs="?")
     with_socket(status)
     status.set_defaults(handler=cmd_server_status)
+
+    add_show_parsers(actions)
 
     logs = actions.add_parser(
         "logs", help="a server's stderr", epilog="example: stockade server logs time --follow"

@@ -1,4 +1,5 @@
 """Sandboxes: how an MCP server's container is described, built, run and attached.
 
-`docker_backend` and `images` are the only modules in Stockade that import `docker`.
+`docker_backend`, `images`, `locks` and `server_images` are the only modules in Stockade that
+import `docker`.
 """

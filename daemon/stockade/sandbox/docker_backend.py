@@ -25,7 +25,7 @@ from stockade.sandbox.errors import (
     RuntimeMissing,
     SandboxError,
 )
-from stockade.sandbox.runtime import Attachment, BridgeNetwork, ExitStatus
+from stockade.sandbox.runtime import Attachment, BridgeNetwork, ExitStatus, ImageInfo
 from stockade.sandbox.spec import LABEL_MANAGED, ContainerSpec
 
 log = get_logger("stockade.sandbox")
@@ -59,6 +59,8 @@ def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
     }
     if spec.cap_add:
         kwargs["cap_add"] = list(spec.cap_add)
+    if spec.environment:
+        kwargs["environment"] = dict(spec.environment)
     if spec.extra_hosts:
         kwargs["extra_hosts"] = dict(spec.extra_hosts)
     if spec.dns:
@@ -203,6 +205,33 @@ class DockerBackend:
                 if key == "max" and value.strip().isdigit():
                     return int(value)
         return 0
+
+    def image_info(self, ref: str) -> ImageInfo:
+        try:
+            image = self._client.images.get(ref)
+        except docker.errors.ImageNotFound:
+            raise ImageMissing(f"image {ref!r} is not present on this Docker engine") from None
+        except docker.errors.APIError as exc:
+            raise SandboxError(f"could not inspect image {ref!r}: {exc}") from None
+        attrs: dict[str, Any] = image.attrs
+        config = attrs.get("Config") or {}
+        return ImageInfo(
+            id=str(image.id),
+            repo_digests=tuple(attrs.get("RepoDigests") or ()),
+            user=str(config.get("User") or ""),
+        )
+
+    def pull(self, ref: str) -> None:
+        """Pull `ref` from its registry (registration only; never at run time)."""
+        try:
+            self._client.images.pull(ref)
+        except docker.errors.APIError as exc:
+            why = getattr(exc, "explanation", None) or str(exc)
+            raise ImageMissing(
+                f"image {ref!r} is not present and could not be pulled: {why}"
+            ) from None
+        except docker.errors.DockerException as exc:
+            raise ImageMissing(f"image {ref!r} could not be pulled: {exc}") from None
 
     def inspect(self, container_id: str) -> dict[str, Any]:
         try:

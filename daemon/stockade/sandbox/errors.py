@@ -25,3 +25,13 @@ class RuntimeMissing(SandboxError):
 
 class ImageMissing(SandboxError):
     """The image is not present locally (registries are never consulted at run time)."""
+
+
+# What a container's exit code usually means, for operators reading `server status`.
+EXIT_MEANINGS = {
+    126: "command found but not executable",
+    127: "command not found",
+    137: "killed: out of memory, or stopped with SIGKILL",
+    139: "crashed: segmentation fault",
+    143: "terminated: SIGTERM",
+}

@@ -54,6 +54,8 @@ RECIPES: dict[str, Recipe] = {
     "python": Recipe("python", "base"),
     "node": Recipe("node", "base"),
     "egress": Recipe("egress", "base"),
+    "pybuild": Recipe("pybuild", "base"),
+    "nodebuild": Recipe("nodebuild", "base"),
 }
 
 

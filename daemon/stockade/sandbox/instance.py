@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from stockade.logs import get_logger, log_context
 from stockade.sandbox.attached import AttachedStdio
-from stockade.sandbox.errors import ContainerGone
+from stockade.sandbox.errors import EXIT_MEANINGS, ContainerGone
+from stockade.sandbox.http_channel import HttpChannel, HttpTarget
 from stockade.sandbox.runtime import ExitStatus, SandboxRuntime
 from stockade.sandbox.spec import ContainerSpec
 from stockade.secrets.redact import Redactor, StreamRedactor
@@ -94,6 +95,9 @@ class ExitReport:
 
     def describe(self) -> str:
         text = f"exited with code {self.exit_code}"
+        meaning = EXIT_MEANINGS.get(self.exit_code)
+        if meaning and not self.oom_killed:
+            text += f" ({meaning})"
         if self.oom_killed:
             text += " (killed: out of memory)"
         if self.pids_limit_hits:
@@ -148,6 +152,11 @@ class Instance:
     redaction: Redaction | None = None  # granted secrets, replaced in everything it says
     _reader: asyncio.Task[None] | None = None
     _stopping: bool = False
+    # Servers that speak streamable HTTP: messages go over `http`; the container's
+    # stdout is then only log lines, drained by `_drain`.
+    http: HttpChannel | None = None
+    _drain: asyncio.Task[None] | None = None
+    _log_line: Callable[[bytes], None] | None = None
 
     @classmethod
     async def start(
@@ -159,18 +168,35 @@ class Instance:
         max_line_bytes: int,
         *,
         redaction: Redaction | None = None,
+        http: HttpTarget | None = None,
     ) -> Instance:
         """Create, attach (before start, or early output is lost), then start."""
         container_id = await asyncio.to_thread(backend.create, spec)
         instance: Instance | None = None
         try:
             instance = await cls._attach(
-                backend, container_id, server, instance_id, max_line_bytes, redaction=redaction
+                backend,
+                container_id,
+                server,
+                instance_id,
+                max_line_bytes,
+                redaction=redaction,
+                http_mode=http is not None,
             )
             await asyncio.to_thread(backend.start, container_id)
+            if http is not None:
+                address = await asyncio.to_thread(backend.address_on, container_id, http.network)
+                instance.http = HttpChannel(http.url(address), max_line_bytes)
+                instance._reader = asyncio.create_task(
+                    instance._read(), name=f"reader-{instance_id}"
+                )
         except BaseException:
-            if instance is not None and instance._reader is not None:
-                instance._reader.cancel()
+            if instance is not None:
+                for task in (instance._reader, instance._drain):
+                    if task is not None:
+                        task.cancel()
+                if instance.http is not None:
+                    await instance.http.close()
             await asyncio.to_thread(backend.stop, container_id, 0)
             raise
         return instance
@@ -201,6 +227,7 @@ class Instance:
         max_line_bytes: int,
         *,
         redaction: Redaction | None = None,
+        http_mode: bool = False,
     ) -> Instance:
         attachment = await asyncio.to_thread(backend.attach, container_id)
         stderr = StderrLog()
@@ -230,8 +257,25 @@ class Instance:
             stderr=stderr,
             redaction=redaction,
         )
-        instance._reader = asyncio.create_task(instance._read(), name=f"reader-{instance_id}")
+        instance._log_line = on_stderr
+        if http_mode:
+            instance._drain = asyncio.create_task(instance._drain_output())
+        else:
+            instance._reader = asyncio.create_task(instance._read(), name=f"reader-{instance_id}")
         return instance
+
+    async def _drain_output(self) -> None:
+        """HTTP servers: stdout is log lines; its end (the container's) ends the channel."""
+        try:
+            source = self.http.lines() if self.http is not None else self.stdio.lines()
+            async for line in source:
+                if isinstance(line, bytes) and self._log_line is not None:
+                    self._log_line(line)
+        except (OSError, ConnectionError) as exc:
+            log.warning("attach stream broke", instance=self.id, error=str(exc))
+        finally:
+            if self.http is not None:
+                await self.http.close()
 
     @property
     def age(self) -> float:
@@ -257,11 +301,15 @@ class Instance:
             self.pids_limit_hits = max(self.pids_limit_hits, hits)
 
     async def send(self, line: bytes) -> None:
-        await self.stdio.send(line)
+        if self.http is not None:
+            await self.http.send(line)
+        else:
+            await self.stdio.send(line)
 
     async def _read(self) -> None:
         try:
-            async for line in self.stdio.lines():
+            source = self.http.lines() if self.http is not None else self.stdio.lines()
+            async for line in source:
                 await self._sink_bound.wait()
                 assert self._sink is not None  # noqa: S101 - set together with the event
                 if self.redaction is not None and isinstance(line, bytes):
@@ -326,6 +374,10 @@ class Instance:
             if not self.exited.done():
                 self.exited.set_result(await self._exit_report())
         report = self.exited.result()
+        if self.http is not None:
+            await self.http.close()
+        if self._drain is not None:
+            self._drain.cancel()
         try:
             await asyncio.wait_for(
                 asyncio.to_thread(self.backend.remove, self.container_id), ENGINE_DEADLINE

@@ -59,6 +59,15 @@ class Attachment:
             self._keep.close()
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    """A local image as registration pins it."""
+
+    id: str  # sha256:...
+    repo_digests: tuple[str, ...]
+    user: str  # the image's own USER ("" = root)
+
+
 class SandboxRuntime(Protocol):
     def create(self, spec: ContainerSpec) -> str:
         """Create (not start) a hardened container; return its id."""
@@ -82,6 +91,10 @@ class SandboxRuntime(Protocol):
         """`kill_gracefully`, then `remove`; always."""
 
     def inspect(self, container_id: str) -> dict[str, Any]: ...
+
+    def image_info(self, ref: str) -> ImageInfo:
+        """The local image `ref` (id, repository digests, USER); ImageMissing if absent."""
+        ...
 
     def list_by_label(self, labels: dict[str, str]) -> list[dict[str, Any]]: ...
 

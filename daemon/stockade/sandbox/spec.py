@@ -58,6 +58,7 @@ class ContainerSpec(BaseModel):
     pids_limit: int = Field(default=64, ge=8, le=65536)
     tmpfs_bytes: int = Field(default=64 * MiB, ge=MiB)
     labels: dict[str, str] = Field(default_factory=dict)
+    environment: dict[str, str] = Field(default_factory=dict)  # never secrets: inspectable
 
     @field_validator("user")
     @classmethod

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from stockade.audit.log import AuditLog, AuditUnavailable
@@ -35,6 +36,7 @@ from stockade.sandbox.egress import (
     gateway_key,
 )
 from stockade.sandbox.errors import SandboxError
+from stockade.sandbox.http_channel import HttpTarget
 from stockade.sandbox.instance import Instance, Redaction
 from stockade.sandbox.runtime import SandboxRuntime
 from stockade.sandbox.spec import (
@@ -47,6 +49,7 @@ from stockade.sandbox.spec import (
 from stockade.secrets.delivery import CONTAINER_TARGET, SecretDelivery
 from stockade.secrets.model import SecretError, SecretStore
 from stockade.secrets.redact import Redactor
+from stockade.supervisor import http_networks
 
 log = get_logger("stockade.supervisor")
 
@@ -85,27 +88,36 @@ def build_spec(
     *,
     secrets_mount: BindMount | None = None,
     image_digests: tuple[str, ...] = (),
+    http_network: str | None = None,
 ) -> ContainerSpec:
     """The hardened spec for one instance of `definition` under `policy`.
 
     `image_digests` are what the registry's image resolves to (id and registry digests),
     needed when the policy pins a digest; the container is then made from the pinned digest
-    itself, so a tag moved after the check cannot swap the image.
+    itself, so a tag moved after the check cannot swap the image. `http_network`: the
+    internal network a streamable-HTTP server is reached on (its own, when it has no egress
+    network).
     """
     problem = pin_problem(definition, policy, image_digests)
     if problem is not None:
         raise SandboxRefused(problem)
     sandbox = definition.sandbox
     runtime = "runsc" if "runsc" in (sandbox.runtime, policy.runtime) else "runc"
+    if runtime == "runsc" and definition.transport != "stdio":
+        raise SandboxRefused(
+            f"server {definition.name!r}: runsc runs here with --network=none, and a "
+            "streamable-http server is reached over a network; choose runc for it"
+        )
     if runtime == "runsc" and egress is not None:
         raise SandboxRefused(
             f"server {definition.name!r}: runsc runs here with --network=none, so it cannot "
             "use an egress allowlist; choose runc for this server or drop the allowlist"
         )
     fields: dict[str, object] = {
-        "image": policy.image_digest or definition.image,
+        "image": policy.image_digest or definition.run_image,
         "command": definition.argv,
         "working_dir": definition.working_dir,
+        "environment": dict(definition.env),
         "runtime": runtime,
         "labels": labels,
         "cap_add": policy.capabilities,
@@ -123,6 +135,8 @@ def build_spec(
     }
     for name, (asked, cap) in limits.items():
         fields[name] = _lower(asked, cap)
+    if http_network is not None and egress is None:
+        fields["network"] = http_network
     if egress is not None:
         fields |= {
             "network": egress.network,
@@ -177,6 +191,46 @@ def _repository(image: str) -> str:
     return head if head and "/" not in tail else name
 
 
+@dataclass(frozen=True)
+class EffectiveSandbox:
+    """What an instance of a server would run with now (for `stockade server show`)."""
+
+    runtime: str
+    memory_bytes: int
+    cpus: float
+    pids_limit: int
+    user: str
+    egress: tuple[str, ...]
+    mounts: tuple[str, ...]
+    capabilities: tuple[str, ...]
+    policy_source: str
+    image_pin: str
+    secrets: tuple[str, ...]
+
+
+def effective_sandbox(
+    settings: Settings, definition: ServerDefinition, policy: SandboxPolicy
+) -> EffectiveSandbox:
+    """The combining rule of `build_spec`, without starting anything or checking mounts."""
+    sandbox = definition.sandbox
+    asked_memory = sandbox.memory_bytes or settings.container_memory_bytes
+    asked_cpus = sandbox.cpus or settings.container_cpus
+    asked_pids = sandbox.pids_limit or settings.container_pids_limit
+    return EffectiveSandbox(
+        runtime="runsc" if "runsc" in (sandbox.runtime, policy.runtime) else "runc",
+        memory_bytes=int(_lower(asked_memory, policy.memory_bytes) or asked_memory),
+        cpus=float(_lower(asked_cpus, policy.cpus) or asked_cpus),
+        pids_limit=int(_lower(asked_pids, policy.pids) or asked_pids),
+        user=policy.user or settings.container_user,
+        egress=tuple(policy.egress.egress) if policy.egress else (),
+        mounts=tuple(f"{m.source} -> {m.target} ({'rw' if m.rw else 'ro'})" for m in policy.mounts),
+        capabilities=policy.capabilities,
+        policy_source=policy.source,
+        image_pin=policy.image or "",
+        secrets=policy.secrets,
+    )
+
+
 def sandbox_fingerprint(definition: ServerDefinition, policy: SandboxPolicy) -> str:
     """Changes whenever what an instance would be built from changes (pool freshness)."""
     text = definition.model_dump_json() + policy.model_dump_json()
@@ -210,6 +264,21 @@ class Provisioner:
     def policy(self, server: str) -> SandboxPolicy:
         return self._sandbox_policy(server)
 
+    def effective(self, definition: ServerDefinition) -> EffectiveSandbox:
+        return effective_sandbox(self._settings, definition, self._sandbox_policy(definition.name))
+
+    def missing_secrets(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """Which of `names` the vault does not hold (all of them when there is no vault)."""
+        if not names:
+            return ()
+        if self._secrets is None:
+            return names
+        try:
+            present = {info.name for info in self._secrets.list()}
+        except SecretError:
+            return names
+        return tuple(name for name in names if name not in present)
+
     def fingerprint(self, definition: ServerDefinition) -> str:
         return sandbox_fingerprint(definition, self._sandbox_policy(definition.name))
 
@@ -224,10 +293,16 @@ class Provisioner:
             spec, values = await self._spec(definition, instance_id)
         except BaseException as exc:
             self.forget_secrets(instance_id)
+            if definition.transport != "stdio":
+                await self.forget_network(instance_id)
             if isinstance(exc, SandboxRefused | EgressError):  # a refusal, not a fault
                 self._refused(definition.name, str(exc))
             raise
         try:
+            http = None
+            if definition.transport == "streamable-http":
+                assert definition.port is not None  # noqa: S101 - the registry requires it
+                http = HttpTarget(spec.network, definition.port, definition.path)
             instance = await Instance.start(
                 self._backend,
                 spec,
@@ -235,9 +310,12 @@ class Provisioner:
                 instance_id,
                 self._settings.max_message_bytes,
                 redaction=self._redaction(definition.name, instance_id, values) if values else None,
+                http=http,
             )
         except BaseException:
             self.forget_secrets(instance_id)
+            if definition.transport != "stdio":
+                await self.forget_network(instance_id)
             raise
         instance.sandbox_fingerprint = fingerprint
         instance.granted_secrets = tuple(sorted(values))
@@ -275,6 +353,15 @@ class Provisioner:
         if self._delivery is not None:
             self._delivery.remove(instance_id)
 
+    async def forget_network(self, instance_id: str) -> None:
+        """Remove an instance's own network (HTTP servers), once its container is gone."""
+        with contextlib.suppress(SandboxError):
+            await asyncio.to_thread(http_networks.remove, self._backend, instance_id)
+
+    async def prune_networks(self, keep: Iterable[str]) -> None:
+        """Remove instance networks of instances not in `keep` (left by a crash)."""
+        await asyncio.to_thread(http_networks.prune, self._backend, self._daemon_id, list(keep))
+
     def forget_secrets_except(self, instance_ids: set[str]) -> None:
         """Remove the secret files of every instance but these (left by a crash)."""
         if self._delivery is not None:
@@ -309,6 +396,11 @@ class Provisioner:
             user = policy.user or self._settings.container_user
             folder = await asyncio.to_thread(self._delivery.write, instance_id, values, user)
             secrets_mount = BindMount(source=str(folder), target=CONTAINER_TARGET)
+        http_network = None
+        if definition.transport != "stdio" and egress is None:
+            http_network = await asyncio.to_thread(
+                http_networks.ensure, self._backend, self._daemon_id, instance_id
+            )
         spec = build_spec(
             self._settings,
             definition,
@@ -317,6 +409,7 @@ class Provisioner:
             egress,
             secrets_mount=secrets_mount,
             image_digests=await self.image_digests(definition, policy),
+            http_network=http_network,
         )
         return spec, values
 

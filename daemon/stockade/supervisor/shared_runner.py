@@ -26,6 +26,7 @@ from stockade.sandbox.runtime import SandboxRuntime
 from stockade.sandbox.spec import LABEL_DAEMON
 from stockade.supervisor.provisioning import Provisioner
 from stockade.supervisor.state import ServerState
+from stockade.supervisor.trial import describe_exit, describe_start_error
 
 log = get_logger("stockade.supervisor")
 
@@ -113,11 +114,17 @@ class SharedRunner:
                 state.in_use[instance.id] = instance
                 with log_context(server=name, instance=instance.id):
                     log.info("shared instance serving")
+                state.record_healthy()
                 report = await asyncio.shield(instance.exited)
                 await router.instance_ended(report)
+                if not report.stopped_by_daemon:
+                    tail = instance.stderr.since(max(0, instance.stderr.total - 5))
+                    state.record_failure(describe_exit(state.definition, report, tail))
             except (SandboxError, HandshakeFailed) as exc:
+                error = await self._why_it_failed(state, instance, exc)
+                state.record_failure(error)
                 with log_context(server=name):
-                    log.error("shared instance failed to start", error=str(exc))
+                    log.error("shared instance failed to start", error=error)
             finally:
                 if instance is not None:
                     state.in_use.pop(instance.id, None)
@@ -127,11 +134,28 @@ class SharedRunner:
             failures = 0 if time.monotonic() - began >= STABLE_RUN else failures + 1
             delay = min(BACKOFF_BASE * 2 ** (failures - 1), BACKOFF_CAP) if failures else 0.0
             state.restarts += 1
+            if state.last_error:
+                state.next_retry_at = time.time() + delay
             with log_context(server=name):
                 log.warning(
                     "restarting shared instance", delay_seconds=delay, restarts=state.restarts
                 )
             await asyncio.sleep(delay)
+
+    async def _why_it_failed(
+        self, state: ServerState, instance: Instance | None, exc: Exception
+    ) -> str:
+        """One line: the start error, and how the instance ended if it died (learnt just
+        after its output ends, so wait for that briefly)."""
+        error = describe_start_error(state.definition, exc)
+        if instance is None:
+            return error
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(instance.exited), 2)
+        if not instance.exited.done():
+            return error
+        tail = instance.stderr.since(max(0, instance.stderr.total - 5))
+        return f"{error}: it {describe_exit(state.definition, instance.exited.result(), tail)}"
 
     def _save_record(
         self, state: ServerState, instance: Instance, init_result: dict[str, Any]
@@ -156,8 +180,8 @@ class SharedRunner:
         for state in states:
             definition = state.definition
             path = self._folder / f"{definition.name}.json"
-            if not definition.shared or not path.exists():
-                continue
+            if not definition.shared or definition.transport != "stdio" or not path.exists():
+                continue  # (an HTTP server's channel is not kept across restarts)
             try:
                 record = json.loads(path.read_text())
                 if record["definition"] != definition.model_dump(mode="json"):

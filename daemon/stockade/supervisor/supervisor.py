@@ -36,15 +36,18 @@ from stockade.sandbox.runtime import SandboxRuntime
 from stockade.sandbox.spec import LABEL_DAEMON, LABEL_INSTANCE
 from stockade.secrets.delivery import SecretDelivery
 from stockade.secrets.model import SecretStore
-from stockade.supervisor.provisioning import Provisioner
+from stockade.supervisor.provisioning import EffectiveSandbox, Provisioner
 from stockade.supervisor.shared_runner import SharedRunner
 from stockade.supervisor.state import ServerState
+from stockade.supervisor.trial import describe_exit, describe_start_error, vet
 
 log = get_logger("stockade.supervisor")
 
 # Often enough that a leaked container or an empty pool is noticed within seconds, rarely
 # enough that listing containers costs the engine nothing measurable.
 RECONCILE_INTERVAL = 2.0
+# A pooled instance alive this long counts as healthy: a failure streak ends there.
+HEALTHY_AFTER = 5.0
 DAEMON_ID_FILE = "daemon-id"
 
 
@@ -130,6 +133,7 @@ class Supervisor:
         await asyncio.gather(*(self.stop_instance(i) for i in instances), return_exceptions=True)
         await self._reap_unaccounted()
         await self._provisioner.prune_egress(())
+        await self._provisioner.prune_networks(())
 
     # -- registry changes ------------------------------------------------------------
 
@@ -139,6 +143,7 @@ class Supervisor:
             state = self._servers[definition.name] = ServerState(definition)
         else:
             state.definition = definition
+            state.record_healthy()  # a new definition starts with a clean record
             # Instances were made from the old definition: recycle pooled and shared ones
             # (sessions in progress keep theirs until they end).
             await self._shared.stop(state)
@@ -155,6 +160,29 @@ class Supervisor:
         self._shared.forget(name)
         instances = [*state.pool, *state.in_use.values()]
         await asyncio.gather(*(self.stop_instance(i) for i in instances), return_exceptions=True)
+
+    async def vet(
+        self, definition: ServerDefinition, *, trial: bool, timeout: float = 0.0
+    ) -> ServerDefinition:
+        """Pin, check secrets and (with `trial`) prove the server answers: see `trial.vet`."""
+
+        async def start(pinned: ServerDefinition) -> Instance:
+            instance_id = new_instance_id()
+            self._known_containers.add(instance_id)  # the reaper leaves it alone
+            try:
+                return await self._provisioner.start(pinned, instance_id)
+            except BaseException:
+                self._known_containers.discard(instance_id)
+                raise
+
+        return await vet(
+            self._provisioner,
+            self._backend,
+            definition,
+            start=start if trial else None,
+            stop=self.stop_instance,
+            timeout=timeout,
+        )
 
     # -- sessions --------------------------------------------------------------------
 
@@ -173,6 +201,8 @@ class Supervisor:
             self._spawn(self.stop_instance(candidate))  # dead, or made under an older policy
         if instance is None:
             instance = await self.start_instance(state)
+        else:
+            state.record_healthy()
         instance.session_id = session_id
         state.in_use[instance.id] = instance
         self._spawn(self._refill(state))
@@ -255,6 +285,15 @@ class Supervisor:
             for name, s in list(self._servers.items())
         ]
 
+    async def details(
+        self, definition: ServerDefinition
+    ) -> tuple[EffectiveSandbox, tuple[str, ...], ServerState | None]:
+        """The sandbox in force for `definition`, its granted secrets missing from the
+        vault, and its live state (None if not loaded)."""
+        effective = self._provisioner.effective(definition)
+        missing = await asyncio.to_thread(self._provisioner.missing_secrets, effective.secrets)
+        return effective, missing, self._servers.get(definition.name)
+
     def servers(self) -> dict[str, ServerState]:
         return dict(self._servers)
 
@@ -312,6 +351,9 @@ class Supervisor:
         if state is not None and instance in state.pool:
             state.pool.remove(instance)  # a pooled instance died before use: drop it
             self._spawn(self.stop_instance(instance))
+            if not report.stopped_by_daemon:
+                tail = instance.stderr.since(max(0, instance.stderr.total - 5))
+                state.pool_failed(describe_exit(state.definition, report, tail))
 
     async def stop_instance(self, instance: Instance) -> ExitReport:
         try:
@@ -319,18 +361,20 @@ class Supervisor:
         finally:
             self._known_containers.discard(instance.id)
             self._provisioner.forget_secrets(instance.id)  # the files go with the container
+            if instance.http is not None:
+                await self._provisioner.forget_network(instance.id)
 
     async def _refill(self, state: ServerState) -> None:
         while (
             not self._closing
             and state.definition.name in self._servers
             and len(state.pool) + state.starting < state.definition.warm_pool
+            and state.may_retry()
         ):
             try:
                 instance = await self.start_instance(state)
             except SandboxError as exc:
-                with log_context(server=state.definition.name):
-                    log.error("warm pool could not start an instance", error=str(exc))
+                state.pool_failed(describe_start_error(state.definition, exc))
                 return
             if self._closing or state.definition.name not in self._servers:
                 await self.stop_instance(instance)
@@ -348,6 +392,8 @@ class Supervisor:
     async def reconcile_once(self) -> None:
         for state in list(self._servers.values()):
             for instance in list(state.pool):
+                if state.failures and instance.alive and instance.age > HEALTHY_AFTER:
+                    state.record_healthy()
                 if instance.age > self._pool_max_age:
                     state.pool.remove(instance)
                     self._spawn(self.stop_instance(instance))
@@ -360,6 +406,7 @@ class Supervisor:
                 await instance.sample_pids()
         await self._reap_unaccounted()
         await self._provisioner.prune_egress(list(self._servers))
+        await self._provisioner.prune_networks(set(self._known_containers))
 
     async def _reap_unaccounted(self) -> int:
         """Remove containers with this daemon's id that are not instances of this run."""

@@ -352,6 +352,9 @@ class ServerStatus(_message.Message):
     RESTARTS_FIELD_NUMBER: _builtins.int
     WARM_POOL_FIELD_NUMBER: _builtins.int
     RECENT_EXITS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    NEXT_RETRY_AT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     instances: _builtins.int
     """serving sessions now"""
@@ -361,6 +364,15 @@ class ServerStatus(_message.Message):
     """shared instances restarted after a crash"""
     warm_pool: _builtins.int
     """the pool size asked for"""
+    last_error: _builtins.str
+    """Health of the warm pool / shared instance: empty last_error means no failure since
+    the last instance that came up and stayed up.
+    e.g. "exited with code 127 (command not found): ..."
+    """
+    failures: _builtins.int
+    """consecutive failed starts"""
+    next_retry_at: _builtins.float
+    """seconds since the epoch; 0 = not waiting to retry"""
     @_builtins.property
     def recent_exits(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExitRecord]: ...
     def __init__(
@@ -372,10 +384,13 @@ class ServerStatus(_message.Message):
         restarts: _builtins.int = ...,
         warm_pool: _builtins.int = ...,
         recent_exits: _abc.Iterable[Global___ExitRecord] | None = ...,
+        last_error: _builtins.str = ...,
+        failures: _builtins.int = ...,
+        next_retry_at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "name", b"name", "pooled", b"pooled", "recent_exits", b"recent_exits", "restarts", b"restarts", "warm_pool", b"warm_pool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures", b"failures", "instances", b"instances", "last_error", b"last_error", "name", b"name", "next_retry_at", b"next_retry_at", "pooled", b"pooled", "recent_exits", b"recent_exits", "restarts", b"restarts", "warm_pool", b"warm_pool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -463,6 +478,46 @@ Global___SandboxSettings: _TypeAlias = SandboxSettings  # noqa: Y015
 class ServerDefinition(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class SecretEnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
@@ -472,6 +527,14 @@ class ServerDefinition(_message.Message):
     SHARED_FIELD_NUMBER: _builtins.int
     WARM_POOL_FIELD_NUMBER: _builtins.int
     RESTART_POLICY_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    CHECKED_FIELD_NUMBER: _builtins.int
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    SECRET_ENV_FIELD_NUMBER: _builtins.int
+    TRANSPORT_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     image: _builtins.str
     working_dir: _builtins.str
@@ -481,12 +544,36 @@ class ServerDefinition(_message.Message):
     """containers kept started and attached, not yet spoken to"""
     restart_policy: _builtins.str
     """shared instances: "on-failure" (default) or "never" """
+    image_id: _builtins.str
+    """the image pinned at registration (sha256:...); instances run it"""
+    transport: _builtins.str
+    """"stdio" (default) or "streamable-http" """
+    port: _builtins.int
+    """streamable-http: where it listens inside its container"""
+    path: _builtins.str
+    """streamable-http: its endpoint (default /mcp)"""
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def sandbox(self) -> Global___SandboxSettings: ...
+    @_builtins.property
+    def source(self) -> Global___ServerSource:
+        """where the image came from, pinned at registration"""
+
+    @_builtins.property
+    def checked(self) -> Global___TrialReport:
+        """what answered in the trial sandbox at registration"""
+
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """plain environment (never secrets: inspectable)"""
+
+    @_builtins.property
+    def secret_env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """VAR -> vault secret, set by stockade-secret-env"""
+
     def __init__(
         self,
         *,
@@ -499,14 +586,221 @@ class ServerDefinition(_message.Message):
         shared: _builtins.bool = ...,
         warm_pool: _builtins.int = ...,
         restart_policy: _builtins.str = ...,
+        source: Global___ServerSource | None = ...,
+        checked: Global___TrialReport | None = ...,
+        image_id: _builtins.str = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        secret_env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        transport: _builtins.str = ...,
+        port: _builtins.int = ...,
+        path: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sandbox", b"sandbox"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "sandbox", b"sandbox", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "image", b"image", "name", b"name", "restart_policy", b"restart_policy", "sandbox", b"sandbox", "shared", b"shared", "warm_pool", b"warm_pool", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "checked", b"checked", "command", b"command", "env", b"env", "image", b"image", "image_id", b"image_id", "name", b"name", "path", b"path", "port", b"port", "restart_policy", b"restart_policy", "sandbox", b"sandbox", "secret_env", b"secret_env", "shared", b"shared", "source", b"source", "transport", b"transport", "warm_pool", b"warm_pool", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServerDefinition: _TypeAlias = ServerDefinition  # noqa: Y015
+
+@_typing.final
+class ServerSource(_message.Message):
+    """Provenance of a server's image: a package resolved to an exact version, or an image
+    pinned to its digest. Written by `stockade server add`, kept in the registry.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    PACKAGE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    LOCK_HASH_FIELD_NUMBER: _builtins.int
+    RECIPE_HASH_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    IMAGE_USER_FIELD_NUMBER: _builtins.int
+    SYSTEM_PACKAGES_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"image", "pypi" or "npm" """
+    package: _builtins.str
+    """pypi/npm: the package name"""
+    version: _builtins.str
+    """pypi/npm: the exact version resolved"""
+    digest: _builtins.str
+    """image: the repository digest, when it has one"""
+    lock_hash: _builtins.str
+    """pypi/npm: sha256 of the lock the image was built from"""
+    recipe_hash: _builtins.str
+    """pypi/npm: the per-server image's recipe hash"""
+    index: _builtins.str
+    """pypi/npm: the index or registry resolved against"""
+    image_user: _builtins.str
+    """the image's own USER (it runs as the daemon's user anyway)"""
+    @_builtins.property
+    def system_packages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """pypi/npm: Debian packages added to the image"""
+
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        package: _builtins.str = ...,
+        version: _builtins.str = ...,
+        digest: _builtins.str = ...,
+        lock_hash: _builtins.str = ...,
+        recipe_hash: _builtins.str = ...,
+        index: _builtins.str = ...,
+        image_user: _builtins.str = ...,
+        system_packages: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "image_user", b"image_user", "index", b"index", "kind", b"kind", "lock_hash", b"lock_hash", "package", b"package", "recipe_hash", b"recipe_hash", "system_packages", b"system_packages", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerSource: _TypeAlias = ServerSource  # noqa: Y015
+
+@_typing.final
+class TrialReport(_message.Message):
+    """The answer of a server's trial sandbox (initialize, then the lists it advertises)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_NAME_FIELD_NUMBER: _builtins.int
+    SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    PROMPTS_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    server_name: _builtins.str
+    server_version: _builtins.str
+    protocol_version: _builtins.str
+    tools: _builtins.int
+    prompts: _builtins.int
+    resources: _builtins.int
+    at: _builtins.float
+    """seconds since the epoch"""
+    seconds: _builtins.float
+    """how long the trial took"""
+    def __init__(
+        self,
+        *,
+        server_name: _builtins.str = ...,
+        server_version: _builtins.str = ...,
+        protocol_version: _builtins.str = ...,
+        tools: _builtins.int = ...,
+        prompts: _builtins.int = ...,
+        resources: _builtins.int = ...,
+        at: _builtins.float = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "prompts", b"prompts", "protocol_version", b"protocol_version", "resources", b"resources", "seconds", b"seconds", "server_name", b"server_name", "server_version", b"server_version", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrialReport: _TypeAlias = TrialReport  # noqa: Y015
+
+@_typing.final
+class EffectiveSandbox(_message.Message):
+    """The sandbox an instance of a server gets now: the registry's settings capped by policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    CPUS_FIELD_NUMBER: _builtins.int
+    PIDS_LIMIT_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    EGRESS_FIELD_NUMBER: _builtins.int
+    MOUNTS_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
+    POLICY_SOURCE_FIELD_NUMBER: _builtins.int
+    IMAGE_PIN_FIELD_NUMBER: _builtins.int
+    runtime: _builtins.str
+    memory_bytes: _builtins.int
+    cpus: _builtins.float
+    pids_limit: _builtins.int
+    user: _builtins.str
+    policy_source: _builtins.str
+    """the policy file that set it ("" = defaults)"""
+    image_pin: _builtins.str
+    """the policy's image pin, if any"""
+    @_builtins.property
+    def egress(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """host:port allowed out; empty = no network"""
+
+    @_builtins.property
+    def mounts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"SOURCE -> TARGET (ro|rw)" """
+
+    @_builtins.property
+    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        runtime: _builtins.str = ...,
+        memory_bytes: _builtins.int = ...,
+        cpus: _builtins.float = ...,
+        pids_limit: _builtins.int = ...,
+        user: _builtins.str = ...,
+        egress: _abc.Iterable[_builtins.str] | None = ...,
+        mounts: _abc.Iterable[_builtins.str] | None = ...,
+        capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        policy_source: _builtins.str = ...,
+        image_pin: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "cpus", b"cpus", "egress", b"egress", "image_pin", b"image_pin", "memory_bytes", b"memory_bytes", "mounts", b"mounts", "pids_limit", b"pids_limit", "policy_source", b"policy_source", "runtime", b"runtime", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EffectiveSandbox: _TypeAlias = EffectiveSandbox  # noqa: Y015
+
+@_typing.final
+class ServerDetails(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_FIELD_NUMBER: _builtins.int
+    SANDBOX_FIELD_NUMBER: _builtins.int
+    SECRETS_FIELD_NUMBER: _builtins.int
+    MISSING_SECRETS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def server(self) -> Global___ServerDefinition: ...
+    @_builtins.property
+    def sandbox(self) -> Global___EffectiveSandbox: ...
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """granted by policy (names only)"""
+
+    @_builtins.property
+    def missing_secrets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """granted but not in the vault: instances cannot start"""
+
+    @_builtins.property
+    def status(self) -> Global___ServerStatus: ...
+    def __init__(
+        self,
+        *,
+        server: Global___ServerDefinition | None = ...,
+        sandbox: Global___EffectiveSandbox | None = ...,
+        secrets: _abc.Iterable[_builtins.str] | None = ...,
+        missing_secrets: _abc.Iterable[_builtins.str] | None = ...,
+        status: Global___ServerStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sandbox", b"sandbox", "server", b"server", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing_secrets", b"missing_secrets", "sandbox", b"sandbox", "secrets", b"secrets", "server", b"server", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerDetails: _TypeAlias = ServerDetails  # noqa: Y015
 
 @_typing.final
 class AddServerRequest(_message.Message):
@@ -514,7 +808,15 @@ class AddServerRequest(_message.Message):
 
     SERVER_FIELD_NUMBER: _builtins.int
     REPLACE_FIELD_NUMBER: _builtins.int
+    SKIP_CHECK_FIELD_NUMBER: _builtins.int
+    CHECK_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     replace: _builtins.bool
+    skip_check: _builtins.bool
+    """Registration starts the server once in a trial sandbox (exactly like an instance)
+    and refuses it unless it answers initialize. skip_check registers without that.
+    """
+    check_timeout_seconds: _builtins.int
+    """0: the daemon's default"""
     @_builtins.property
     def server(self) -> Global___ServerDefinition: ...
     def __init__(
@@ -522,10 +824,12 @@ class AddServerRequest(_message.Message):
         *,
         server: Global___ServerDefinition | None = ...,
         replace: _builtins.bool = ...,
+        skip_check: _builtins.bool = ...,
+        check_timeout_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["replace", b"replace", "server", b"server"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_timeout_seconds", b"check_timeout_seconds", "replace", b"replace", "server", b"server", "skip_check", b"skip_check"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

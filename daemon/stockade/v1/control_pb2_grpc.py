@@ -59,6 +59,11 @@ class ControlStub:
                 request_serializer=stockade_dot_v1_dot_control__pb2.RemoveServerRequest.SerializeToString,
                 response_deserializer=stockade_dot_v1_dot_control__pb2.RemoveServerResponse.FromString,
                 _registered_method=True)
+        self.ShowServer = channel.unary_unary(
+                '/stockade.v1.Control/ShowServer',
+                request_serializer=stockade_dot_v1_dot_control__pb2.GetServerRequest.SerializeToString,
+                response_deserializer=stockade_dot_v1_dot_control__pb2.ServerDetails.FromString,
+                _registered_method=True)
         self.ListSessions = channel.unary_unary(
                 '/stockade.v1.Control/ListSessions',
                 request_serializer=stockade_dot_v1_dot_control__pb2.ListSessionsRequest.SerializeToString,
@@ -142,6 +147,14 @@ class ControlServicer:
 
     def RemoveServer(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShowServer(self, request, context):
+        """A server's definition with what the daemon makes of it: the sandbox in force (registry
+        capped by policy), the secrets granted, and its health.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -237,6 +250,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.RemoveServer,
                     request_deserializer=stockade_dot_v1_dot_control__pb2.RemoveServerRequest.FromString,
                     response_serializer=stockade_dot_v1_dot_control__pb2.RemoveServerResponse.SerializeToString,
+            ),
+            'ShowServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShowServer,
+                    request_deserializer=stockade_dot_v1_dot_control__pb2.GetServerRequest.FromString,
+                    response_serializer=stockade_dot_v1_dot_control__pb2.ServerDetails.SerializeToString,
             ),
             'ListSessions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSessions,
@@ -424,6 +442,33 @@ class Control:
             '/stockade.v1.Control/RemoveServer',
             stockade_dot_v1_dot_control__pb2.RemoveServerRequest.SerializeToString,
             stockade_dot_v1_dot_control__pb2.RemoveServerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShowServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockade.v1.Control/ShowServer',
+            stockade_dot_v1_dot_control__pb2.GetServerRequest.SerializeToString,
+            stockade_dot_v1_dot_control__pb2.ServerDetails.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,10 @@ class ControlStub:
     ListServers: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListServersRequest, _control_pb2.ListServersResponse]
     GetServer: _grpc.UnaryUnaryMultiCallable[_control_pb2.GetServerRequest, _control_pb2.ServerDefinition]
     RemoveServer: _grpc.UnaryUnaryMultiCallable[_control_pb2.RemoveServerRequest, _control_pb2.RemoveServerResponse]
+    ShowServer: _grpc.UnaryUnaryMultiCallable[_control_pb2.GetServerRequest, _control_pb2.ServerDetails]
+    """A server's definition with what the daemon makes of it: the sandbox in force (registry
+    capped by policy), the secrets granted, and its health.
+    """
     ListSessions: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListSessionsRequest, _control_pb2.ListSessionsResponse]
     GetServerLogs: _grpc.UnaryStreamMultiCallable[_control_pb2.GetServerLogsRequest, _control_pb2.LogLine]
     """The stderr of a server's instances (bounded ring per instance); follow streams new lines."""
@@ -68,6 +72,10 @@ class ControlAsyncStub(ControlStub):
     ListServers: _aio.UnaryUnaryMultiCallable[_control_pb2.ListServersRequest, _control_pb2.ListServersResponse]  # type: ignore[assignment]
     GetServer: _aio.UnaryUnaryMultiCallable[_control_pb2.GetServerRequest, _control_pb2.ServerDefinition]  # type: ignore[assignment]
     RemoveServer: _aio.UnaryUnaryMultiCallable[_control_pb2.RemoveServerRequest, _control_pb2.RemoveServerResponse]  # type: ignore[assignment]
+    ShowServer: _aio.UnaryUnaryMultiCallable[_control_pb2.GetServerRequest, _control_pb2.ServerDetails]  # type: ignore[assignment]
+    """A server's definition with what the daemon makes of it: the sandbox in force (registry
+    capped by policy), the secrets granted, and its health.
+    """
     ListSessions: _aio.UnaryUnaryMultiCallable[_control_pb2.ListSessionsRequest, _control_pb2.ListSessionsResponse]  # type: ignore[assignment]
     GetServerLogs: _aio.UnaryStreamMultiCallable[_control_pb2.GetServerLogsRequest, _control_pb2.LogLine]  # type: ignore[assignment]
     """The stderr of a server's instances (bounded ring per instance); follow streams new lines."""
@@ -120,6 +128,16 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _control_pb2.RemoveServerRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.RemoveServerResponse, _abc.Awaitable[_control_pb2.RemoveServerResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ShowServer(
+        self,
+        request: _control_pb2.GetServerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ServerDetails, _abc.Awaitable[_control_pb2.ServerDetails]]:
+        """A server's definition with what the daemon makes of it: the sandbox in force (registry
+        capped by policy), the secrets granted, and its health.
+        """
 
     @_abc_1.abstractmethod
     def ListSessions(
