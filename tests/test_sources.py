@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -267,7 +268,7 @@ SERVER_JSON = {
         }
     ],
 }
-SECRET_GRANT = ALLOW_ALL_POLICY + "sandboxes:\n  mem:\n    secrets: [mem.MEMORY_TOKEN]\n"
+PINS = re.compile(r"image: (?P<image>\S+), command: (?P<command>\[.*\]), secrets:")
 
 
 def test_a_server_json_with_a_secret_starts_only_once_the_secret_is_set(
@@ -276,7 +277,7 @@ def test_a_server_json_with_a_secret_starts_only_once_the_secret_is_set(
     entry = tmp_path / "server.json"
     entry.write_text(json.dumps(SERVER_JSON))
     token = "tok-" + os.urandom(8).hex()
-    with running_daemon(tmp_path / "daemon", policy=SECRET_GRANT) as daemon:
+    with running_daemon(tmp_path / "daemon") as daemon:
         arguments = ("--from", str(entry), "--warm", "1", *build_args())
         line = refused(daemon, "mem", *arguments)
         assert "needs the secret(s) mem.MEMORY_TOKEN" in line
@@ -290,6 +291,20 @@ def test_a_server_json_with_a_secret_starts_only_once_the_secret_is_set(
             check=True,
             capture_output=True,
         )
+        # Not granted yet: the refusal names the exact pins a grant needs (a sandbox granted
+        # secrets must pin the image by digest and the command), and the operator writes them.
+        ungranted = refused(daemon, "mem", *arguments)
+        pins = PINS.search(ungranted)
+        assert pins is not None, ungranted
+        grant = (
+            f"sandboxes:\n  mem:\n    image: {pins['image']}\n"
+            f"    command: {pins['command']}\n    secrets: [mem.MEMORY_TOKEN]\n"
+        )
+        daemon.write_policy(ALLOW_ALL_POLICY + grant)
+        deadline = time.monotonic() + 30
+        while '"policy loaded"' not in daemon.log_path.read_text().split("secret set")[-1]:
+            assert time.monotonic() < deadline, "the policy was not reloaded"
+            time.sleep(0.5)
         out = daemon.cli("server", "add", "mem", *arguments).stdout
         assert "answered: memory-server" in out
         shown = daemon.cli("server", "show", "mem").stdout

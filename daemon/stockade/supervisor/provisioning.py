@@ -166,7 +166,7 @@ def pin_problem(
     source = policy.source or "the sandbox policy"
     if policy.image is not None and definition.image != policy.image:
         digest, repository = policy.image_digest, policy.image_repository
-        if digest is None or _repository(definition.image) != repository:
+        if digest is None or image_repository(definition.image) != repository:
             return (
                 f"{where} asks for image {definition.image!r}; {source} allows only "
                 f"{policy.image!r}"
@@ -184,7 +184,7 @@ def pin_problem(
     return None
 
 
-def _repository(image: str) -> str:
+def image_repository(image: str) -> str:
     """`name` of `name:tag` or `name@digest` (a registry port's colon is kept)."""
     name = image.partition("@")[0]
     head, _, tail = name.rpartition(":")

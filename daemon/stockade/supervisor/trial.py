@@ -17,6 +17,7 @@ that one line; the warm pool uses it too, so `server status` says the same thing
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,7 +28,7 @@ from stockade.registry import ServerDefinition, ServerSource, TrialReport
 from stockade.sandbox.errors import ImageMissing, SandboxError
 from stockade.sandbox.instance import ExitReport, Instance
 from stockade.sandbox.runtime import SandboxRuntime
-from stockade.supervisor.provisioning import Provisioner
+from stockade.supervisor.provisioning import Provisioner, image_repository
 from stockade.wire.lines import OversizedLine
 
 DEFAULT_TIMEOUT = 30.0
@@ -103,7 +104,7 @@ async def vet(
     (TrialFailed, ImageMissing) with one line; the trial's container is gone when this
     returns, whatever happened.
     """
-    await _secrets_ready(provisioner, definition)
+    await _secrets_ready(provisioner, backend, definition)
     try:
         pinned = await asyncio.to_thread(pin, backend, definition)
     except SandboxError as exc:
@@ -119,8 +120,13 @@ async def vet(
     return pinned.model_copy(update={"checked": report})
 
 
-async def _secrets_ready(provisioner: Provisioner, definition: ServerDefinition) -> None:
-    """Refuse a server whose secret variables are not set, or not granted by policy."""
+async def _secrets_ready(
+    provisioner: Provisioner, backend: SandboxRuntime, definition: ServerDefinition
+) -> None:
+    """Refuse a server whose secret variables are not set, or not granted by policy.
+
+    A grant must pin the image by digest and the command (policy/sandbox.py), which an
+    operator cannot know before the image is built: the refusal says the exact pins."""
     needed = tuple(sorted(set(definition.secret_env.values())))
     if not needed:
         return
@@ -133,9 +139,16 @@ async def _secrets_ready(provisioner: Provisioner, definition: ServerDefinition)
     granted = provisioner.effective(definition).secrets
     ungranted = [name for name in needed if name not in granted]
     if ungranted:
+        try:
+            digest = (await asyncio.to_thread(backend.image_digests, definition.image))[0]
+            repository = image_repository(definition.image)
+            pins = f"image: {repository}@{digest}, command: {json.dumps(list(definition.argv))}, "
+        except SandboxError:
+            pins = ""
         raise SandboxError(
             f"needs the secret(s) {', '.join(ungranted)}, which its sandbox policy does not "
-            f"grant (add `secrets: [...]` under sandboxes: {definition.name})"
+            f"grant (under sandboxes: {definition.name}: {pins}"
+            f"secrets: {json.dumps(sorted(ungranted))})"
         )
 
 
