@@ -9,13 +9,16 @@ their instance; `prune` removes those a crash left behind.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
+from stockade.sandbox.errors import SandboxError
 from stockade.sandbox.runtime import SandboxRuntime
 from stockade.sandbox.spec import LABEL_INSTANCE, LABEL_PREFIX
 
 LABEL_OWNER = f"{LABEL_PREFIX}.instance-network"  # the daemon id that owns the network
 PREFIX = "stockade-inst-"
+REMOVE_ATTEMPTS = 10
 
 
 def network_name(instance_id: str) -> str:
@@ -30,7 +33,17 @@ def ensure(backend: SandboxRuntime, daemon_id: str, instance_id: str) -> str:
 
 
 def remove(backend: SandboxRuntime, instance_id: str) -> None:
-    backend.remove_network(network_name(instance_id))
+    """Remove the network; the engine may still be detaching the removed container from
+    it for a moment ("active endpoints"), so try again briefly before leaving it to
+    `prune`."""
+    for attempt in range(REMOVE_ATTEMPTS):
+        try:
+            backend.remove_network(network_name(instance_id))
+            return
+        except SandboxError:
+            if attempt == REMOVE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2)
 
 
 def prune(backend: SandboxRuntime, daemon_id: str, keep: Iterable[str]) -> None:
