@@ -30,7 +30,7 @@ from stockade.registry import Registry, SandboxSettings, ServerDefinition
 from stockade.sandbox.docker_backend import DockerBackend
 from stockade.sandbox.egress import LABEL_GATEWAY_DAEMON
 from stockade.sandbox.spec import LABEL_DAEMON
-from stockade.supervisor.provisioning import SandboxRefused
+from stockade.supervisor.spec_rules import SandboxRefused
 from stockade.supervisor.supervisor import Supervisor
 from tests.daemon_helper import HostSession, running_daemon
 

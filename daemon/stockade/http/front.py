@@ -20,7 +20,6 @@ an unsupported `MCP-Protocol-Version` 400, malformed JSON-RPC 400 with a JSON-RP
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import ssl
 import time
@@ -30,6 +29,15 @@ from aiohttp import web
 
 from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.config import Settings
+from stockade.http.headers import (
+    LEGACY_VERSIONS,
+    MODERN_VERSIONS,
+    SESSION_HEADER,
+    VERSION_HEADER,
+    header_mismatch,
+    no_modern_stream,
+    prefers_json,
+)
 from stockade.http.sessions import HttpSession, new_session_id
 from stockade.logs import get_logger
 from stockade.pki.authority import CertificateAuthority
@@ -43,13 +51,6 @@ from stockade.relay.opening import OpenRefused, Refusal, SessionOpener
 
 log = get_logger("stockade.http")
 
-SESSION_HEADER = "Mcp-Session-Id"
-VERSION_HEADER = "MCP-Protocol-Version"
-LEGACY_VERSIONS = frozenset({"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"})
-MODERN_VERSIONS = frozenset({"2026-07-28"})
-METHOD_HEADER, NAME_HEADER = "Mcp-Method", "Mcp-Name"
-NAME_BEARING = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
-VERSION_META_KEY = "io.modelcontextprotocol/protocolVersion"
 REQUEST_TIMEOUT_SECONDS = 300.0
 CREDENTIAL = "stockade.credential"  # request key: "cert:SERIAL" or "token:ID"
 HTTP_REFUSAL: dict[Refusal, type[web.HTTPException]] = {
@@ -230,7 +231,7 @@ class HttpFront:
             body = jsonrpc.error_response(exc.request_id, exc.code, str(exc))
             return web.Response(body=body, status=400, content_type="application/json")
         if request.headers.get(VERSION_HEADER) in MODERN_VERSIONS:
-            mismatch = _header_mismatch(request, message)
+            mismatch = header_mismatch(request, message)
             if mismatch is not None:
                 body = jsonrpc.error_response(message.id, jsonrpc.HEADER_MISMATCH, mismatch)
                 return web.Response(body=body, status=400, content_type="application/json")
@@ -262,7 +263,7 @@ class HttpFront:
         # a client closing an event stream would cost a new TLS handshake per call.
         # Progress, logs or a server request before the answer make it an event stream.
         response: web.StreamResponse | None = None
-        json_first = _prefers_json(request.headers.get("Accept", ""))
+        json_first = prefers_json(request.headers.get("Accept", ""))
         async for raw, is_answer in session.request_stream(message, REQUEST_TIMEOUT_SECONDS):
             if response is None:
                 if is_answer and json_first:
@@ -277,7 +278,7 @@ class HttpFront:
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
         identity, server = self._common(request)
-        _no_modern_stream(request)
+        no_modern_stream(request)
         if "text/event-stream" not in request.headers.get("Accept", ""):
             raise web.HTTPNotAcceptable(text="Accept must list text/event-stream")
         session = self._session(request, identity, server)
@@ -297,7 +298,7 @@ class HttpFront:
 
     async def _delete(self, request: web.Request) -> web.StreamResponse:
         identity, server = self._common(request)
-        _no_modern_stream(request)
+        no_modern_stream(request)
         session = self._session(request, identity, server)
         await self._end(session, "host ended it (DELETE)")
         return web.Response(status=200)
@@ -371,57 +372,3 @@ class HttpFront:
         if stateless:
             del self._stateless[(session.identity, session.server)]
         await session.end(why)
-
-
-def _prefers_json(accept: str) -> bool:
-    """Whether the client ranks application/json above text/event-stream (q, then order)."""
-    ranks: dict[str, tuple[float, int]] = {}
-    for position, part in enumerate(accept.split(",")):
-        media, *parameters = (item.strip() for item in part.split(";"))
-        quality = 1.0
-        for parameter in parameters:
-            name, _, value = parameter.partition("=")
-            if name.strip() == "q":
-                try:
-                    quality = float(value)
-                except ValueError:
-                    quality = 0.0
-        ranks.setdefault(media.lower(), (-quality, position))
-    json_rank = ranks.get("application/json")
-    sse_rank = ranks.get("text/event-stream")
-    return json_rank is not None and (sse_rank is None or json_rank < sse_rank)
-
-
-def _no_modern_stream(request: web.Request) -> None:
-    if request.headers.get(VERSION_HEADER) in MODERN_VERSIONS:
-        raise web.HTTPMethodNotAllowed(
-            request.method,
-            ["POST"],
-            text="2026-07-28 has no GET or DELETE here: every request is a POST",
-        )
-
-
-def _header_mismatch(request: web.Request, message: jsonrpc.Message) -> str | None:
-    """Why the 2026-07-28 routing headers disagree with the body, or None when they agree."""
-    params = message.params or {}
-    meta = params.get("_meta") if isinstance(params, dict) else None
-    version = meta.get(VERSION_META_KEY) if isinstance(meta, dict) else None
-    if request.headers.get(VERSION_HEADER) != version:
-        return f"{VERSION_HEADER} does not match the request's _meta protocol version"
-    if message.kind is not Kind.RESPONSE and request.headers.get(METHOD_HEADER) != message.method:
-        return f"{METHOD_HEADER} does not match the request body's method"
-    name_key = NAME_BEARING.get(message.method or "")
-    named = params.get(name_key) if name_key and isinstance(params, dict) else None
-    if named is not None and _decoded(request.headers.get(NAME_HEADER)) != named:
-        return f"{NAME_HEADER} does not match the request body's {name_key!r}"
-    return None
-
-
-def _decoded(value: str | None) -> str | None:
-    """A header value, with MCP's `=?base64?...?=` form for non-ASCII names undone."""
-    if value is None or not (value.startswith("=?base64?") and value.endswith("?=")):
-        return value
-    try:
-        return base64.b64decode(value[9:-2], validate=True).decode()
-    except (ValueError, UnicodeDecodeError):
-        return None

@@ -36,8 +36,9 @@ from stockade.sandbox.runtime import SandboxRuntime
 from stockade.sandbox.spec import LABEL_DAEMON, LABEL_INSTANCE
 from stockade.secrets.delivery import SecretDelivery
 from stockade.secrets.model import SecretStore
-from stockade.supervisor.provisioning import EffectiveSandbox, Provisioner
+from stockade.supervisor.provisioning import Provisioner
 from stockade.supervisor.shared_runner import SharedRunner
+from stockade.supervisor.spec_rules import EffectiveSandbox
 from stockade.supervisor.state import ServerState
 from stockade.supervisor.trial import describe_exit, describe_start_error, vet
 

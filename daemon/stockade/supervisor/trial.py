@@ -28,7 +28,8 @@ from stockade.registry import ServerDefinition, ServerSource, TrialReport
 from stockade.sandbox.errors import ImageMissing, SandboxError
 from stockade.sandbox.instance import ExitReport, Instance
 from stockade.sandbox.runtime import SandboxRuntime
-from stockade.supervisor.provisioning import Provisioner, image_repository
+from stockade.supervisor.provisioning import Provisioner
+from stockade.supervisor.spec_rules import image_repository
 from stockade.wire.lines import OversizedLine
 
 DEFAULT_TIMEOUT = 30.0
