@@ -212,6 +212,13 @@ def secure_channel(target: str, folder: Path) -> grpc.aio.Channel:
     )
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (for a listener the test starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import ssl
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
@@ -19,20 +18,14 @@ import grpc
 import httpx2
 import pytest
 
-from tests.daemon_helper import Daemon, HostSession, running_daemon
+from tests.daemon_helper import Daemon, HostSession, free_port, running_daemon
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     with running_daemon(
         tmp_path_factory.mktemp("admission"),
         STOCKADE_QUOTA_SESSIONS_PER_IDENTITY="2",

@@ -29,7 +29,7 @@ from cryptography.x509.oid import NameOID
 
 from stockade.audit.chain import load_public_key
 from stockade.audit.verify import audit_files, valid_signature
-from tests.daemon_helper import Daemon
+from tests.daemon_helper import Daemon, free_port
 from tests.test_audit_rollback import stockade
 
 RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
@@ -79,13 +79,6 @@ def _certificates(folder: Path) -> Path:
         )
     )
     return folder / "ca.pem"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 class Collector:
@@ -148,7 +141,7 @@ def collector(tmp_path: Path) -> Iterator[Collector]:
         pytest.fail("rsyslogd is missing: scripts/test.sh installs rsyslog and rsyslog-gnutls")
     folder = tmp_path / "collector"
     folder.mkdir()
-    running = Collector(folder, _free_port())
+    running = Collector(folder, free_port())
     try:
         yield running
     finally:
@@ -256,7 +249,7 @@ class HttpsReceiver:
     def __init__(self, folder: Path) -> None:
         self.ca = _certificates(folder)
         self.folder = folder
-        self.port = _free_port()
+        self.port = free_port()
         self.bodies: list[bytes] = []
         self.statuses: list[int] = []
         self._loop = asyncio.new_event_loop()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_helper import ALLOW_ALL_POLICY, running_daemon
+from tests.daemon_helper import ALLOW_ALL_POLICY, free_port, running_daemon
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
@@ -33,12 +33,6 @@ POLICY = (
   conformance: ["sampling/createMessage", "elicitation/create", "roots/list"]
 """
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _wait_for(port: int, process: subprocess.Popen[bytes], what: str) -> None:
@@ -89,7 +83,7 @@ def run_suite(url: str, out: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def direct(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[int, int]]]:
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, str(FIXTURE), "--http", str(port)],
         stdout=subprocess.DEVNULL,
@@ -111,7 +105,7 @@ def test_the_fixture_passes_the_suite_directly(direct: dict[str, tuple[int, int]
 def test_the_suite_gives_the_same_result_through_stockade(
     tmp_path: Path, direct: dict[str, tuple[int, int]]
 ) -> None:
-    front = f"127.0.0.1:{_free_port()}"
+    front = f"127.0.0.1:{free_port()}"
     with running_daemon(tmp_path, policy=POLICY, STOCKADE_HTTP_ADDRESS=front) as daemon:
         daemon.add_server(
             "conformance",
@@ -121,7 +115,7 @@ def test_the_suite_gives_the_same_result_through_stockade(
             warm=2,
         )
         creds = daemon.issue_host("conformance-suite")
-        port = _free_port()
+        port = free_port()
         bridge = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "stockade"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import pytest
 from mcp import Client, types
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.daemon_helper import Daemon, running_daemon
+from tests.daemon_helper import Daemon, free_port, running_daemon
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
@@ -37,16 +36,10 @@ INIT = {
 JSON_AND_SSE = {"Accept": "application/json, text/event-stream"}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     root = tmp_path_factory.mktemp("http")
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     with running_daemon(root, STOCKADE_HTTP_ADDRESS=address) as running:
         running.add_server("time", "stockade/python:latest", "mcp-server-time", warm=1)
         running.add_server("everything", "stockade/node:latest", "mcp-server-everything", warm=0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ import grpc
 import httpx2
 import pytest
 
-from tests.daemon_helper import Daemon, HostSession, running_daemon
+from tests.daemon_helper import Daemon, HostSession, free_port, running_daemon
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
@@ -31,15 +30,9 @@ INIT = {
 HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     root = tmp_path_factory.mktemp("revocation")
     with running_daemon(root, STOCKADE_HTTP_ADDRESS=address) as running:
         running.add_scratch_server("scratch", "--warm", "0")

@@ -31,7 +31,7 @@ from stockade.secrets.model import (
 )
 from stockade.secrets.redact import Redactor
 from stockade.secrets.vault import VaultSecretStore
-from tests.daemon_helper import Daemon, HostSession, running_daemon
+from tests.daemon_helper import Daemon, HostSession, free_port, running_daemon
 
 BIN = Path(sys.executable).parent
 INIT = {
@@ -136,18 +136,12 @@ def test_redaction_finds_raw_and_json_escaped_values() -> None:
 # -- OpenBao ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A real OpenBao dev server on loopback: (address, token file)."""
     bao = shutil.which("bao") or str(BIN / "bao")
     token = random.token_hex(16)
-    port = _free_port()
+    port = free_port()
     folder = tmp_path_factory.mktemp("bao")
     token_file = folder / "token"
     token_file.write_text(token)
