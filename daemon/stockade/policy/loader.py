@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from stockade.policy.model import PolicyFile, RateLimit, Rule
+from stockade.policy.model import PolicyFile, QuotaOverride, RateLimit, Rule
 from stockade.policy.sandbox import DEFAULT_SANDBOX, SandboxPolicy
 
 PathKey = tuple[str | int, ...]
@@ -34,6 +34,7 @@ class Policy:
     rate_limits: tuple[RateLimit, ...] = ()
     server_requests: dict[str, frozenset[str]] = field(default_factory=dict)
     sandboxes: dict[str, SandboxPolicy] = field(default_factory=dict)
+    quotas: tuple[QuotaOverride, ...] = ()
     files: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()  # entries of a policy directory that are not policy files
 
@@ -99,7 +100,11 @@ def load_file(path: Path) -> PolicyFile:
         )
         for server, sandbox in parsed.sandboxes.items()
     }
-    return parsed.model_copy(update={"rules": rules, "sandboxes": sandboxes})
+    quotas = tuple(
+        quota.model_copy(update={"source": f"{path}:{lines.get(('quotas', index), 1)}"})
+        for index, quota in enumerate(parsed.quotas)
+    )
+    return parsed.model_copy(update={"rules": rules, "sandboxes": sandboxes, "quotas": quotas})
 
 
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -132,9 +137,11 @@ def load_policy(paths: list[Path]) -> Policy:
     limits: list[RateLimit] = []
     requests: dict[str, set[str]] = {}
     sandboxes: dict[str, SandboxPolicy] = {}
+    quotas: list[QuotaOverride] = []
     for path in files:
         loaded = load_file(path)
         rules.extend(loaded.rules)
+        quotas.extend(loaded.quotas)
         limits.extend(loaded.rate_limits)
         for server, methods in loaded.server_requests.items():
             requests.setdefault(server, set()).update(methods)
@@ -156,6 +163,7 @@ def load_policy(paths: list[Path]) -> Policy:
         rate_limits=tuple(limits),
         server_requests={s: frozenset(m) for s, m in requests.items()},
         sandboxes=sandboxes,
+        quotas=tuple(quotas),
         files=tuple(str(f) for f in files),
         ignored=tuple(str(f) for f in ignored),
     )

@@ -26,6 +26,11 @@ rate_limits:                           # token buckets, one per caller x server 
     burst: 3
 sandboxes:                             # how each server's container runs (policy/sandbox.py)
   time: {memory_mb: 128}
+quotas:                                # override the quota settings; the lowest match wins
+  - identities: ["spiffe://stockade.local/host/ci"]
+    sessions_per_identity: 64
+  - servers: ["github"]
+    instances_per_server: 4
 ```
 """
 
@@ -209,6 +214,23 @@ class RateLimit(BaseModel):
     burst: int = Field(ge=1, le=1_000_000)
 
 
+class QuotaOverride(BaseModel):
+    """Quotas for the identities x servers it covers, in place of the settings' defaults.
+
+    Where several entries cover a session, the lowest value of each quota wins: an entry
+    can raise a default, but never another entry's limit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    identities: tuple[str, ...] = Field(default=("*",), min_length=1)
+    servers: tuple[str, ...] = Field(default=("*",), min_length=1)
+    sessions_per_identity: int | None = Field(default=None, ge=1, le=100_000)
+    http_sessions_per_identity: int | None = Field(default=None, ge=1, le=100_000)
+    opens_per_identity_per_minute: int | None = Field(default=None, ge=1, le=1_000_000)
+    instances_per_server: int | None = Field(default=None, ge=1, le=100_000)
+    source: str = Field(default="", exclude=True)
+
+
 class PolicyFile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -217,6 +239,7 @@ class PolicyFile(BaseModel):
     rate_limits: tuple[RateLimit, ...] = ()
     server_requests: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     sandboxes: dict[str, SandboxPolicy] = Field(default_factory=dict)
+    quotas: tuple[QuotaOverride, ...] = ()
 
     @field_validator("server_requests")
     @classmethod

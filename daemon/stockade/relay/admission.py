@@ -8,6 +8,7 @@ what one identity can make the daemon spend:
 - HTTP sessions per identity;
 - session opens per identity per minute (a sliding window);
 - concurrent per-session instances per server.
+A policy's `quotas:` entries override the settings per identity or server.
 
 Refusals of one kind by one caller are audited once per window with a count
 (`relay.digest.Digest`), so a caller hammering a closed door cannot grow the audit log.
@@ -15,6 +16,8 @@ Refusals of one kind by one caller are audited once per window with a count
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -74,6 +77,7 @@ class Admission:
         live: Iterable[LiveSession],
     ) -> Refused | None:
         """None if the session may open (and it is counted as an open); else why not."""
+        quotas = self.quotas_for(identity, server)
         if not self._policy.evaluator.may_use_server(identity, server):
             return Refused(
                 None, f"no policy rule lets {identity} use server {server!r}; no sandbox started"
@@ -84,7 +88,6 @@ class Admission:
                 mine += 1
                 per_transport += session.transport == transport
             instances += session.server == server and not session.shared
-        quotas = self.quotas
         if mine >= quotas.sessions_per_identity:
             return _over("sessions_per_identity", quotas.sessions_per_identity, identity)
         if transport == "http" and per_transport >= quotas.http_sessions_per_identity:
@@ -109,6 +112,23 @@ class Admission:
             )
         opens.append(now)
         return None
+
+    def quotas_for(self, identity: str, server: str) -> Quotas:
+        """The settings' quotas, overridden by the policy's `quotas:` entries that cover this
+        identity and server (the lowest value of each wins)."""
+        overrides = [
+            q
+            for q in self._policy.evaluator.policy.quotas
+            if any(fnmatch.fnmatchcase(identity, g) for g in q.identities)
+            and any(fnmatch.fnmatchcase(server, g) for g in q.servers)
+        ]
+        if not overrides:
+            return self.quotas
+        values = {}
+        for name in (f.name for f in dataclasses.fields(Quotas)):
+            said = [v for q in overrides if (v := getattr(q, name)) is not None]
+            values[name] = min(said) if said else getattr(self.quotas, name)
+        return Quotas(**values)
 
     def _forget_idle(self, now: float) -> None:
         for identity in [i for i, d in self._opens.items() if not d or now - d[-1] > 60]:
