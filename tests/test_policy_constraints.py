@@ -268,3 +268,23 @@ def test_the_shipped_filesystem_policy_reads_like_its_header() -> None:
     assert not evaluator.decide(request).allowed
     allowed = Request(HOST, "filesystem", "tools/call", "list_allowed_directories", {})
     assert evaluator.decide(allowed).allowed
+
+
+def test_a_look_alike_member_nested_in_a_schema_argument_is_never_allowed(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\nrules:\n  - name: read-mode\n    effect: allow\n"
+        '    identities: ["*"]\n    servers: ["s"]\n    methods: ["tools/call"]\n'
+        "    arguments:\n      options: {schema: {type: object, properties: "
+        "{mode: {enum: [read]}}}}\n"
+    )
+    evaluator = Evaluator(load_policy([tmp_path]))
+
+    def allowed(arguments: dict[str, object]) -> bool:
+        return evaluator.decide(
+            Request("spiffe://x/host/a", "s", "tools/call", "t", arguments)
+        ).allowed
+
+    assert allowed({"options": {"mode": "read"}})
+    assert not allowed({"options": {"mode": "write"}})
+    for spelled in ("MODE", "Mode", "mOdE"):  # a Go struct's Mode field takes each of them
+        assert not allowed({"options": {spelled: "write"}}), spelled

@@ -32,6 +32,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 from stockade.policy.model import ArgumentConstraint
+from stockade.wire.strict_json import fold_key
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _CONTROL_MULTILINE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f]")
@@ -105,6 +106,29 @@ def _finite(value: Any) -> bool:
     return True
 
 
+def _look_alike_member(schema: Any, value: Any, depth: int = 0) -> str | None:
+    """A member of `value` (at any depth the schema describes) spelled like one of the
+    schema's `properties` but not exactly: "MODE" beside a constrained "mode"."""
+    if depth > 64 or not isinstance(schema, dict):
+        return None
+    properties = schema.get("properties")
+    if isinstance(value, dict) and isinstance(properties, dict):
+        folded = {fold_key(name): name for name in properties}
+        for key, item in value.items():
+            if key not in properties and fold_key(key) in folded:
+                return f"{key[:40]!r}"
+            found = _look_alike_member(properties.get(key), item, depth + 1)
+            if found is not None:
+                return found
+    items = schema.get("items")
+    if isinstance(value, list) and isinstance(items, dict):
+        for item in value:
+            found = _look_alike_member(items, item, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
 def _schema(constraint: ArgumentConstraint) -> Check:
     validator = Draft202012Validator(
         constraint.schema_ or {}, format_checker=Draft202012Validator.FORMAT_CHECKER
@@ -113,6 +137,9 @@ def _schema(constraint: ArgumentConstraint) -> Check:
     def check(value: Any) -> Outcome:
         if not _finite(value):
             return Outcome(Verdict.UNCLEAR, "holds a non-finite number")
+        alike = _look_alike_member(constraint.schema_ or {}, value)
+        if alike is not None:  # a Go struct's field would take it, unchecked by the schema
+            return Outcome(Verdict.UNCLEAR, f"holds {alike}, spelled like a constrained member")
         error = next(iter(validator.iter_errors(value)), None)
         if error is None:
             return HOLDS
