@@ -19,6 +19,7 @@ from typing import Any
 
 import docker
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from docker.models.containers import Container
 
 from stockade.policy.sandbox import EgressPolicy, SandboxPolicy
@@ -26,6 +27,7 @@ from stockade.registry import Registry, ServerDefinition
 from stockade.sandbox.docker_backend import DockerBackend
 from stockade.sandbox.egress import EgressError, EgressGateways
 from stockade.sandbox.firewall import EgressFirewall
+from stockade.state_seal import StateSeal
 from stockade.supervisor.supervisor import Supervisor
 from tests.test_sandbox_policy import (
     PYTHON_IMAGE,
@@ -170,7 +172,8 @@ async def _two_instances(tmp_path: Path, policy: SandboxPolicy, check: Any, **se
     """Two per-session instances of one server under `policy`; run `check(first, second)`."""
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
-    registry = Registry(state)
+    seal = StateSeal(Ed25519PrivateKey.generate())  # in-process: nothing anchored
+    registry = Registry(state, seal)
     registry.add(
         ServerDefinition(
             name="probe",
@@ -185,6 +188,7 @@ async def _two_instances(tmp_path: Path, policy: SandboxPolicy, check: Any, **se
         backend,
         registry,
         uuid.uuid4().hex[:16],
+        seal=seal,
         sandbox_policy=lambda _name: policy,
     )
     await supervisor.start()

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from stockade.pki.authority import CertificateAuthority, write_credentials
 from stockade.pki.identity import Identity
+from stockade.state_seal import StateSeal
 from stockade.v1 import control_pb2, control_pb2_grpc
 from tests.daemon_helper import BIN, Daemon, HostSession, running_daemon, secure_channel
 
@@ -79,7 +81,9 @@ def test_a_host_certificate_works_over_the_socket_and_over_tcp(daemon: Daemon) -
 def test_a_certificate_from_another_ca_is_refused_at_the_handshake(
     daemon: Daemon, tmp_path: Path
 ) -> None:
-    other = CertificateAuthority.load_or_create(tmp_path / "other-ca")
+    other = CertificateAuthority.load_or_create(
+        tmp_path / "other-ca", StateSeal(Ed25519PrivateKey.generate())
+    )
     folder = tmp_path / "impostor"
     write_credentials(folder, other.issue_client(Identity.make("admin", "impostor")))
     (folder / "ca.crt").write_bytes((daemon.state_dir / "pki" / "ca.crt").read_bytes())

@@ -21,6 +21,7 @@ from typing import Any
 
 import docker
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from docker.models.containers import Container
 
 from stockade.config import MiB, Settings
@@ -30,6 +31,7 @@ from stockade.registry import Registry, SandboxSettings, ServerDefinition
 from stockade.sandbox.docker_backend import DockerBackend
 from stockade.sandbox.egress import LABEL_GATEWAY_DAEMON
 from stockade.sandbox.spec import LABEL_DAEMON
+from stockade.state_seal import StateSeal
 from stockade.supervisor.spec_rules import SandboxRefused
 from stockade.supervisor.supervisor import Supervisor
 from tests.daemon_helper import HostSession, running_daemon
@@ -153,7 +155,8 @@ async def _with_instance(
     """Start one instance of a do-nothing server under `policy`; run `check(container)`."""
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
-    registry = Registry(state)
+    seal = StateSeal(Ed25519PrivateKey.generate())  # in-process: nothing anchored
+    registry = Registry(state, seal)
     registry.add(
         ServerDefinition(
             name="probe",
@@ -170,6 +173,7 @@ async def _with_instance(
         backend,
         registry,
         daemon_id,
+        seal=seal,
         sandbox_policy=lambda _name: policy,
     )
     await supervisor.start()

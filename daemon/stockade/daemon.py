@@ -9,7 +9,7 @@ import functools
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from stockade import __version__, exitcodes, metrics
@@ -17,7 +17,7 @@ from stockade.api.activation import describe, relay_activated
 from stockade.api.server import ListenerError, start_server
 from stockade.audit.anchor import AuditRollback
 from stockade.audit.log import AuditLog, AuditStartError, AuditUnavailable
-from stockade.audit.startup import open_audit_log
+from stockade.audit.startup import open_audit_log, open_state_seal, publish_state
 from stockade.config import Settings, SettingsError, load_settings, setting_names
 from stockade.http.front import HttpFront
 from stockade.logs import configure_logging, get_logger
@@ -31,9 +31,10 @@ from stockade.sandbox.docker_backend import DockerBackend
 from stockade.sandbox.errors import EngineUnavailable
 from stockade.secrets.delivery import SecretDelivery
 from stockade.secrets.generation import open_anchored
-from stockade.secrets.local import LocalSecretStore, load_master_key
+from stockade.secrets.local import LocalSecretStore, load_master_key, master_key_id
 from stockade.secrets.model import SecretError, SecretStore
 from stockade.secrets.vault import VaultSecretStore
+from stockade.state_seal import StateSeal, StateTampered
 from stockade.supervisor.supervisor import Supervisor, load_daemon_id
 from stockade.systemd import listen_fds, notify, watchdog_interval
 
@@ -56,10 +57,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="go on although the audit log was cut or rolled back (recorded first)",
     )
+    parser.add_argument(
+        "--accept-state-rollback",
+        action="store_true",
+        help="go on although a sealed state file was rolled back, replaced or removed, or a "
+        "key swapped (recorded first)",
+    )
     return parser.parse_args(argv)
 
 
-async def _serve(settings: Settings, accept_audit_gap: bool = False) -> None:
+async def _serve(
+    settings: Settings, accept_audit_gap: bool = False, accept_state_rollback: bool = False
+) -> None:
     # First of all, so that a SIGTERM during start-up is a clean stop, not a kill.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -71,29 +80,76 @@ async def _serve(settings: Settings, accept_audit_gap: bool = False) -> None:
     audit = open_audit_log(settings, daemon_id, accept_gap=accept_audit_gap)
     audit_task = asyncio.create_task(audit.run(), name="audit")
     try:
-        await _serve_audited(settings, audit, daemon_id, stop)
+        seal = await _open_state(settings, audit, daemon_id, accept_state_rollback)
+        await _serve_audited(settings, audit, seal, daemon_id, stop)
     finally:
         audit_task.cancel()
         await audit.close()
 
 
+async def _open_state(
+    settings: Settings, audit: AuditLog, daemon_id: str, accept_rollback: bool
+) -> StateSeal:
+    """The seal for the state folder, its floor checked against the trusted checkpoint.
+
+    The sealed files themselves are checked as their owners load them (`_serve_audited`);
+    the daemon's id on the engine is pinned here: changing it would orphan its containers."""
+    seal = open_state_seal(settings, audit, accept_rollback=accept_rollback)
+    async with _state_checked(audit):
+        seal.pin("daemon id", daemon_id)
+    return seal
+
+
+async def _load_state(
+    settings: Settings, audit: AuditLog, seal: StateSeal
+) -> tuple[CertificateAuthority, TokenIssuer, Registry, SecretStore]:
+    """What the state folder holds, each sealed file and pinned key checked; then anchored."""
+    pki = settings.state_dir / "pki"
+    async with _state_checked(audit):
+        authority = CertificateAuthority.load_or_create(pki, seal)
+        tokens = TokenIssuer(pki, seal)
+        registry = Registry(settings.state_dir, seal)
+        secrets = await open_anchored(
+            audit, functools.partial(open_secret_store, settings, seal=seal)
+        )
+    authority.ensure_owner_admin()
+    if seal.accepted:
+        await audit.record(
+            "state.rollback_accepted",
+            durable=True,
+            outcome="ok",
+            detail={"problems": seal.accepted, "accepted_by": "stockaded --accept-state-rollback"},
+        )
+        log.warning("state rollback accepted by the operator", problems=seal.accepted)
+    publish_state(audit, seal)  # from here on, every change is anchored at once
+    return authority, tokens, registry, secrets
+
+
+@contextlib.asynccontextmanager
+async def _state_checked(audit: AuditLog) -> AsyncIterator[None]:
+    """Loading sealed state: a refusal is a durable denial before the daemon stops."""
+    try:
+        yield
+    except StateTampered as exc:
+        with contextlib.suppress(AuditUnavailable):
+            await audit.record("state.refused", durable=True, outcome="deny", reason=str(exc))
+        raise
+
+
 async def _serve_audited(
-    settings: Settings, audit: AuditLog, daemon_id: str, stop: asyncio.Event
+    settings: Settings, audit: AuditLog, seal: StateSeal, daemon_id: str, stop: asyncio.Event
 ) -> None:
     loop = asyncio.get_running_loop()
     policy = PolicyStore(settings.policy_dir, audit)  # a broken policy stops the start here
     loop.add_signal_handler(signal.SIGHUP, policy.reload)
-    authority = CertificateAuthority.load_or_create(settings.state_dir / "pki")
-    authority.ensure_owner_admin()
-    tokens = TokenIssuer(settings.state_dir / "pki")
-    secrets = await open_anchored(audit, functools.partial(open_secret_store, settings))
+    authority, tokens, registry, secrets = await _load_state(settings, audit, seal)
     backend = await asyncio.to_thread(DockerBackend)
-    registry = Registry(settings.state_dir)
     supervisor = Supervisor(
         settings,
         backend,
         registry,
         daemon_id,
+        seal=seal,
         sandbox_policy=policy.sandbox,
         audit=audit,
         secrets=secrets,
@@ -175,7 +231,9 @@ async def _serve_audited(
     log.info("stockaded stopped")
 
 
-def open_secret_store(settings: Settings, audited_generation: int = 0) -> SecretStore:
+def open_secret_store(
+    settings: Settings, audited_generation: int = 0, *, seal: StateSeal | None = None
+) -> SecretStore:
     """The configured secret backend, opened (a wrong master key, or a local store older
     than the audit trail's last recorded generation, stops the start)."""
     if settings.secrets_backend == "vault":
@@ -191,10 +249,13 @@ def open_secret_store(settings: Settings, audited_generation: int = 0) -> Secret
             ca_bundle=settings.vault_ca_bundle,
         )
     key_file = settings.secrets_key_file or settings.state_dir / "master.key"
+    master = load_master_key(key_file)
+    if seal is not None:
+        # A master key and store both swapped for ones the writer made would serve its
+        # secrets to the servers: the key is pinned by an id derived from it.
+        seal.pin("master key", master_key_id(master))
     return LocalSecretStore(
-        settings.state_dir / "secrets.json",
-        load_master_key(key_file),
-        audited_generation=audited_generation,
+        settings.state_dir / "secrets.json", master, audited_generation=audited_generation
     )
 
 
@@ -208,6 +269,7 @@ STARTUP_ERRORS: tuple[tuple[type[Exception], str, int], ...] = (
     (AuditStartError, "the audit log is unusable", exitcodes.FAILED),
     (AuditRollback, "the audit log was rolled back", exitcodes.AUDIT_ROLLBACK),
     (SecretError, "cannot open the secret store", exitcodes.CONFIG),
+    (StateTampered, "the state folder was tampered with", exitcodes.STATE_ROLLBACK),
 )
 POLICY_POLL_SECONDS = 2.0
 STARTUP_FAILURES = tuple(kind for kind, _, _ in STARTUP_ERRORS)
@@ -266,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.CONFIG
     configure_logging(settings.log_level, settings.log_format)
     try:
-        asyncio.run(_serve(settings, args.accept_audit_gap))
+        asyncio.run(_serve(settings, args.accept_audit_gap, args.accept_state_rollback))
     except STARTUP_FAILURES as exc:
         what, code = next((w, c) for kind, w, c in STARTUP_ERRORS if isinstance(exc, kind))
         log.error(what, error=str(exc))

@@ -10,4 +10,5 @@ UNREACHABLE = 3  # the daemon (or the Docker engine) does not answer
 FAILED = 4  # the operation was attempted and failed (e.g. an image build)
 CONFIG = 78  # EX_CONFIG: bad settings; the daemon did not start
 AUDIT_ROLLBACK = 78  # the audit log is behind a head the daemon signed: it did not start
+STATE_ROLLBACK = 78  # a sealed state file or pinned key is not what the audit trail knows
 INTERRUPTED = 130  # 128 + SIGINT, the shell's convention: the user pressed Ctrl-C

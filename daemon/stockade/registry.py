@@ -1,13 +1,12 @@
 """Server definitions: what MCP servers the operator registered, persisted in the state dir.
 
-One JSON file, replaced atomically (write a temp file, fsync, rename, fsync the directory),
-so a crash leaves either the old registry or the new one, never a torn file. Definitions are
+One JSON file, sealed by the daemon and anchored in the audit trail (`state_seal.py`), and
+replaced atomically, so a crash leaves either the old registry or the new one. Definitions are
 validated with pydantic; errors name the field.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -21,14 +20,15 @@ from pydantic import (
     model_validator,
 )
 
-from stockade.atomic import write_atomically
 from stockade.config import MiB
+from stockade.state_seal import StateSeal
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,127}"
 MAX_ENV_VALUE = 4096
 SHIM_COMMAND = "stockade-secret-env"  # in stockade/base, see sandbox-images/base
 REGISTRY_FILE = "servers.json"
+SEAL_NAME = "servers"
 SCHEMA_VERSION = 1
 
 
@@ -164,8 +164,9 @@ def parse_definition(data: dict[str, object]) -> ServerDefinition:
 class Registry:
     """The registered servers, loaded at start and saved on every change."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, seal: StateSeal) -> None:
         self._path = state_dir / REGISTRY_FILE
+        self._seal = seal
         self._servers: dict[str, ServerDefinition] = {}
         self._load()
 
@@ -174,12 +175,13 @@ class Registry:
         return self._path
 
     def _load(self) -> None:
-        if not self._path.exists():
-            return
         try:
-            document = json.loads(self._path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+            # Sealed: a writer of the state folder cannot add, edit or roll back a server.
+            document = self._seal.load(self._path, SEAL_NAME)
+        except OSError as exc:
             raise RegistryError(f"cannot read {self._path}: {exc}") from None
+        if document is None:
+            return
         if not isinstance(document, dict) or document.get("version") != SCHEMA_VERSION:
             raise RegistryError(f"{self._path}: unknown format (expected version {SCHEMA_VERSION})")
         for index, item in enumerate(document.get("servers", [])):
@@ -196,8 +198,7 @@ class Registry:
             "version": SCHEMA_VERSION,
             "servers": [d.model_dump(mode="json") for d in self._servers.values()],
         }
-        payload = json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
-        write_atomically(self._path, payload)
+        self._seal.save(self._path, SEAL_NAME, document)
 
     def all(self) -> list[ServerDefinition]:
         return sorted(self._servers.values(), key=lambda d: d.name)

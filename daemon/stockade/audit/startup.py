@@ -20,6 +20,8 @@ from stockade.audit.witness import witnesses_from_settings
 from stockade.config import Settings
 from stockade.logs import get_logger
 from stockade.secrets.generation import SECRETS_GENERATION
+from stockade.state_seal import CHECKPOINT_FIELD as STATE_FIELD
+from stockade.state_seal import StateSeal
 
 log = get_logger("stockade.audit")
 
@@ -77,6 +79,8 @@ def open_audit_log(settings: Settings, daemon_id: str, *, accept_gap: bool = Fal
         trusted = anchor.trusted_fields(directory, key.public_key())
         if SECRETS_GENERATION in trusted:
             audit.checkpoint_fields[SECRETS_GENERATION] = int(trusted[SECRETS_GENERATION])
+        if isinstance(trusted.get(STATE_FIELD), dict):
+            audit.checkpoint_fields[STATE_FIELD] = trusted[STATE_FIELD]
         first = ("audit.gap_accepted", gap) if gap is not None else None
         unvouched = unvouched_tail(directory, anchor.signed_seq())
         if first is None and unvouched is not None:
@@ -96,3 +100,21 @@ def open_audit_log(settings: Settings, daemon_id: str, *, accept_gap: bool = Fal
         public_key=str(public_path(key_path)),
     )
     return audit
+
+
+def open_state_seal(settings: Settings, audit: AuditLog, *, accept_rollback: bool) -> StateSeal:
+    """The seal for the state folder's files, its floor the trusted checkpoint's `state`."""
+    key = load_or_create_key(settings.state_dir / "pki" / AUDIT_KEY_FILE)
+    anchored = audit.checkpoint_fields.get(STATE_FIELD, {})
+    return StateSeal.from_anchor(key, anchored, accept_rollback=accept_rollback)
+
+
+def publish_state(audit: AuditLog, seal: StateSeal) -> None:
+    """Anchor the state now, and after every change from here on (a signed checkpoint)."""
+
+    def publish() -> None:
+        audit.checkpoint_fields[STATE_FIELD] = seal.fields()
+        audit.checkpoint()
+
+    publish()
+    seal.publish = publish

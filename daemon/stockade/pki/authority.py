@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from stockade.pki import SERVER_NAME
 from stockade.pki.identity import TRUST_DOMAIN, Identity
+from stockade.state_seal import StateSeal
 
 CA_DAYS = 3650
 LEAF_DAYS = 365
@@ -69,11 +69,21 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 class CertificateAuthority:
-    def __init__(self, directory: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate):
+    def __init__(
+        self,
+        directory: Path,
+        key: ec.EllipticCurvePrivateKey,
+        cert: x509.Certificate,
+        seal: StateSeal,
+    ):
         self.directory = directory
         self._key = key
+        self._seal = seal
         self.certificate = cert
         self.ca_pem = cert.public_bytes(serialization.Encoding.PEM)
+        # A CA swapped for one the writer of the state folder made would let it mint any
+        # identity: its certificate is pinned in the audit trail.
+        seal.pin("ca", cert.fingerprint(hashes.SHA256()).hex())
         issued = self._load_json("issued.json", {})
         revoked = self._load_json("revoked.json", [])
         if not isinstance(issued, dict) or not isinstance(revoked, list):
@@ -84,7 +94,7 @@ class CertificateAuthority:
     # -- creation --------------------------------------------------------------------
 
     @classmethod
-    def load_or_create(cls, directory: Path) -> CertificateAuthority:
+    def load_or_create(cls, directory: Path, seal: StateSeal) -> CertificateAuthority:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
         key_path, cert_path = directory / "ca.key", directory / "ca.crt"
@@ -94,7 +104,7 @@ class CertificateAuthority:
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
             if not isinstance(key, ec.EllipticCurvePrivateKey):
                 raise PkiError(f"{key_path} is not an EC key")
-            return cls(directory, key, x509.load_pem_x509_certificate(cert_path.read_bytes()))
+            return cls(directory, key, x509.load_pem_x509_certificate(cert_path.read_bytes()), seal)
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Stockade local CA")])
         now = _now()
@@ -126,7 +136,7 @@ class CertificateAuthority:
         )
         _write_private(key_path, _key_pem(key))
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        authority = cls(directory, key, cert)
+        authority = cls(directory, key, cert, seal)
         authority._write_crl()
         return authority
 
@@ -245,18 +255,18 @@ class CertificateAuthority:
 
     # -- files -----------------------------------------------------------------------
 
+    # Sealed and anchored (`state_seal.py`): a writer of the state folder cannot take a
+    # revocation back, nor hide a certificate from `cert revoke --identity`.
     def _load_json(self, name: str, empty: object) -> object:
         path = self.directory / name
-        if not path.exists():
-            return empty
         try:
-            loaded: object = json.loads(path.read_text())
-            return loaded
-        except (OSError, json.JSONDecodeError) as exc:
+            loaded: object = self._seal.load(path, f"pki/{name}")
+        except OSError as exc:
             raise PkiError(f"cannot read {path}: {exc}") from None
+        return empty if loaded is None else loaded
 
     def _save_json(self, name: str, data: object) -> None:
-        _write_private(self.directory / name, json.dumps(data, indent=1).encode())
+        self._seal.save(self.directory / name, f"pki/{name}", data)
 
 
 def write_credentials(folder: Path, issued: IssuedCertificate) -> None:

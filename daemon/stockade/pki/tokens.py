@@ -19,11 +19,12 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 
-from stockade.atomic import write_atomically
-from stockade.audit.chain import load_or_create_key
+from stockade.audit.chain import fingerprint, load_or_create_key
+from stockade.state_seal import StateSeal
 
 PREFIX = "stk1"
 MAX_TTL_SECONDS = 24 * 3600
+SEAL_NAME = "pki/revoked-tokens.json"
 
 
 class TokenError(Exception):
@@ -48,15 +49,22 @@ def _decode(text: str) -> bytes:
 
 
 class TokenIssuer:
-    def __init__(self, pki_dir: Path) -> None:
+    def __init__(self, pki_dir: Path, seal: StateSeal) -> None:
         self._key = load_or_create_key(pki_dir / "token-key.pem")
+        self._seal = seal
+        # The signing key and the revocations are pinned and sealed (`state_seal.py`): a
+        # writer of the state folder can neither mint tokens with its own key nor take a
+        # revocation back.
+        seal.pin("token key", fingerprint(self._key.public_key()))
         self._revoked_path = pki_dir / "revoked-tokens.json"
         self._revoked_ids: set[str] = set()
         self._revoked_identities: dict[str, int] = {}  # identity -> tokens issued before
-        if self._revoked_path.exists():
-            data = json.loads(self._revoked_path.read_text())
-            self._revoked_ids = set(data.get("ids", []))
-            self._revoked_identities = dict(data.get("identities", {}))
+        data = seal.load(self._revoked_path, SEAL_NAME)
+        if isinstance(data, dict):
+            self._revoked_ids = {str(i) for i in data.get("ids", [])}
+            self._revoked_identities = {
+                str(k): int(v) for k, v in dict(data.get("identities", {})).items()
+            }
 
     def issue(self, identity: str, audience: str, ttl_seconds: int) -> Token:
         if not 0 < ttl_seconds <= MAX_TTL_SECONDS:
@@ -104,4 +112,4 @@ class TokenIssuer:
 
     def _save(self) -> None:
         data = {"ids": sorted(self._revoked_ids), "identities": self._revoked_identities}
-        write_atomically(self._revoked_path, json.dumps(data).encode())
+        self._seal.save(self._revoked_path, SEAL_NAME, data)

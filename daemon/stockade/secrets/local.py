@@ -94,6 +94,11 @@ def load_master_key(key_file: Path) -> bytes:
     return key
 
 
+def master_key_id(key: bytes) -> str:
+    """A public id of the master key (HMAC of a constant): pinnable, reveals nothing of it."""
+    return hmac.new(key, b"stockade master key id v1", hashlib.sha256).hexdigest()
+
+
 class LocalSecretStore:
     backend = "local"
 

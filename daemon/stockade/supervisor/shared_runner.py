@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from typing import Any, Protocol
 
@@ -23,7 +22,8 @@ from stockade.relay.shared import HandshakeFailed, SharedRouter
 from stockade.sandbox.errors import SandboxError
 from stockade.sandbox.instance import ExitReport, Instance
 from stockade.sandbox.runtime import SandboxRuntime
-from stockade.sandbox.spec import LABEL_DAEMON
+from stockade.sandbox.spec import LABEL_DAEMON, LABEL_INSTANCE, LABEL_SERVER
+from stockade.state_seal import StateSeal, StateTampered
 from stockade.supervisor.provisioning import Provisioner
 from stockade.supervisor.state import ServerState
 from stockade.supervisor.trial import describe_exit, describe_start_error
@@ -62,8 +62,11 @@ class SharedRunner:
         daemon_id: str,
         provisioner: Provisioner,
         keeper: InstanceKeeper,
+        *,
+        seal: StateSeal,
     ) -> None:
         self._settings = settings
+        self._seal = seal
         self._backend = backend
         self._daemon_id = daemon_id
         self._provisioner = provisioner
@@ -170,9 +173,14 @@ class SharedRunner:
             "sandbox": instance.sandbox_fingerprint,
             "init_result": init_result,
         }
-        temp = self._folder / f".{definition.name}.json.tmp"
-        temp.write_text(json.dumps(record))
-        temp.replace(self._folder / f"{definition.name}.json")
+        # Sealed: its cached `initialize` answer goes to every host, and its container id
+        # decides what is attached again, so a writer of the state folder must not choose them.
+        self._seal.save(
+            self._folder / f"{definition.name}.json",
+            f"shared/{definition.name}",
+            record,
+            anchored=False,
+        )
 
     async def adopt_all(self, states: list[ServerState]) -> dict[str, Adopted]:
         """Re-attach shared instances a previous run left running, if still what is defined."""
@@ -183,19 +191,32 @@ class SharedRunner:
             if not definition.shared or definition.transport != "stdio" or not path.exists():
                 continue  # (an HTTP server's channel is not kept across restarts)
             try:
-                record = json.loads(path.read_text())
+                record = self._seal.load(path, f"shared/{definition.name}", anchored=False)
                 if record["definition"] != definition.model_dump(mode="json"):
                     continue  # redefined since: start a fresh one
                 if record.get("sandbox") != self._provisioner.fingerprint(definition):
                     continue  # its sandbox policy changed since: never keep an older sandbox
                 details = await asyncio.to_thread(self._backend.inspect, record["container"])
                 labels = details["Config"]["Labels"] or {}
-                if not details["State"]["Running"] or labels.get(LABEL_DAEMON) != self._daemon_id:
-                    continue
+                expected = {
+                    LABEL_DAEMON: self._daemon_id,
+                    LABEL_SERVER: definition.name,
+                    LABEL_INSTANCE: record["instance"],
+                }
+                if not details["State"]["Running"] or any(
+                    labels.get(key) != value for key, value in expected.items()
+                ):
+                    continue  # not this server's instance of ours, whatever the record says
                 instance = await self._provisioner.adopt(
                     definition, record["container"], record["instance"], record["sandbox"]
                 )
-            except (SandboxError, KeyError, ValueError, OSError) as exc:
+            except StateTampered as exc:
+                with log_context(server=definition.name):
+                    log.warning(
+                        "shared instance record refused; starting a new one", reason=str(exc)
+                    )
+                continue
+            except (SandboxError, KeyError, ValueError, TypeError, OSError) as exc:
                 with log_context(server=definition.name):
                     log.info("shared instance not adoptable; starting a new one", reason=str(exc))
                 continue

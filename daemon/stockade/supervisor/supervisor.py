@@ -36,6 +36,7 @@ from stockade.sandbox.runtime import SandboxRuntime
 from stockade.sandbox.spec import LABEL_DAEMON, LABEL_INSTANCE
 from stockade.secrets.delivery import SecretDelivery
 from stockade.secrets.model import SecretStore
+from stockade.state_seal import StateSeal
 from stockade.supervisor.provisioning import Provisioner
 from stockade.supervisor.shared_runner import SharedRunner
 from stockade.supervisor.spec_rules import EffectiveSandbox
@@ -72,6 +73,7 @@ class Supervisor:
         registry: Registry,
         daemon_id: str,
         *,
+        seal: StateSeal,
         sandbox_policy: Callable[[str], SandboxPolicy] | None = None,
         audit: AuditLog | None = None,
         secrets: SecretStore | None = None,
@@ -88,7 +90,9 @@ class Supervisor:
             secrets=secrets,
             delivery=delivery,
         )
-        self._shared = SharedRunner(settings, backend, daemon_id, self._provisioner, self)
+        self._shared = SharedRunner(
+            settings, backend, daemon_id, self._provisioner, self, seal=seal
+        )
         self._backend = backend
         self._registry = registry
         self.daemon_id = daemon_id
