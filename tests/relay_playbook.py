@@ -57,6 +57,8 @@ class FakeInstance:
     def redactor(self) -> None:
         return None
 
+    redact = None  # no granted secrets
+
     def bind(self, sink: Any) -> None:
         self._sink = sink
 

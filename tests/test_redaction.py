@@ -180,3 +180,31 @@ def test_a_multi_line_secret_written_to_stderr_is_redacted(backend: DockerBacken
     for secret_line in PEM.splitlines()[1:-1]:
         assert not any(secret_line in line for line in lines)
     assert found == ["key"]
+
+
+def test_a_secret_that_only_the_canonical_form_shows_is_withheld() -> None:
+    """Review finding 13: a numeric secret written in another notation passes the line's
+    redaction, and re-serialising it (`8.4736291e7` -> `84736291.0`) would show it: the
+    canonical bytes are redacted too, and a message they cannot stay JSON for is withheld."""
+    from stockade.relay import jsonrpc  # noqa: PLC0415 - the relay's side of redaction
+
+    found: list[list[str]] = []
+    redaction = Redaction(Redactor({"pin": b"84736291"}), found.append)
+    answer = b'{"jsonrpc":"2.0","id":7,"result":{"pin":8.4736291e7}}'
+    assert redaction.apply(answer) == answer  # the line itself shows no secret
+    withheld = jsonrpc.parse_server_line(answer, 1 << 20, redaction.apply)
+    assert withheld is not None
+    assert b"84736291" not in withheld.raw
+    assert withheld.id == 7
+    assert withheld.body["error"]["code"] == jsonrpc.SECRET_WITHHELD
+    notification = b'{"jsonrpc":"2.0","method":"notifications/message","params":{"n":8.4736291e7}}'
+    assert jsonrpc.parse_server_line(notification, 1 << 20, redaction.apply) is None
+    # Inside a string the canonical bytes stay JSON: redacted and forwarded.
+    escaped = b'{"jsonrpc":"2.0","id":8,"result":{"t":"pin 8473\\u0036291"}}'
+    message = jsonrpc.parse_server_line(escaped, 1 << 20, redaction.apply)
+    assert message is not None
+    assert message.body["result"]["t"] == "pin [REDACTED:pin]"
+    assert found == [["pin"]] * 3  # each found one is said (an audit record, names only)
+    # Without the canonical pass the number reaches the host.
+    plain = jsonrpc.parse_server_line(answer, 1 << 20)
+    assert plain is not None and b"84736291" in plain.raw

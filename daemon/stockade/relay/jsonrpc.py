@@ -24,6 +24,7 @@ import asyncio
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -50,9 +51,13 @@ DAEMON_GONE = -32004  # (from `stockade connect`) the daemon went away with the 
 POLICY_DENIED = -32010  # refused by the access policy; never forwarded
 RATE_LIMITED = -32011  # a rate limit of the policy is reached; data.retry_after_seconds
 AUDIT_UNAVAILABLE = -32030  # the audit log cannot be written: nothing is relayed until it can
+SECRET_WITHHELD = -32031  # the server's answer held a granted secret that could not be redacted
 # MCP's own codes that the HTTP front answers with.
 REQUEST_TIMEOUT = -32001  # no answer from the server in time
 HEADER_MISMATCH = -32020  # 2026-07-28: MCP-Protocol-Version / Mcp-Method / Mcp-Name disagree
+
+
+Redact = Callable[[bytes], bytes]  # granted secrets replaced (an instance's redaction)
 
 
 class Kind(Enum):
@@ -381,25 +386,33 @@ async def parse_off_loop(raw: bytes, max_bytes: int) -> Message:
     return await asyncio.to_thread(parse, raw, max_bytes)
 
 
-async def parse_server_line_off_loop(line: bytes | OversizedLine, max_bytes: int) -> Message | None:
+async def parse_server_line_off_loop(
+    line: bytes | OversizedLine, max_bytes: int, redact: Redact | None = None
+) -> Message | None:
     """`parse_server_line`, in a worker thread for a large line."""
     if isinstance(line, OversizedLine) or len(line) <= OFF_LOOP_BYTES:
-        return parse_server_line(line, max_bytes)
-    return await asyncio.to_thread(parse_server_line, line, max_bytes)
+        return parse_server_line(line, max_bytes, redact)
+    return await asyncio.to_thread(parse_server_line, line, max_bytes, redact)
 
 
-def parse_server_line(line: bytes | OversizedLine, max_bytes: int) -> Message | None:
+def parse_server_line(
+    line: bytes | OversizedLine, max_bytes: int, redact: Redact | None = None
+) -> Message | None:
     """A server's stdout line as a message, or None (logged) when it cannot be forwarded.
 
     A server that writes something other than strict JSON-RPC to stdout (a stray print, a
     line over the limit, a message another parser could read differently) breaks no session:
     the line is dropped and said in the daemon's log. Nothing here raises.
+
+    `redact` (an instance with granted secrets) runs on the canonical bytes, which are what
+    the host gets: the line itself was redacted as it arrived, but re-serialising can show
+    a value the line hid (a number written `8.4736291e7` becomes `84736291.0`).
     """
     if isinstance(line, OversizedLine):
         _dropped.warn("server sent a message over the limit; dropped", bytes=line.seen)
         return None
     try:
-        return parse(line, max_bytes)
+        message = parse(line, max_bytes)
     except InvalidMessage as exc:
         _dropped.warn(
             "server wrote a line that is not strict JSON-RPC; dropped",
@@ -407,3 +420,27 @@ def parse_server_line(line: bytes | OversizedLine, max_bytes: int) -> Message | 
             reason=str(exc),
         )
         return None
+    return message if redact is None else _redacted(message, redact, max_bytes)
+
+
+def _redacted(message: Message, redact: Redact, max_bytes: int) -> Message | None:
+    """The message with its canonical bytes redacted; where the redaction leaves no JSON (a
+    secret that was a number), its request fails and anything else is dropped: withheld."""
+    cleaned = redact(message.raw)
+    if cleaned == message.raw:
+        return message
+    try:
+        return parse(cleaned, max_bytes)
+    except InvalidMessage:
+        pass
+    if message.kind is Kind.RESPONSE:
+        return parse(
+            error_response(
+                message.id,
+                SECRET_WITHHELD,
+                "the server's answer held a granted secret that cannot be redacted; withheld",
+            ),
+            max_bytes,
+        )
+    _dropped.warn("server message held a granted secret that cannot be redacted; dropped")
+    return None

@@ -96,7 +96,7 @@ class RelaySession:
 
     async def from_server(self, line: bytes | OversizedLine) -> None:
         """One stdout line from the server: forward it (not forwarded: garbage, oversized)."""
-        message = await jsonrpc.parse_server_line_off_loop(line, self._max)
+        message = await jsonrpc.parse_server_line_off_loop(line, self._max, self.instance.redact)
         if isinstance(line, OversizedLine):  # its request, if it can be told, fails at once
             owed = self._pending.pop(jsonrpc.id_key(jsonrpc.id_from_head(line.head)), None)
             if owed is not None:

@@ -292,7 +292,8 @@ class SharedRouter:
     # -- the server's output ---------------------------------------------------------
 
     async def _from_server(self, line: bytes | OversizedLine) -> None:
-        message = await jsonrpc.parse_server_line_off_loop(line, self._max)
+        redact = self._instance.redact if self._instance is not None else None
+        message = await jsonrpc.parse_server_line_off_loop(line, self._max, redact)
         if isinstance(line, OversizedLine):  # its request, if it can be told, fails at once
             route = self._end_route(jsonrpc.id_key(jsonrpc.id_from_head(line.head)))
             if route is not None:

@@ -289,6 +289,12 @@ class Instance:
         """The redactor of its granted secrets (None without secrets), for audit records."""
         return self.redaction.redactor if self.redaction else None
 
+    @property
+    def redact(self) -> Callable[[bytes], bytes] | None:
+        """Replaces its granted secrets in bytes the relay made from its output (None: none
+        granted): what the relay forwards is redacted, not only what the server wrote."""
+        return self.redaction.apply if self.redaction else None
+
     def bind(self, sink: LineSink) -> None:
         """Deliver stdout lines to `sink` from now on (held back until this is called)."""
         self._sink = sink
