@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
+from stockade.relay import jsonrpc
 from stockade.sandbox.docker_backend import DockerBackend
 from stockade.sandbox.instance import Instance, Redaction
 from stockade.sandbox.spec import LABEL_DAEMON, ContainerSpec
@@ -186,8 +187,6 @@ def test_a_secret_that_only_the_canonical_form_shows_is_withheld() -> None:
     """Review finding 13: a numeric secret written in another notation passes the line's
     redaction, and re-serialising it (`8.4736291e7` -> `84736291.0`) would show it: the
     canonical bytes are redacted too, and a message they cannot stay JSON for is withheld."""
-    from stockade.relay import jsonrpc  # noqa: PLC0415 - the relay's side of redaction
-
     found: list[list[str]] = []
     redaction = Redaction(Redactor({"pin": b"84736291"}), found.append)
     answer = b'{"jsonrpc":"2.0","id":7,"result":{"pin":8.4736291e7}}'
