@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +277,64 @@ def test_a_forged_adoption_record_is_not_adopted(tmp_path: Path) -> None:
         assert answer["result"]["serverInfo"]["name"] == "scratch"
         logged = daemon.log_path.read_text()
         assert "shared instance record refused" in logged
+
+
+# Every file a daemon leaves in its state folder, and what keeps a writer of the folder from
+# abusing it. A new kind of file must be added here, with its protection, or this test fails.
+PROTECTED = {
+    "sealed, generation anchored": (
+        "servers.json",
+        "pki/issued.json",
+        "pki/revoked.json",
+        "pki/revoked-tokens.json",
+    ),
+    "sealed (authentic; deleted with its server)": ("shared/*.json",),
+    "pinned in the audit trail (a swap stops the start)": (
+        "daemon-id",
+        "master.key",
+        "pki/ca.key",
+        "pki/ca.crt",
+        "pki/token-key.pem",
+        "pki/token-key.pub",
+    ),
+    "the audit trail itself (hash chain, signed heads, anchor)": (
+        "audit/*",
+        "audit-anchor/*",
+        "pki/audit-key.pem",
+        "pki/audit-key.pub",
+    ),
+    "encrypted with the master key, generation anchored": ("secrets.json",),
+    "public, checked by whoever uses it against the pinned CA": (
+        "pki/crl.pem",
+        "pki/server.crt",
+        "pki/server.key",
+        "pki/admin/*",
+    ),
+}
+
+
+@pytest.mark.docker
+@pytest.mark.usefixtures("images")
+def test_every_file_in_the_state_folder_is_protected(tmp_path: Path) -> None:
+    from tests.test_secrets import _secret_cli
+
+    with running_daemon(tmp_path) as daemon:
+        daemon.add_scratch_server("shared", "--shared")
+        wait_until(lambda: daemon.status("shared").get("instances") == 1, 60, "the instance")
+        assert _secret_cli(daemon, "set", "api-token", value=b"value").returncode == 0
+        daemon.issue_host("laptop")
+        daemon.cli("cert", "revoke", "--identity", "host/laptop")
+        issued = json.loads(
+            daemon.cli("token", "issue", "--identity", "x", "--server", "shared", "--json").stdout
+        )
+        daemon.cli("token", "revoke", issued["token_id"])
+    files = sorted(
+        str(path.relative_to(daemon.state_dir))
+        for path in daemon.state_dir.rglob("*")
+        if path.is_file() or path.is_socket()
+    )
+    patterns = [pattern for group in PROTECTED.values() for pattern in group]
+    unprotected = [name for name in files if not any(fnmatch(name, p) for p in patterns)]
+    assert unprotected == [], "a state file nobody protects (add it to PROTECTED, with how)"
+    for name in (*PROTECTED["sealed, generation anchored"], "shared/shared.json"):
+        assert (daemon.state_dir / name).read_bytes().startswith(SEALED_HEADER), name
