@@ -22,6 +22,7 @@ from stockade.wire.strict_json import (
     INVALID_REQUEST,
     MAX_DEPTH,
     MAX_INT_DIGITS,
+    MAX_VALUES,
     PARSE_ERROR,
     StrictJSONError,
     fold_key,
@@ -34,6 +35,21 @@ def refused(data: bytes | str) -> StrictJSONError:
     with pytest.raises(StrictJSONError) as caught:
         strict_json.loads(data)
     return caught.value
+
+
+def test_values_are_bounded_and_commas_in_strings_do_not_count() -> None:
+    """A crafted message of many small values costs CPU per value, mostly in C code that
+    holds the event loop: it is refused before any per-value work. Long strings are not."""
+    many = b"[" + b",".join([b"{}"] * MAX_VALUES) + b"]"
+    error = refused(many)
+    assert error.code == INVALID_REQUEST
+    assert f"at most {MAX_VALUES}" in error.reason
+    fits = b"[" + b",".join([b"1"] * (MAX_VALUES - 10)) + b"]"
+    assert len(strict_json.loads(fits)) == MAX_VALUES - 10
+    text = b'{"text":"' + b"a, b, [c], {d}, " * MAX_VALUES + b'"}'  # a CSV file, say
+    assert strict_json.loads(text)["text"].startswith("a, b")
+    escaped = b'{"t":"\\\\", "u":"' + b',\\",' * MAX_VALUES + b'"}'  # escaped quotes
+    assert len(strict_json.loads(escaped)["u"]) == 3 * MAX_VALUES
 
 
 def test_depth_limit_is_exact_and_ignores_brackets_in_strings() -> None:

@@ -10,7 +10,8 @@ reading and forwards the original bytes lets a server execute what the policy re
   whatever the bytes): invalid UTF-8, syntax errors, `NaN`/`Infinity`, lone surrogates (also
   escaped ones) are `PARSE_ERROR` (-32700); duplicate keys, keys holding a control character
   (an escaped NUL...), two keys in one object that are equal under `fold_key`, nesting
-  deeper than `MAX_DEPTH`, integers of more than `MAX_INT_DIGITS` digits, number literals
+  deeper than `MAX_DEPTH`, more than `MAX_VALUES` values, integers of more than
+  `MAX_INT_DIGITS` digits, number literals
   over `MAX_NUMBER_CHARS` characters and numbers that overflow a double are
   `INVALID_REQUEST` (-32600);
 - `dumps` is the one canonical serialisation: compact, UTF-8 (non-ASCII kept as is, control
@@ -19,9 +20,10 @@ reading and forwards the original bytes lets a server execute what the policy re
 
 The parser is the C scanner of the standard library with hooks (measured in
 `bench/canonical.py`): objects go through a duplicate and fold check, integers and floats
-through a size and finiteness check, and a bracket count before parsing (a full scan only
-when a message has more brackets than `MAX_DEPTH`) keeps the recursive scanner far from
-Python's recursion limit. Cost: a few µs on a typical message; on large ones about 1 µs per
+through a size and finiteness check, and a bracket and comma count before parsing (a full
+scan only when a message has more brackets than `MAX_DEPTH` or more than `MAX_VALUES`
+commas and brackets) keeps the recursive scanner far from Python's recursion limit and the
+per-value work bounded. Cost: a few µs on a typical message; on large ones about 1 µs per
 object plus 2-3x a plain `json.loads` for the scan and the serialiser.
 """
 
@@ -39,10 +41,15 @@ INVALID_REQUEST = -32600  # JSON-RPC: well-formed, but Stockade does not take it
 MAX_DEPTH = 64  # nested arrays/objects; the top-level object is depth 1
 MAX_INT_DIGITS = 20  # an integer literal longer than this is refused (2^64 has 20 digits)
 MAX_NUMBER_CHARS = 100  # any number literal longer than this is refused
+# Values (objects, arrays, members, items) in one message. Parsing and serialising cost CPU
+# per value, much of it in C code that holds the GIL (the daemon's one event loop waits):
+# 100,000 values cost about 50 ms; a crafted 4 MiB message can hold over a million. Large
+# honest messages are long strings (a file, an image), which cost little per byte.
+MAX_VALUES = 100_000
 
 _ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
-# Bytes other than quotes and brackets; a string once only quotes and brackets are left.
-_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+# Bytes other than quotes, brackets and commas; a string once only those are left.
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{},')
 _INNERMOST = re.compile(rb"\[\]|\{\}")
 _STRING = re.compile(rb'"[^"]*+"?')  # unterminated: to the end (the decoder stops there)
 _ASCII_CONTROLS = dict.fromkeys([*range(0x20), 0x7F])
@@ -169,21 +176,30 @@ _DECODER = json.JSONDecoder(
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
-def _check_depth(raw: bytes) -> None:
-    """Refuse nesting over MAX_DEPTH before the (recursive) decoder sees it.
+def _check_structure(raw: bytes) -> None:
+    """Refuse nesting over MAX_DEPTH (before the recursive decoder sees it) and more than
+    MAX_VALUES values (before any per-value work is done).
 
     Works on the UTF-8 bytes with C-speed passes: drop escaped backslashes and quotes, keep
-    only quotes and brackets, drop string contents, then peel innermost pairs level by level.
-    Where the input stops being JSON the count may be off, but the decoder stops there too.
+    only quotes, brackets and commas, drop string contents, count, then peel innermost pairs
+    level by level. Where the input stops being JSON the counts may be off, but the decoder
+    stops there too.
     """
-    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
-        return  # cannot be deeper, even counting brackets inside strings
+    brackets = raw.count(b"[") + raw.count(b"{")
+    if brackets <= MAX_DEPTH and brackets + raw.count(b",") <= MAX_VALUES:
+        return  # cannot be deeper or larger, even counting what is inside strings
     if b"\\" in raw:  # escaped backslashes first, then escaped quotes: neither ends a string
         raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
     shape = raw.translate(None, _NOT_STRUCTURE)
     shape = shape.replace(b'""', b"")  # empty strings (or two strings merged: same brackets)
     if b'"' in shape:
         shape = _STRING.sub(b"", shape)
+    values = shape.count(b",") + shape.count(b"[") + shape.count(b"{") + 1
+    if values > MAX_VALUES:
+        raise StrictJSONError(
+            INVALID_REQUEST, f"a message of about {values} values (at most {MAX_VALUES})"
+        )
+    shape = shape.replace(b",", b"")
     for _ in range(MAX_DEPTH):  # each pass removes the innermost level of every branch
         if not shape:
             return
@@ -235,7 +251,7 @@ def loads(data: bytes | str) -> Any:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise StrictJSONError(PARSE_ERROR, f"not valid UTF-8 (at byte {exc.start})") from None
-    _check_depth(raw)
+    _check_structure(raw)
     try:
         value = _DECODER.decode(text)
     except StrictJSONError:
