@@ -77,10 +77,14 @@ def test_host_message(case: dict[str, Any], filesystem: Evaluator) -> None:
 
 @pytest.mark.parametrize("case", CORPUS, ids=[c["name"] for c in CORPUS])
 def test_server_line(case: dict[str, Any]) -> None:
-    """A server writing the same lines: refused ones are dropped, never raised."""
+    """A server writing the same lines: refused ones are never forwarded or raised; where
+    an id can be read, its request fails at once with why."""
     message = jsonrpc.parse_server_line(raw_of(case), LIMIT)
     if "refused" in case["expect"]:
-        assert message is None
+        if message is not None:
+            assert message.kind is jsonrpc.Kind.RESPONSE
+            assert set(message.body) == {"jsonrpc", "id", "error"}
+            assert message.body["error"]["message"].startswith("the server's answer was refused")
     else:
         assert message is not None
         assert message.raw == case["expect"]["canonical"].encode("utf-8")

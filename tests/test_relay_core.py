@@ -338,6 +338,24 @@ def test_an_oversized_answer_fails_its_own_request_at_once(tmp_path: Path) -> No
     play(tmp_path, scenario)
 
 
+def test_a_refused_answer_fails_its_own_request_at_once(tmp_path: Path) -> None:
+    """An answer the strict parser refuses (here: two `result` members, which parsers
+    read differently) is never forwarded, and its request ends now, not at the timeout."""
+
+    async def scenario(book: Playbook) -> None:
+        session, server, host = own_session(book)
+        await session.from_host(request(5, "tools/call", name="echo"))
+        await server.says(b'{"jsonrpc":"2.0","id":5,"result":{"a":1},"result":{"b":2}}')
+        error = host.answer(5)["error"]
+        assert error["code"] == jsonrpc.INVALID_REQUEST
+        assert error["message"].startswith("the server's answer was refused: duplicate key")
+        assert len(host.got) == 1
+        await server.says(b'{"jsonrpc":"2.0","id":5,"result":"late"}')  # nothing pending now
+        assert len(host.got) == 1
+
+    play(tmp_path, scenario)
+
+
 def test_an_oversized_request_is_answered_with_its_id(tmp_path: Path) -> None:
     async def scenario(book: Playbook) -> None:
         session, server, host = own_session(book)

@@ -402,7 +402,8 @@ def parse_server_line(
 
     A server that writes something other than strict JSON-RPC to stdout (a stray print, a
     line over the limit, a message another parser could read differently) breaks no session:
-    the line is dropped and said in the daemon's log. Nothing here raises.
+    the line is dropped and said in the daemon's log; where its id can be read, its request
+    gets an error now (a refused answer). Nothing here raises.
 
     `redact` (an instance with granted secrets) runs on the canonical bytes, which are what
     the host gets: the line itself was redacted as it arrived, but re-serialising can show
@@ -419,7 +420,13 @@ def parse_server_line(
             code=exc.code,
             reason=str(exc),
         )
-        return None
+        if exc.request_id is None:
+            return None
+        # An answer the relay refuses fails its request at once rather than at the timeout
+        # (a server that lies about the id can only fail a request early: it could answer
+        # it with an error anyway).
+        refused = f"the server's answer was refused: {exc}"
+        return parse(error_response(exc.request_id, exc.code, refused), max_bytes)
     return message if redact is None else _redacted(message, redact, max_bytes)
 
 
