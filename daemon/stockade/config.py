@@ -191,6 +191,11 @@ class Settings(BaseSettings):
     egress_network: str = Field(default="bridge", pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
     # Pooled containers older than this are replaced: a long-idle server gets a fresh start.
     pool_max_age_seconds: float = Field(default=3600.0, ge=1, le=7 * 86400)
+    # Instances starting at once (0: twice the cores): a start is CPU-bound, and a burst of
+    # hosts is served sooner, first come first served, than if all start together.
+    max_concurrent_starts: int = Field(default=0, ge=0, le=1024)
+    # A start holds its slot until its server first answers, or this long at most.
+    start_settle_seconds: float = Field(default=2.0, ge=0, le=60)
 
     @field_validator("state_dir", "socket_path", "policy_dir")
     @classmethod

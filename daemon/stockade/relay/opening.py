@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from enum import Enum
 from typing import NoReturn, Protocol
@@ -28,6 +28,7 @@ from stockade.logs import get_logger, log_context
 from stockade.metrics import SESSIONS
 from stockade.policy.store import PolicyStore
 from stockade.registry import Registry, UnknownServer
+from stockade.relay import jsonrpc
 from stockade.relay.admission import Admission, Quotas, Refused
 from stockade.relay.budget import HostBudget, capped
 from stockade.relay.digest import Digest
@@ -50,7 +51,12 @@ log = get_logger("stockade.relay")
 class InstanceSource(Protocol):
     """What opening a session needs from the supervisor."""
 
-    async def acquire(self, name: str, session_id: str) -> Instance: ...
+    async def acquire(
+        self,
+        name: str,
+        session_id: str,
+        told: Callable[[int], Awaitable[None]] | None = None,
+    ) -> Instance: ...
 
     def release_later(self, instance: Instance) -> None: ...
 
@@ -251,8 +257,13 @@ class SessionOpener:
     async def _start_own(
         self, session_id: str, identity: str, server: str, to_host: ToHost, transport: str
     ) -> HostSession:
+        async def told(ahead: int) -> None:
+            """A burst beyond the warm pool waits in line: the host hears so, not silence."""
+            log.info("session waits for a start slot", ahead=ahead)
+            await to_host(waiting_notice(server, ahead))
+
         try:
-            instance = await self._instances.acquire(server, session_id)
+            instance = await self._instances.acquire(server, session_id, told)
         except SandboxError as exc:
             log.error("could not start an instance", error=str(exc))
             raise OpenRefused(Refusal.UNAVAILABLE, f"could not start {server!r}: {exc}") from None
@@ -319,3 +330,13 @@ class SessionOpener:
             )
         with log_context(session=record.id, server=record.server):
             log.info("session closed", reason=reason, transport=record.transport)
+
+
+def waiting_notice(server: str, ahead: int) -> bytes:
+    """An MCP log message (allowed before `initialize` is answered) saying why it waits."""
+    text = (
+        f"Stockade: waiting for a sandbox of {server!r} to start; {ahead} session(s) ahead. "
+        "Starts run a few at a time so that each is served sooner."
+    )
+    params = {"level": "info", "logger": "stockade", "data": text}
+    return jsonrpc.encode({"jsonrpc": "2.0", "method": "notifications/message", "params": params})

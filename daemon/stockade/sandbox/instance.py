@@ -146,6 +146,8 @@ class Instance:
     exited: asyncio.Future[ExitReport] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    # Set at its first message or its end: its server has started (the start gate's signal).
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
     _sink: LineSink | None = None
     _sink_bound: asyncio.Event = field(default_factory=asyncio.Event)
     pids_limit_hits: int = 0  # last sample; the cgroup disappears with the container
@@ -316,6 +318,7 @@ class Instance:
         try:
             source = self.http.lines() if self.http is not None else self.stdio.lines()
             async for line in source:
+                self.answered.set()
                 await self._sink_bound.wait()
                 assert self._sink is not None  # noqa: S101 - set together with the event
                 if self.redaction is not None and isinstance(line, bytes):
@@ -325,6 +328,7 @@ class Instance:
         except (OSError, ConnectionError) as exc:
             log.warning("attach stream broke", instance=self.id, error=str(exc))
         finally:
+            self.answered.set()
             if not self._stopping:  # else `stop` learns how it ended, with its deadlines
                 report = await self._exit_report()
                 if not self.exited.done():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -40,6 +41,7 @@ from stockade.state_seal import StateSeal
 from stockade.supervisor.provisioning import Provisioner
 from stockade.supervisor.shared_runner import SharedRunner
 from stockade.supervisor.spec_rules import EffectiveSandbox
+from stockade.supervisor.start_gate import StartGate, Told
 from stockade.supervisor.state import ServerState
 from stockade.supervisor.trial import describe_exit, describe_start_error, vet
 
@@ -89,6 +91,10 @@ class Supervisor:
             audit=audit,
             secrets=secrets,
             delivery=delivery,
+        )
+        self._gate = StartGate(
+            settings.max_concurrent_starts or 2 * (os.cpu_count() or 1),
+            settings.start_settle_seconds,
         )
         self._shared = SharedRunner(
             settings, backend, daemon_id, self._provisioner, self, seal=seal
@@ -191,8 +197,9 @@ class Supervisor:
 
     # -- sessions --------------------------------------------------------------------
 
-    async def acquire(self, name: str, session_id: str) -> Instance:
-        """An instance for a new session: from the warm pool if one is ready, else cold."""
+    async def acquire(self, name: str, session_id: str, told: Told | None = None) -> Instance:
+        """An instance for a new session: from the warm pool if one is ready, else cold,
+        through the start gate (`told` how many sessions are ahead, if it must wait)."""
         state = self._state(name)
         if state.definition.shared:
             raise SandboxError(f"server {name!r} is shared: sessions join its router")
@@ -205,7 +212,7 @@ class Supervisor:
                 break
             self._spawn(self.stop_instance(candidate))  # dead, or made under an older policy
         if instance is None:
-            instance = await self.start_instance(state)
+            instance = await self.start_instance(state, told=told, session=True)
         else:
             state.record_healthy()
         instance.session_id = session_id
@@ -320,18 +327,33 @@ class Supervisor:
             raise SandboxError(f"server {name!r} is not loaded")
         return state
 
-    async def start_instance(self, state: ServerState) -> Instance:
+    async def start_instance(
+        self, state: ServerState, *, session: bool = False, told: Told | None = None
+    ) -> Instance:
         """Start a new instance of `state`'s server, known to this run from the first moment."""
-        instance_id = new_instance_id()
-        self._known_containers.add(instance_id)
         state.starting += 1
+        return await self._start_counted(state, session=session, told=told)
+
+    async def _start_counted(
+        self, state: ServerState, *, session: bool = False, told: Told | None = None
+    ) -> Instance:
+        """`start_instance` for a start already counted in `state.starting`."""
+        instance_id = new_instance_id()
+        try:
+            await self._gate.enter(session=session, told=told)
+        except BaseException:
+            state.starting -= 1
+            raise
+        self._known_containers.add(instance_id)
         try:
             instance = await self._provisioner.start(state.definition, instance_id)
         except BaseException:
             self._known_containers.discard(instance_id)
+            self._gate.leave()
             raise
         finally:
             state.starting -= 1
+        self._spawn(self._gate.hold_until_settled(instance.answered))
         self._record(
             "container.start",
             "ok",
@@ -370,21 +392,31 @@ class Supervisor:
                 await self._provisioner.forget_network(instance.id)
 
     async def _refill(self, state: ServerState) -> None:
-        while (
-            not self._closing
-            and state.definition.name in self._servers
-            and len(state.pool) + state.starting < state.definition.warm_pool
-            and state.may_retry()
-        ):
-            try:
-                instance = await self.start_instance(state)
-            except SandboxError as exc:
-                state.pool_failed(describe_start_error(state.definition, exc))
+        """Start what the pool lacks, all at once (the start gate bounds them by CPU)."""
+        while not self._closing and state.definition.name in self._servers and state.may_retry():
+            wanted = state.definition.warm_pool - len(state.pool) - state.starting
+            if wanted <= 0:
                 return
-            if self._closing or state.definition.name not in self._servers:
-                await self.stop_instance(instance)
+            state.starting += wanted  # counted now: a refill racing this one sees them
+            outcomes = await asyncio.gather(
+                *(self._start_counted(state) for _ in range(wanted)), return_exceptions=True
+            )
+            failed: BaseException | None = None
+            for outcome in outcomes:
+                if isinstance(outcome, Instance):
+                    if self._closing or state.definition.name not in self._servers:
+                        await self.stop_instance(outcome)
+                    else:
+                        state.pool.append(outcome)
+                elif isinstance(outcome, SandboxError):
+                    state.pool_failed(describe_start_error(state.definition, outcome))
+                    failed = failed or outcome
+                else:
+                    failed = outcome
+            if failed is not None:
+                if not isinstance(failed, SandboxError):
+                    raise failed
                 return
-            state.pool.append(instance)
 
     async def _reconcile_forever(self) -> None:
         while True:

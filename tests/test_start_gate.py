@@ -1,0 +1,125 @@
+"""Issue 18: a burst beyond the warm pool starts a few instances at a time, first come first
+served, sessions before pool refills, and a host that has to wait is told so."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stockade.supervisor.start_gate import StartGate
+from tests.daemon_helper import HostSession, running_daemon
+
+
+def test_the_gate_serves_sessions_first_in_arrival_order_and_bounds_starts() -> None:
+    async def scenario() -> tuple[list[str], list[tuple[str, int]], int]:
+        gate = StartGate(slots=2, settle=5)
+        order: list[str] = []
+        told: list[tuple[str, int]] = []
+        running = 0
+        most = 0
+
+        async def start(name: str, session: bool) -> None:
+            nonlocal running, most
+
+            async def tell(ahead: int) -> None:
+                told.append((name, ahead))
+
+            await gate.enter(session=session, told=tell)
+            running += 1
+            most = max(most, running)
+            order.append(name)
+            await asyncio.sleep(0.01)
+            running -= 1
+            gate.leave()
+
+        tasks = [asyncio.create_task(start("refill-1", False))]
+        tasks.append(asyncio.create_task(start("refill-2", False)))
+        await asyncio.sleep(0)  # both refills hold the two slots
+        for name, session in (("refill-3", False), ("s1", True), ("s2", True), ("s3", True)):
+            tasks.append(asyncio.create_task(start(name, session)))
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        return order, told, most
+
+    order, told, most = asyncio.run(scenario())
+    assert most == 2
+    assert order[:2] == ["refill-1", "refill-2"]
+    assert order[2:] == ["s1", "s2", "s3", "refill-3"]  # waiting sessions overtake a refill
+    assert told == [("refill-3", 0), ("s1", 0), ("s2", 1), ("s3", 2)]
+
+
+def test_a_cancelled_waiter_passes_its_turn_on() -> None:
+    async def scenario() -> list[str]:
+        gate = StartGate(slots=1, settle=5)
+        await gate.enter(session=True)
+        served: list[str] = []
+
+        async def wait(name: str) -> None:
+            await gate.enter(session=True)
+            served.append(name)
+            gate.leave()
+
+        gone = asyncio.create_task(wait("gone"))
+        stays = asyncio.create_task(wait("stays"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        gate.leave()
+        await stays
+        assert gone.cancelled()
+        await gate.enter(session=False)  # the slot came back: nothing leaked
+        return served
+
+    assert asyncio.run(scenario()) == ["stays"]
+
+
+def test_a_slot_is_held_until_the_server_answers_or_settle_passes() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        gate = StartGate(slots=1, settle=0.2)
+        await gate.enter(session=True)
+        answered = asyncio.Event()
+        holder = asyncio.create_task(gate.hold_until_settled(answered))
+        await asyncio.sleep(0.05)
+        blocked = gate._free == 0
+        answered.set()
+        await holder
+        await gate.enter(session=True)  # free again once it answered
+        gate.leave()
+        await gate.enter(session=True)
+        quiet = asyncio.create_task(gate.hold_until_settled(asyncio.Event()))
+        await asyncio.wait_for(quiet, 2)  # never answers: released at `settle`
+        return blocked, gate._free == 1
+
+    assert asyncio.run(scenario()) == (True, True)
+
+
+@pytest.mark.docker
+@pytest.mark.usefixtures("images")
+def test_hosts_beyond_the_pool_are_told_they_wait_and_all_are_served(tmp_path: Path) -> None:
+    with running_daemon(
+        tmp_path, STOCKADE_MAX_CONCURRENT_STARTS="1", STOCKADE_START_SETTLE_SECONDS="30"
+    ) as daemon:
+        daemon.add_scratch_server("scratch", "--warm", "0")
+
+        async def host(n: int) -> list[dict[str, Any]]:
+            async with HostSession(daemon, "scratch") as session:
+                answer = await session.request("scratch/echo", {"n": n}, timeout=60)
+                assert answer["result"]["echo"] == {"n": n}
+                return list(session.messages)
+
+        async def burst() -> list[list[dict[str, Any]]]:
+            return await asyncio.gather(*(host(n) for n in range(3)))
+
+        seen = asyncio.run(burst())
+    notices = [
+        m
+        for messages in seen
+        for m in messages
+        if m.get("method") == "notifications/message"
+        and "waiting for a sandbox of 'scratch'" in m["params"]["data"]
+    ]
+    # One slot: the first host starts at once, the two others wait (each told once).
+    assert len(notices) == 2
+    assert sorted(m["params"]["data"].split("; ")[1][0] for m in notices) == ["0", "1"]
