@@ -210,10 +210,13 @@ def test_rsyslog_receives_signed_checkpoints_and_verify_uses_them(
     first = next(n for n, line in enumerate(lines) if b'"audit.checkpoint"' in line)
     path.write_bytes(b"".join(lines[: first + 1]))
     (Path(audit) / "head.json").write_bytes(lines[first].rstrip(b"\n"))
-    newest = collector.checkpoints()[-1]
+    newest = [collector.checkpoints()[-1], json.loads(witness_file.read_text().splitlines()[-1])]
     caught = stockade("audit", "verify", "--dir", audit, "--key", pub, *witnessed)
     assert caught.returncode == 2, caught.stdout
-    assert f"behind the witnessed head at seq {newest['seq']} ({newest['ts']})" in caught.stdout
+    assert any(  # the first witness it reads says so
+        f"behind the witnessed head at seq {head['seq']} ({head['ts']})" in caught.stdout
+        for head in newest
+    ), caught.stdout
 
 
 def test_an_unreachable_witness_is_retried_and_traffic_goes_on(

@@ -105,18 +105,14 @@ def test_a_readable_key_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_the_daemon_stops_with_one_line_on_a_wrong_master_key(tmp_path: Path) -> None:
-    state = tmp_path / "state"
+    daemon = Daemon(tmp_path, extra_env={"STOCKADE_SECRETS_KEY_FILE": str(tmp_path / "right.key")})
+    daemon.start()  # the store is made with the right key, and the trail knows it
+    assert daemon.stop() == 0
+    state = daemon.state_dir
     store = LocalSecretStore(state / "secrets.json", load_master_key(tmp_path / "right.key"))
     store.set("x", new_value(), rotate=False)
     load_master_key(tmp_path / "wrong.key")
-    env = {
-        **os.environ,
-        "STOCKADE_STATE_DIR": str(state),
-        "STOCKADE_SOCKET_PATH": str(tmp_path / "s.sock"),
-        "STOCKADE_POLICY_DIR": str(tmp_path / "policies"),
-        "STOCKADE_SECRETS_KEY_FILE": str(tmp_path / "wrong.key"),
-        "STOCKADE_LOG_FORMAT": "json",
-    }
+    env = {**daemon.env, "STOCKADE_SECRETS_KEY_FILE": str(tmp_path / "wrong.key")}
     run = subprocess.run(
         [str(BIN / "stockaded")], env=env, capture_output=True, text=True, timeout=60
     )

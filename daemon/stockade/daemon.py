@@ -34,7 +34,7 @@ from stockade.secrets.generation import open_anchored
 from stockade.secrets.local import LocalSecretStore, load_master_key, master_key_id
 from stockade.secrets.model import SecretError, SecretStore
 from stockade.secrets.vault import VaultSecretStore
-from stockade.state_seal import StateSeal, StateTampered
+from stockade.state_seal import StateSeal, StateTampered, check_state_folders
 from stockade.supervisor.supervisor import Supervisor, load_daemon_id
 from stockade.systemd import listen_fds, notify, watchdog_interval
 
@@ -76,19 +76,33 @@ async def _serve(
         loop.add_signal_handler(signum, stop.set)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.state_dir, 0o700)
+    check_state_folders(settings.state_dir, STATE_FOLDERS)
+    leftovers = [name for name in STATE_MARKERS if (settings.state_dir / name).exists()]
+    if any((settings.state_dir / "audit").glob("audit-*.jsonl")):
+        leftovers = []  # a trail exists: it vouches (or not) for them itself
     daemon_id = load_daemon_id(settings.state_dir)
     audit = open_audit_log(settings, daemon_id, accept_gap=accept_audit_gap)
     audit_task = asyncio.create_task(audit.run(), name="audit")
     try:
-        seal = await _open_state(settings, audit, daemon_id, accept_state_rollback)
+        seal = await _open_state(settings, audit, daemon_id, accept_state_rollback, leftovers)
         await _serve_audited(settings, audit, seal, daemon_id, stop)
     finally:
         audit_task.cancel()
         await audit.close()
 
 
+# Folders of the state folder that must be the daemon's own, and files whose presence means
+# a daemon ran here before (with them but no audit trail, the trail was deleted).
+STATE_FOLDERS = ("pki", "pki/admin", "audit", "audit-anchor", "shared")
+STATE_MARKERS = ("daemon-id", "pki/ca.crt", "pki/ca.key", "servers.json", "secrets.json")
+
+
 async def _open_state(
-    settings: Settings, audit: AuditLog, daemon_id: str, accept_rollback: bool
+    settings: Settings,
+    audit: AuditLog,
+    daemon_id: str,
+    accept_rollback: bool,
+    leftovers: list[str],
 ) -> StateSeal:
     """The seal for the state folder, its floor checked against the trusted checkpoint.
 
@@ -96,6 +110,8 @@ async def _open_state(
     the daemon's id on the engine is pinned here: changing it would orphan its containers."""
     seal = open_state_seal(settings, audit, accept_rollback=accept_rollback)
     async with _state_checked(audit):
+        if leftovers:
+            seal.trail_lost(leftovers)
         seal.pin("daemon id", daemon_id)
     return seal
 
@@ -250,13 +266,15 @@ def open_secret_store(
         )
     key_file = settings.secrets_key_file or settings.state_dir / "master.key"
     master = load_master_key(key_file)
-    if seal is not None:
-        # A master key and store both swapped for ones the writer made would serve its
-        # secrets to the servers: the key is pinned by an id derived from it.
-        seal.pin("master key", master_key_id(master))
-    return LocalSecretStore(
+    store = LocalSecretStore(
         settings.state_dir / "secrets.json", master, audited_generation=audited_generation
     )
+    if seal is not None:
+        # A master key and store both swapped for ones the writer made would serve its
+        # secrets to the servers: the key is pinned by an id derived from it (after the
+        # store opened, so that a plainly wrong key says so first).
+        seal.pin("master key", master_key_id(master))
+    return store
 
 
 # What stops the daemon at start, what it logs, and its exit code (see the README).

@@ -240,7 +240,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         identity = identities.pop() if len(identities) == 1 else ""
         if request.identity:  # and every bearer token that identity holds
-            await asyncio.to_thread(self._tokens.revoke, identity=uri)
+            self._tokens.revoke(identity=uri)  # on the loop: its save signs a checkpoint
         await self._opener.revoke(
             f"credential revoked: certificate {', '.join(str(s) for s in serials)}",
             credentials={f"cert:{serial}" for serial in serials},
@@ -288,7 +288,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     ) -> control_pb2.RevokeTokenResponse:
         if not request.token_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give a token id")
-        await asyncio.to_thread(self._tokens.revoke, token_id=request.token_id)
+        self._tokens.revoke(token_id=request.token_id)  # on the loop: it signs a checkpoint
         await self._opener.revoke(
             f"credential revoked: token {request.token_id}",
             credentials={f"token:{request.token_id}"},

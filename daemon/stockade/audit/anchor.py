@@ -22,6 +22,7 @@ would otherwise switch the check off); a brand-new state starts with an empty an
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +31,14 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from stockade.atomic import write_atomically
-from stockade.audit.chain import FILE_PATTERN, HEAD_FILE, line_hash
+from stockade.audit.chain import CHECKPOINT, FILE_PATTERN, HEAD_FILE, line_hash
 from stockade.audit.verify import valid_signature
 from stockade.logs import get_logger
 
 log = get_logger("stockade.audit.anchor")
 
 ACK_PREFIX = "witness-"
+CHECKPOINT_MARK = f'"type":"{CHECKPOINT}"'.encode()
 
 
 class AuditRollback(Exception):
@@ -57,8 +59,12 @@ class KnownHead:
 class Anchor:
     """The anchor folder: the head copy and the witnesses' acknowledgements."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, outside: Path | None = None) -> None:
         self.directory = directory
+        # The file witness, when one is set: on another filesystem, out of a writer of the
+        # state folder's reach, so its last checkpoint binds even a rollback of the whole
+        # folder (anchor included) at the daemon's own start.
+        self.outside = outside
 
     @property
     def head_path(self) -> Path:
@@ -112,11 +118,13 @@ class Anchor:
         return []
 
     def trusted_fields(self, audit_dir: Path, key: Ed25519PublicKey) -> dict[str, Any]:
-        """The fields of the newest checkpoint the log holds (after `guard_start`), among
-        those whose signature verifies with the daemon's key.
+        """The fields of the newest checkpoint in the log (after `guard_start` found that it
+        holds every known head), which must carry the daemon's signature.
 
-        A head that claims a signature it does not have is a forgery (anyone who can write
-        `head.json` can write a line that looks like a checkpoint): refused, never trusted.
+        The log, not a head copy: head copies live where a writer of the state folder can
+        put back an older one (or `{"seq":0}`), but the log must hold every head and extends
+        them, so its newest checkpoint is at least as new as any. A head that claims a
+        signature it does not have is a forgery too: refused, never trusted.
         """
         heads = [h for h in known_heads(audit_dir, self) if h.record and "signature" in h.record]
         for head in heads:
@@ -126,13 +134,34 @@ class Anchor:
                     f"{head.source}: checkpoint {head.seq} does not carry the daemon's "
                     "signature (forged)"
                 )
-        newest = max(heads, key=lambda h: h.seq, default=None)
-        return dict(newest.record) if newest is not None and newest.record else {}
+        newest = newest_checkpoint(audit_dir)
+        if newest is None:
+            return {}
+        if not valid_signature(key, newest):
+            raise AuditRollback(
+                f"the log's newest checkpoint (seq {newest.get('seq')}) does not carry the "
+                "daemon's signature: the audit key was replaced or the log forged"
+            )
+        return newest
 
     def signed_seq(self) -> int:
         """The seq of the last checkpoint the daemon itself copied here (0 if none)."""
         head = self.head()
         return head.seq if head is not None else 0
+
+
+def newest_checkpoint(audit_dir: Path) -> dict[str, Any] | None:
+    """The last checkpoint record of the log (None: it has none)."""
+    for path in reversed(_log_lines(audit_dir)):
+        for line in reversed(path.read_bytes().split(b"\n")):
+            if CHECKPOINT_MARK in line:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a torn tail: the log cuts and records it itself
+                if isinstance(record, dict) and record.get("type") == CHECKPOINT:
+                    return record
+    return None
 
 
 def _known(source: str, data: bytes) -> KnownHead:
@@ -188,7 +217,24 @@ def known_heads(audit_dir: Path, anchor: Anchor) -> list[KnownHead]:
     if copy is not None:
         heads.append(copy)
     heads.extend(anchor.acknowledgements().values())
+    if anchor.outside is not None:
+        last = _last_line_of(anchor.outside)
+        if last:
+            heads.append(_known(f"the file witness {anchor.outside}", last))
     return heads
+
+
+def _last_line_of(path: Path) -> bytes:
+    """The last whole line of an append-only file (b"" if none): read from its end."""
+    try:
+        with path.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - 65536))
+            tail = handle.read()
+    except FileNotFoundError:
+        return b""
+    lines = [line for line in tail.split(b"\n") if line.strip()]
+    return lines[-1] if lines and tail.endswith(b"\n") else (lines[-2] if len(lines) > 1 else b"")
 
 
 def find_gaps(audit_dir: Path, anchor: Anchor) -> list[str]:
@@ -200,10 +246,16 @@ def find_gaps(audit_dir: Path, anchor: Anchor) -> list[str]:
         return [f"the last line of {files[-1]} is not an audit record"]
     problems: list[str] = []
     hashes: dict[Path, set[str]] = {}
-    if anchor.head() is None and tip > 0:
+    copy = anchor.head()
+    if copy is None and tip > 0:
         problems.append(
             f"the daemon's head copy {anchor.head_path} is missing although the log exists "
             "(deleted, or the anchor folder moved)"
+        )
+    elif copy is not None and copy.seq == 0 and newest_checkpoint(audit_dir) is not None:
+        problems.append(
+            f"the daemon's head copy {anchor.head_path} says no checkpoint was ever signed, "
+            "but the log holds one (reset)"
         )
     for head in known_heads(audit_dir, anchor):
         if head.seq == 0 or _holds(files, head, hashes):

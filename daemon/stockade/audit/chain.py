@@ -20,6 +20,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from stockade.atomic import write_atomically
+
 GENESIS = "0" * 64
 CHECKPOINT = "audit.checkpoint"
 FILE_PATTERN = "audit-*.jsonl"
@@ -65,12 +67,8 @@ def load_or_create_key(path: Path) -> Ed25519PrivateKey:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    temp = path.with_suffix(".tmp")
-    temp.touch(mode=0o600)
-    temp.write_bytes(pem)
-    temp.replace(path)
-    public_path(path).write_bytes(public_pem(key.public_key()))
+    write_atomically(path, pem)
+    write_atomically(public_path(path), public_pem(key.public_key()), mode=0o644)
     return key
 
 

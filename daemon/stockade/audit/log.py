@@ -23,6 +23,7 @@ import contextlib
 import errno
 import json
 import os
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from stockade.atomic import write_atomically
 from stockade.audit.chain import (
     CHECKPOINT,
     FILE_PATTERN,
@@ -109,6 +111,7 @@ class AuditLog:
         self.directory = directory
         self._key = key
         self._observers = list(observers)
+        self._thread = threading.get_ident()  # set again by `open`: the writing thread
         self.checkpoint_fields: dict[str, Any] = {}
         self.key_fingerprint = fingerprint(key.public_key())
         self._daemon_id = daemon_id
@@ -152,6 +155,7 @@ class AuditLog:
         """Continue the chain from the newest file (or start it). Raises OSError.
 
         `first`, if given, is written before anything else (an accepted gap)."""
+        self._thread = threading.get_ident()
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         files = sorted(self.directory.glob(FILE_PATTERN))
         torn_bytes = b""
@@ -238,6 +242,8 @@ class AuditLog:
     def _emit(self, record: dict[str, Any]) -> int:
         if self._failure is not None:
             raise AuditUnavailable(self._failure)
+        if threading.get_ident() != self._thread:  # the chain is one sequence, one writer
+            raise RuntimeError("audit records are written from the thread that opened the log")
         event_type = record["type"]
         line = canonical(record)
         self._append(line + b"\n")
@@ -274,11 +280,9 @@ class AuditLog:
         record["signature"] = sign(self._key, record)
         seq = self._emit(record)
         line = canonical(record)  # the newest checkpoint, whole: a verifier checks the log has it
-        temp = self.directory / f".{HEAD_FILE}.tmp"
         try:
             os.fsync(self._fd)  # on disk before any copy of it is
-            temp.write_bytes(line)
-            os.replace(temp, self.directory / HEAD_FILE)
+            write_atomically(self.directory / HEAD_FILE, line)
             for observer in self._observers:
                 observer.published(line, record)
         except OSError as exc:

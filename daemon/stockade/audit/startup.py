@@ -7,8 +7,10 @@ at every start (and when the key is made), for verifiers to pin.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,10 @@ log = get_logger("stockade.audit")
 
 
 def anchor_of(settings: Settings) -> Anchor:
-    return Anchor(settings.audit_anchor_dir or settings.state_dir / "audit-anchor")
+    return Anchor(
+        settings.audit_anchor_dir or settings.state_dir / "audit-anchor",
+        outside=settings.audit_witness_file,
+    )
 
 
 def unvouched_tail(directory: Path, signed_seq: int) -> dict[str, Any] | None:
@@ -103,18 +108,30 @@ def open_audit_log(settings: Settings, daemon_id: str, *, accept_gap: bool = Fal
 
 
 def open_state_seal(settings: Settings, audit: AuditLog, *, accept_rollback: bool) -> StateSeal:
-    """The seal for the state folder's files, its floor the trusted checkpoint's `state`."""
+    """The seal for the state folder's files, its floor the trusted checkpoint's `state`
+    (none: the trail has never anchored state)."""
     key = load_or_create_key(settings.state_dir / "pki" / AUDIT_KEY_FILE)
-    anchored = audit.checkpoint_fields.get(STATE_FIELD, {})
+    anchored = audit.checkpoint_fields.get(STATE_FIELD)
     return StateSeal.from_anchor(key, anchored, accept_rollback=accept_rollback)
 
 
 def publish_state(audit: AuditLog, seal: StateSeal) -> None:
-    """Anchor the state now, and after every change from here on (a signed checkpoint)."""
+    """Anchor the state now, and after every change from here on (a signed checkpoint).
 
-    def publish() -> None:
+    Checkpoints are written on the event loop's thread only (the chain is one sequence): a
+    change made in a worker thread has its checkpoint scheduled there."""
+    loop = asyncio.get_running_loop()
+    owner = threading.get_ident()
+
+    def publish_now() -> None:
         audit.checkpoint_fields[STATE_FIELD] = seal.fields()
         audit.checkpoint()
 
-    publish()
+    def publish() -> None:
+        if threading.get_ident() == owner:
+            publish_now()
+        else:
+            loop.call_soon_threadsafe(publish_now)
+
+    publish_now()
     seal.publish = publish

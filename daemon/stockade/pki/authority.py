@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from stockade.atomic import write_atomically
 from stockade.pki import SERVER_NAME
 from stockade.pki.identity import TRUST_DOMAIN, Identity
 from stockade.state_seal import StateSeal
@@ -50,14 +51,13 @@ def _now() -> dt.datetime:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write a file that only the owner may read, atomically."""
-    temp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    """Write a file that only the owner may read, atomically, never through a link."""
+    write_atomically(path, data)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    """A certificate or CRL: readable by all, written the same safe way."""
+    write_atomically(path, data, mode=0o644)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -86,10 +86,15 @@ class CertificateAuthority:
         seal.pin("ca", cert.fingerprint(hashes.SHA256()).hex())
         issued = self._load_json("issued.json", {})
         revoked = self._load_json("revoked.json", [])
-        if not isinstance(issued, dict) or not isinstance(revoked, list):
-            raise PkiError(f"{directory}: issued.json or revoked.json has the wrong shape")
-        self._issued: dict[str, dict[str, str]] = issued
-        self.revoked: set[int] = {int(serial) for serial in revoked}
+        try:
+            if not isinstance(issued, dict) or not isinstance(revoked, list):
+                raise TypeError
+            self._issued: dict[str, dict[str, str]] = issued
+            self.revoked: set[int] = {int(serial) for serial in revoked}
+        except (TypeError, ValueError):
+            raise PkiError(
+                f"{directory}: issued.json or revoked.json has the wrong shape"
+            ) from None
 
     # -- creation --------------------------------------------------------------------
 
@@ -104,7 +109,10 @@ class CertificateAuthority:
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
             if not isinstance(key, ec.EllipticCurvePrivateKey):
                 raise PkiError(f"{key_path} is not an EC key")
-            return cls(directory, key, x509.load_pem_x509_certificate(cert_path.read_bytes()), seal)
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            authority = cls(directory, key, cert, seal)
+            authority._write_crl()  # from the sealed revocations, whatever crl.pem holds now
+            return authority
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Stockade local CA")])
         now = _now()
@@ -135,7 +143,7 @@ class CertificateAuthority:
             .sign(key, hashes.SHA256())
         )
         _write_private(key_path, _key_pem(key))
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         authority = cls(directory, key, cert, seal)
         authority._write_crl()
         return authority
@@ -205,7 +213,7 @@ class CertificateAuthority:
             SERVER_IDENTITY, SERVER_NAME, ExtendedKeyUsageOID.SERVER_AUTH, wanted[0], wanted[1]
         )
         _write_private(key_path, issued.key_pem)
-        cert_path.write_bytes(issued.cert_pem)
+        _write_public(cert_path, issued.cert_pem)
         return key_path, cert_path
 
     def ensure_owner_admin(self) -> Path:
@@ -251,7 +259,7 @@ class CertificateAuthority:
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
             )
         crl = builder.sign(self._key, hashes.SHA256())
-        (self.directory / "crl.pem").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        _write_public(self.directory / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
 
     # -- files -----------------------------------------------------------------------
 
@@ -273,5 +281,5 @@ def write_credentials(folder: Path, issued: IssuedCertificate) -> None:
     """client.key (0600), client.crt and ca.crt: where `stockade connect` looks."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     _write_private(folder / "client.key", issued.key_pem)
-    (folder / "client.crt").write_bytes(issued.cert_pem)
-    (folder / "ca.crt").write_bytes(issued.ca_pem)
+    _write_public(folder / "client.crt", issued.cert_pem)
+    _write_public(folder / "ca.crt", issued.ca_pem)

@@ -20,7 +20,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 
 from stockade.audit.chain import fingerprint, load_or_create_key
-from stockade.state_seal import StateSeal
+from stockade.state_seal import RECOVERY, StateSeal, StateTampered
 
 PREFIX = "stk1"
 MAX_TTL_SECONDS = 24 * 3600
@@ -50,7 +50,10 @@ def _decode(text: str) -> bytes:
 
 class TokenIssuer:
     def __init__(self, pki_dir: Path, seal: StateSeal) -> None:
-        self._key = load_or_create_key(pki_dir / "token-key.pem")
+        try:
+            self._key = load_or_create_key(pki_dir / "token-key.pem")
+        except ValueError as exc:  # not a key (garbage, another kind)
+            raise StateTampered(f"the token key is unusable ({exc}); {RECOVERY}") from None
         self._seal = seal
         # The signing key and the revocations are pinned and sealed (`state_seal.py`): a
         # writer of the state folder can neither mint tokens with its own key nor take a
@@ -60,11 +63,14 @@ class TokenIssuer:
         self._revoked_ids: set[str] = set()
         self._revoked_identities: dict[str, int] = {}  # identity -> tokens issued before
         data = seal.load(self._revoked_path, SEAL_NAME)
-        if isinstance(data, dict):
-            self._revoked_ids = {str(i) for i in data.get("ids", [])}
-            self._revoked_identities = {
-                str(k): int(v) for k, v in dict(data.get("identities", {})).items()
-            }
+        try:
+            if data is not None:
+                self._revoked_ids = {str(i) for i in data["ids"]}
+                self._revoked_identities = {
+                    str(k): int(v) for k, v in dict(data["identities"]).items()
+                }
+        except (TypeError, ValueError, KeyError, AttributeError):
+            raise StateTampered(f"{self._revoked_path} has the wrong shape; {RECOVERY}") from None
 
     def issue(self, identity: str, audience: str, ttl_seconds: int) -> Token:
         if not 0 < ttl_seconds <= MAX_TTL_SECONDS:

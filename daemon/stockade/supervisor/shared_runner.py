@@ -216,7 +216,7 @@ class SharedRunner:
                         "shared instance record refused; starting a new one", reason=str(exc)
                     )
                 continue
-            except (SandboxError, KeyError, ValueError, TypeError, OSError) as exc:
+            except Exception as exc:
                 with log_context(server=definition.name):
                     log.info("shared instance not adoptable; starting a new one", reason=str(exc))
                 continue

@@ -24,6 +24,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from stockade.atomic import write_atomically
 from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.config import Settings
 from stockade.logs import get_logger, log_context
@@ -37,7 +38,7 @@ from stockade.sandbox.runtime import SandboxRuntime
 from stockade.sandbox.spec import LABEL_DAEMON, LABEL_INSTANCE
 from stockade.secrets.delivery import SecretDelivery
 from stockade.secrets.model import SecretStore
-from stockade.state_seal import StateSeal
+from stockade.state_seal import StateSeal, read_regular
 from stockade.supervisor.provisioning import Provisioner
 from stockade.supervisor.shared_runner import SharedRunner
 from stockade.supervisor.spec_rules import EffectiveSandbox
@@ -58,12 +59,13 @@ DAEMON_ID_FILE = "daemon-id"
 def load_daemon_id(state_dir: Path) -> str:
     """This daemon's identity on the engine, stable across restarts (labels carry it)."""
     path = state_dir / DAEMON_ID_FILE
-    if path.exists():
-        value = path.read_text().strip()
+    data = read_regular(path)  # not a link, FIFO or folder (StateTampered)
+    if data is not None:
+        value = data.decode("utf-8", errors="replace").strip()
         if value:
             return value
     value = uuid.uuid4().hex[:16]
-    path.write_text(value + "\n")
+    write_atomically(path, (value + "\n").encode())
     return value
 
 
