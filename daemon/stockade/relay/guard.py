@@ -221,6 +221,21 @@ class PolicyGuard:
             )
         return answer
 
+    async def server_notifications_dropped(self) -> None:
+        """A server notification dropped past its rate: on record once a window, counted."""
+        count = self._budget.due("server-notifications-dropped", self.identity, self.server)
+        if count is None:
+            return
+        with contextlib.suppress(AuditUnavailable):  # dropped either way
+            await self._record(
+                "server_notification",
+                durable=False,
+                outcome="deny",
+                action="notifications",
+                reason="notification rate of this server exceeded; dropped",
+                count=count,
+            )
+
     async def refuse(self, message: Message, code: int, reason: str) -> bytes:
         """A host message the relay itself refuses (not the policy): recorded, answered."""
         fields = {"action": capped(message.method or "response"), "target": None}

@@ -21,6 +21,7 @@ from stockade.logs import get_logger, log_context
 from stockade.sandbox.attached import AttachedStdio
 from stockade.sandbox.errors import EXIT_MEANINGS, ContainerGone
 from stockade.sandbox.http_channel import HttpChannel, HttpTarget
+from stockade.sandbox.pace import OutputLimits
 from stockade.sandbox.runtime import ExitStatus, SandboxRuntime
 from stockade.sandbox.spec import ContainerSpec
 from stockade.secrets.redact import Redactor, StreamRedactor
@@ -169,6 +170,7 @@ class Instance:
         *,
         redaction: Redaction | None = None,
         http: HttpTarget | None = None,
+        limits: OutputLimits | None = None,
     ) -> Instance:
         """Create, attach (before start, or early output is lost), then start."""
         container_id = await asyncio.to_thread(backend.create, spec)
@@ -182,6 +184,7 @@ class Instance:
                 max_line_bytes,
                 redaction=redaction,
                 http_mode=http is not None,
+                limits=limits,
             )
             await asyncio.to_thread(backend.start, container_id)
             if http is not None:
@@ -211,10 +214,17 @@ class Instance:
         max_line_bytes: int,
         *,
         redaction: Redaction | None = None,
+        limits: OutputLimits | None = None,
     ) -> Instance:
         """Attach again to a running container a previous daemon run started."""
         return await cls._attach(
-            backend, container_id, server, instance_id, max_line_bytes, redaction=redaction
+            backend,
+            container_id,
+            server,
+            instance_id,
+            max_line_bytes,
+            redaction=redaction,
+            limits=limits,
         )
 
     @classmethod
@@ -228,6 +238,7 @@ class Instance:
         *,
         redaction: Redaction | None = None,
         http_mode: bool = False,
+        limits: OutputLimits | None = None,
     ) -> Instance:
         attachment = await asyncio.to_thread(backend.attach, container_id)
         stderr = StderrLog()
@@ -246,7 +257,7 @@ class Instance:
         if redaction is not None:
             redact = StreamRedactor(redaction.redactor, redaction.on_redacted).feed
         stdio = await AttachedStdio.open(
-            attachment, max_line_bytes, on_stderr, stderr_filter=redact
+            attachment, max_line_bytes, on_stderr, stderr_filter=redact, limits=limits
         )
         instance = cls(
             id=instance_id,
