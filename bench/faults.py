@@ -7,8 +7,9 @@ lines, stderr lines or valid notifications by the hundred thousand; its host sto
 while it floods; it never answers (the request timeout fires); an oversized request and an
 oversized answer. The misbehaving host is a separate process (as a real host is), so that
 its own reading does not share the probe's event loop. Prints, per misbehaviour, what the
-misbehaving session got, the probe's p50/p99 next to idle, and how much the daemon's log
-grew; then the daemon log's "never retrieved" / "never awaited" count.
+misbehaving session got, the probe's p50/p99 next to idle (measured just before it), and
+how much the daemon's log grew; then the daemon log's "never retrieved" / "never awaited"
+count.
 A benchmark, not a test: nothing here asserts a timing, and a shared 2-core machine moves
 the numbers by tens of percent.
 
@@ -133,8 +134,11 @@ def wait_pool(daemon: Daemon, seconds: float = 60) -> None:
     time.sleep(1.5)  # a fresh instance's interpreter finishes starting
 
 
-def run_fault(daemon: Daemon, fault: Fault) -> tuple[dict[str, Any], list[float], int]:
-    """(the misbehaving host's report, the probe's round trips, daemon log growth)."""
+def run_fault(daemon: Daemon, fault: Fault) -> tuple[dict[str, Any], list[float], list[float], int]:
+    """(the misbehaving host's report, the probe's round trips just before and during,
+    daemon log growth). Idle is measured right before each fault: other work on a shared
+    machine moves it by more than some faults do."""
+    idle = asyncio.run(probe(daemon, IDLE_CALLS, None))
     log_before = daemon.log_path.stat().st_size
     spec = {"method": fault.method, "params": fault.params, "mode": fault.mode, "seconds": 20.0}
     host = subprocess.Popen(
@@ -158,7 +162,7 @@ def run_fault(daemon: Daemon, fault: Fault) -> tuple[dict[str, Any], list[float]
     report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     grown = daemon.log_path.stat().st_size - log_before
     wait_pool(daemon)
-    return report, times, grown
+    return report, idle, times, grown
 
 
 def outcome(fault: Fault, report: dict[str, Any]) -> str:
@@ -183,6 +187,7 @@ def main() -> None:
         return
     n, e = args.lines, args.stderr_lines
     faults = [
+        Fault("none (control: an idle server, one echo)", "scratch/echo", {}),
         Fault(
             f"server writes {n:,} garbage stdout lines",
             "scratch/garbage",
@@ -221,29 +226,26 @@ def main() -> None:
             daemon.issue_host(name)
         wait_pool(daemon, 120)
         asyncio.run(probe(daemon, 50, None))  # warm up the probe's path
-        idle = asyncio.run(probe(daemon, IDLE_CALLS, None))
-        idle_p99 = percentile(idle, 0.99)
         rows = []
         for fault in faults:
-            report, times, grown = run_fault(daemon, fault)
-            per_100k = f"{grown / max(1, fault.junk_lines) * 100_000 / 1024:.1f} KiB per 100k lines"
+            report, idle, times, grown = run_fault(daemon, fault)
+            per_100k = grown / max(1, fault.junk_lines) * 100_000 / 1024
+            idle_p99, p99 = percentile(idle, 0.99), percentile(times, 0.99)
             rows.append(
                 f"| {fault.label} | {outcome(fault, report)} | "
-                f"{statistics.median(times):.2f} / {percentile(times, 0.99):.2f} ms "
-                f"(n={len(times)}) | {percentile(times, 0.99) / idle_p99:.2f}x | "
-                f"{grown / 1024:.1f} KiB" + (f" ({per_100k})" if fault.junk_lines else "") + " |"
+                f"{statistics.median(idle):.2f} / {idle_p99:.2f} | "
+                f"{statistics.median(times):.2f} / {p99:.2f} (n={len(times)}) | "
+                f"{p99 / idle_p99:.2f}x | {grown / 1024:.1f} KiB"
+                + (f" ({per_100k:.1f} KiB per 100k lines)" if fault.junk_lines else "")
+                + " |"
             )
             print(rows[-1], file=sys.stderr, flush=True)
         log_text = daemon.log_path.read_text(errors="replace")
     print(
-        "| misbehaviour (in one session) | what that session got | other session p50 / p99 "
-        "| p99 x idle | daemon log growth |"
+        "| misbehaviour (in one session) | what that session got | other session p50 / p99 ms, "
+        "idle just before | the same, during | p99 x idle | daemon log growth |"
     )
-    print("| --- | --- | --- | --- | --- |")
-    print(
-        f"| none (idle) | — | {statistics.median(idle):.2f} / {idle_p99:.2f} ms (n={len(idle)}) "
-        "| 1.00x | — |"
-    )
+    print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(row)
     unretrieved = log_text.count("never retrieved") + log_text.count("never awaited")
