@@ -363,10 +363,7 @@ class Instance:
         self._stopping = True
         with contextlib.suppress(Exception):  # best effort: the cgroup may be gone
             await asyncio.wait_for(self.sample_pids(), 10)
-        if self._reader is not None and not self._reader.done():
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+        await _finish(self._reader)
         await self.stdio.close()
         if not self.exited.done():
             try:
@@ -387,8 +384,7 @@ class Instance:
         report = self.exited.result()
         if self.http is not None:
             await self.http.close()
-        if self._drain is not None:
-            self._drain.cancel()
+        await _finish(self._drain)
         try:
             await asyncio.wait_for(
                 asyncio.to_thread(self.backend.remove, self.container_id), ENGINE_DEADLINE
@@ -396,3 +392,17 @@ class Instance:
         except Exception as exc:  # the reconcile loop removes it later (it is not ours now)
             log.warning("could not remove the container", instance=self.id, error=str(exc))
         return report
+
+
+async def _finish(task: asyncio.Task[None] | None) -> None:
+    """Cancel a reader task and take its outcome: a task that already failed (its consumer,
+    a host's stream, went away mid-write) must not end as "exception never retrieved"."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception as exc:
+        log.info("an instance's reader had stopped", error=f"{type(exc).__name__}: {exc}")
