@@ -21,7 +21,7 @@ from stockade.sandbox import attached
 from stockade.sandbox.attached import AttachedStdio
 from stockade.sandbox.pace import YIELD_EVERY, OutputLimits, OutputPace
 from stockade.sandbox.runtime import Attachment
-from tests.daemon_helper import Daemon, HostSession, running_daemon
+from tests.daemon_helper import Daemon, HostSession, running_daemon, wait_until
 
 NOTIFICATIONS_PER_SECOND = 5
 FLOOD = 6000  # notifications; at 1000 lines a second, the flood lasts a few seconds
@@ -172,3 +172,23 @@ def test_a_notification_flood_is_throttled_and_the_others_are_served_meanwhile(
     assert sum(record["count"] for record in records) == FLOOD - relayed
     log = daemon.log_path.read_text(errors="replace")
     assert "never retrieved" not in log and "was never awaited" not in log
+
+
+@pytest.mark.docker
+@pytest.mark.usefixtures("images")
+def test_a_shared_server_flood_is_throttled_for_the_instance(daemon: Daemon) -> None:
+    daemon.add_scratch_server("shared", "--shared")
+    wait_until(lambda: daemon.status("shared").get("instances") == 1, 60, "the shared instance")
+
+    async def scenario() -> tuple[dict[str, Any] | None, int]:
+        async with HostSession(daemon, "shared") as host:
+            answer = await host.request("scratch/flood", {"count": 2000, "size": 100}, timeout=60)
+            return answer, sum(1 for m in host.messages if m.get("method"))
+
+    began = time.monotonic()
+    answer, relayed = asyncio.run(scenario())
+    elapsed = time.monotonic() - began
+    assert answer is not None and answer["result"] == {"flooded": True}
+    assert relayed <= NOTIFICATIONS_PER_SECOND * (BURST_SECONDS + elapsed) + 1
+    logged = [line for line in _dropped_lines(daemon) if line.get("server") == "shared"]
+    assert logged and sum(line["dropped"] for line in logged) <= 2000 - relayed
