@@ -4,9 +4,9 @@ A real daemon with the scratch server (tests/scratch_server.py; per-session sand
 pool). A probe session measures sequential `scratch/echo` round trips on the idle daemon,
 then again while each misbehaviour runs in another session: the server writes garbage
 lines, stderr lines or valid notifications by the hundred thousand; its host stops reading
-while it floods; it never answers (the request timeout fires); an oversized request and an
-oversized answer. The misbehaving host is a separate process (as a real host is), so that
-its own reading does not share the probe's event loop. Prints, per misbehaviour, what the
+while it floods; it never answers (the request timeout fires); oversized requests and
+answers, one after another for 20 s. The misbehaving host is a separate process (as a real
+host is), so that its own reading does not share the probe's event loop. Prints, per misbehaviour, what the
 misbehaving session got, the probe's p50/p99 next to idle (measured just before it), and
 how much the daemon's log grew (the probe's own lines left out); then how many daemon log
 lines say "never retrieved" or "never awaited".
@@ -49,7 +49,9 @@ class Fault:
     label: str
     method: str
     params: dict[str, Any]
-    mode: str = "answer"  # "answer": read until answered; "stall": never read, then vanish
+    # "answer": read until answered; "repeat": ask again after each answer, as long as a
+    # stall lasts; "stall": never read, then vanish
+    mode: str = "answer"
     junk_lines: int = 0  # lines the daemon must not log one by one
 
 
@@ -61,16 +63,19 @@ async def _misbehave(socket: str, credentials: str, fault: dict[str, Any]) -> di
     opened = await call.read()
     assert opened.WhichOneof("kind") == "opened"
     began = time.monotonic()
-    if fault["method"] == "oversized-request":
-        body = {"jsonrpc": "2.0", "id": 1, "method": "scratch/echo"}
-        raw = json.dumps({**body, "params": {"pad": "p" * (MAX_MESSAGE + 1024)}}).encode()
-    else:
-        raw = json.dumps(
-            {"jsonrpc": "2.0", "id": 1, "method": fault["method"], "params": fault["params"]}
-        ).encode()
-    await call.write(relay_pb2.ClientFrame(message=raw))
+
+    def request(request_id: int) -> bytes:
+        if fault["method"] == "oversized-request":
+            pad = {"pad": "p" * (MAX_MESSAGE + 1024)}
+            body = {"jsonrpc": "2.0", "id": request_id, "method": "scratch/echo", "params": pad}
+        else:
+            body = {"jsonrpc": "2.0", "id": request_id, "method": fault["method"]}
+            body["params"] = fault["params"]
+        return json.dumps(body).encode()
+
+    await call.write(relay_pb2.ClientFrame(message=request(1)))
     print("sent", flush=True)  # the probe starts now
-    result: dict[str, Any] = {"notifications": 0, "answer": None}
+    result: dict[str, Any] = {"notifications": 0, "answer": None, "answers": 0}
     if fault["mode"] == "stall":
         await asyncio.sleep(fault["seconds"])  # the server floods; this host reads nothing
         call.cancel()
@@ -78,6 +83,7 @@ async def _misbehave(socket: str, credentials: str, fault: dict[str, Any]) -> di
         result["seconds"] = time.monotonic() - began
         return result
     deadline = began + FAULT_SECONDS
+    waiting = 1
     while time.monotonic() < deadline:
         frame = await asyncio.wait_for(call.read(), deadline - time.monotonic())
         if frame is None or frame.WhichOneof("kind") != "message":
@@ -86,10 +92,14 @@ async def _misbehave(socket: str, credentials: str, fault: dict[str, Any]) -> di
         message = json.loads(frame.message)
         if "method" in message:
             result["notifications"] += 1
-        elif message.get("id") == 1:
+        elif message.get("id") == waiting:
             error = message.get("error")
             result["answer"] = f"error {error['code']}" if error else "result"
-            break
+            result["answers"] += 1
+            if fault["mode"] != "repeat" or time.monotonic() - began >= fault["seconds"]:
+                break
+            waiting += 1  # "repeat": the same again, for as long as a stall lasts
+            await call.write(relay_pb2.ClientFrame(message=request(waiting)))
     result["seconds"] = time.monotonic() - began
     await call.done_writing()
     await channel.close()
@@ -178,6 +188,8 @@ def outcome(fault: Fault, report: dict[str, Any]) -> str:
     if fault.mode == "stall":
         return f"stalled {report['seconds']:.0f} s, then vanished"
     text = str(report["answer"] or report.get("closed") or "no answer")
+    if report["answers"] > 1:
+        text = f"{report['answers']:,} x {text}"
     if report["notifications"]:
         text += f"; {report['notifications']:,} notifications forwarded"
     return f"{text} after {report['seconds']:.1f} s"
@@ -218,8 +230,18 @@ def main() -> None:
             "stall",
         ),
         Fault("server never answers (timeout fires)", "scratch/hang", {}),
-        Fault("oversized request (1 MiB + 1 KiB)", "oversized-request", {}),
-        Fault("oversized answer (2 MiB)", "scratch/big", {"size": 2 * MAX_MESSAGE}),
+        Fault(
+            "oversized requests (1 MiB + 1 KiB), one after another",
+            "oversized-request",
+            {},
+            "repeat",
+        ),
+        Fault(
+            "oversized answers (2 MiB), one after another",
+            "scratch/big",
+            {"size": 2 * MAX_MESSAGE},
+            "repeat",
+        ),
     ]
     faults = [f for f in faults if args.only in f.label]
     began = time.monotonic()
