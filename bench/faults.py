@@ -6,10 +6,10 @@ then again while each misbehaviour runs in another session: the server writes ga
 lines, stderr lines or valid notifications by the hundred thousand; its host stops reading
 while it floods; it never answers (the request timeout fires); oversized requests and
 answers, one after another for 20 s. The misbehaving host is a separate process (as a real
-host is), so that its own reading does not share the probe's event loop. Prints, per misbehaviour, what the
-misbehaving session got, the probe's p50/p99 next to idle (measured just before it), and
-how much the daemon's log grew (the probe's own lines left out); then how many daemon log
-lines say "never retrieved" or "never awaited".
+host is), so that its own reading does not share the probe's event loop. Prints, per
+misbehaviour, what the misbehaving session got, the probe's p50/p99 next to idle (measured
+just before it), and how much the daemon's log grew (the probe's own lines left out); then
+how many daemon log lines say "never retrieved" or "never awaited".
 A benchmark, not a test: nothing here asserts a timing, and a shared 2-core machine moves
 the numbers by tens of percent.
 
