@@ -10,17 +10,21 @@ import json
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
 from stockade.relay.flow import BURST_SECONDS, NotificationValve
 from stockade.sandbox import attached
+from stockade.sandbox import instance as instance_module
 from stockade.sandbox.attached import AttachedStdio
+from stockade.sandbox.http_channel import HttpChannel
+from stockade.sandbox.instance import Instance
 from stockade.sandbox.pace import YIELD_EVERY, OutputLimits, OutputPace
-from stockade.sandbox.runtime import Attachment
+from stockade.sandbox.runtime import Attachment, ExitStatus, SandboxRuntime
 from tests.daemon_helper import Daemon, HostSession, running_daemon, wait_until
 
 NOTIFICATIONS_PER_SECOND = 5
@@ -192,3 +196,59 @@ def test_a_shared_server_flood_is_throttled_for_the_instance(daemon: Daemon) -> 
     assert relayed <= NOTIFICATIONS_PER_SECOND * (BURST_SECONDS + elapsed) + 1
     logged = [line for line in _dropped_lines(daemon) if line.get("server") == "shared"]
     assert logged and sum(line["dropped"] for line in logged) <= 2000 - relayed
+
+
+class _Messages:
+    """A streamable-HTTP channel whose server has 1000 messages ready at once."""
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        for n in range(1000):
+            yield b'{"jsonrpc":"2.0","method":"n","params":{"n":%d}}' % n
+
+    async def close(self) -> None:
+        return None
+
+
+class _Engine:
+    def wait(self, container_id: str, timeout: int) -> ExitStatus:
+        return ExitStatus(exit_code=0, oom_killed=False)
+
+    def pids_limit_hits(self, container_id: str) -> int:
+        return 0
+
+
+def test_a_streamable_http_servers_messages_are_paced_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its messages do not come over the attach socket: they are charged to the same pace."""
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+    clock = Clock()
+
+    async def recorded(delay: float) -> None:
+        waits.append(delay)
+        clock.now += delay
+        await real_sleep(0)
+
+    monkeypatch.setattr(instance_module.asyncio, "sleep", recorded)
+
+    async def scenario() -> int:
+        received: list[object] = []
+
+        async def sink(line: object) -> None:
+            received.append(line)
+
+        pace = OutputPace(OutputLimits(lines_per_second=500, bytes_per_second=10**9), clock)
+        instance = Instance(
+            id="i",
+            server="http-server",
+            container_id="c",
+            stdio=cast(AttachedStdio, SimpleNamespace(pace=pace)),
+            backend=cast(SandboxRuntime, _Engine()),
+            http=cast(HttpChannel, _Messages()),
+        )
+        instance.bind(sink)
+        await instance._read()
+        return len(received)
+
+    assert asyncio.run(scenario()) == 1000
+    assert sum(waits) == pytest.approx((1000 - 500) / 500, rel=0.05)
+    assert len(waits) >= 1000 // YIELD_EVERY

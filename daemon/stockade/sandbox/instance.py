@@ -14,14 +14,14 @@ import contextlib
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from stockade.logs import get_logger, log_context
 from stockade.sandbox.attached import AttachedStdio
 from stockade.sandbox.errors import EXIT_MEANINGS, ContainerGone
 from stockade.sandbox.http_channel import HttpChannel, HttpTarget
-from stockade.sandbox.pace import OutputLimits
+from stockade.sandbox.pace import YIELD_EVERY, OutputLimits
 from stockade.sandbox.runtime import ExitStatus, SandboxRuntime
 from stockade.sandbox.spec import ContainerSpec
 from stockade.secrets.redact import Redactor, StreamRedactor
@@ -319,7 +319,7 @@ class Instance:
 
     async def _read(self) -> None:
         try:
-            source = self.http.lines() if self.http is not None else self.stdio.lines()
+            source = self.stdio.lines() if self.http is None else self._paced(self.http.lines())
             async for line in source:
                 await self._sink_bound.wait()
                 assert self._sink is not None  # noqa: S101 - set together with the event
@@ -334,6 +334,20 @@ class Instance:
                 report = await self._exit_report()
                 if not self.exited.done():
                     self.exited.set_result(report)
+
+    async def _paced(
+        self, messages: AsyncIterator[bytes | OversizedLine]
+    ) -> AsyncIterator[bytes | OversizedLine]:
+        """A streamable-HTTP server's messages, charged to the instance's one output pace
+        (its attach socket, carrying its logs, is charged too): the stdio reader's rules."""
+        lines = size = 0
+        async for message in messages:
+            yield message
+            lines += 1
+            size += len(message) if isinstance(message, bytes) else message.seen
+            if lines >= YIELD_EVERY:
+                await asyncio.sleep(self.stdio.pace.charge(lines, size))
+                lines = size = 0
 
     async def _exit_report(self) -> ExitReport:
         try:
