@@ -4,9 +4,10 @@ It is passed to `python3 -c` in the stockade/python image, so it must be self-co
 Methods: scratch/echo returns its params; scratch/write {text} writes /tmp/scratch;
 scratch/read returns it; scratch/hang never answers; scratch/stderr {text} logs a line;
 scratch/eat-memory allocates until killed; scratch/flood {count, size} writes that many
-notifications of `size` bytes to stdout as fast as it can; scratch/fork-bomb forks until
-the pids limit
-stops it and reports how many forks succeeded.
+notifications of `size` bytes to stdout as fast as it can; scratch/garbage {count} writes
+that many lines that are not JSON-RPC; scratch/stderr-lines {count} that many stderr lines;
+scratch/big {size} answers with a string of `size` characters; scratch/fork-bomb forks
+until the pids limit stops it and reports how many forks succeeded.
 """
 
 import json
@@ -88,5 +89,17 @@ for line in sys.stdin:
             sys.stdout.write(note)
         sys.stdout.flush()
         answer(request_id, {"flooded": True})
+    elif method == "scratch/garbage":
+        for n in range(params.get("count", 100000)):
+            sys.stdout.write(f"garbage line {n} is not JSON-RPC\n")
+        sys.stdout.flush()
+        answer(request_id, {"garbage": True})
+    elif method == "scratch/stderr-lines":
+        for n in range(params.get("count", 100000)):
+            sys.stderr.write(f"stderr line {n} of a chatty server\n")
+        sys.stderr.flush()
+        answer(request_id, {"stderr": True})
+    elif method == "scratch/big":
+        answer(request_id, {"text": "b" * params.get("size", 1000)})
     elif method == "scratch/hang":
         pass

@@ -78,6 +78,8 @@ def test_docker_inspect_shows_every_hardened_default(backend: DockerBackend) -> 
     assert {"noexec", "nosuid", "nodev", f"size={16 * MiB}"} <= set(tmp_options)
     assert host["Runtime"] == "runc"
     assert host["IpcMode"] == "private"
+    # the engine's copy of its output is capped: a flooding server cannot fill its disk
+    assert host["LogConfig"] == {"Type": "json-file", "Config": {"max-size": "1m", "max-file": "1"}}
     assert not host["Binds"]
     assert details["Config"]["Labels"][LABEL_MANAGED] == "true"
     assert details["Config"]["Tty"] is False

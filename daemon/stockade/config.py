@@ -120,6 +120,15 @@ class Settings(BaseSettings):
     quota_http_sessions_per_identity: int = Field(default=16, ge=1, le=100_000)
     quota_opens_per_identity_per_minute: int = Field(default=120, ge=1, le=1_000_000)
     quota_instances_per_server: int = Field(default=64, ge=1, le=100_000)
+    # Fairness: what one server's output may cost the event loop every session shares.
+    # Lines (stdout and stderr) and bytes a second read from one instance; past them its
+    # output is not read for a while (the container waits in its own write, nothing is lost).
+    server_output_lines_per_second: int = Field(default=5000, ge=100, le=1_000_000)
+    server_output_bytes_per_second: int = Field(default=16 * MiB, ge=64 * 1024, le=1024 * MiB)
+    # Server notifications relayed to hosts a second per instance (burst: 10 seconds' worth);
+    # past them they are dropped, counted in one log line a second and one audit record a
+    # minute. Answers are never dropped.
+    server_notifications_per_second: int = Field(default=100, ge=1, le=100_000)
     # Concurrent Relay.Connect streams for the whole daemon; the Control API has its own
     # budget on top, so that hosts holding every stream never lock an admin out.
     max_relay_streams: int = Field(default=256, ge=1, le=100_000)

@@ -184,6 +184,7 @@ async def _serve_audited(
             opens_per_identity_per_minute=settings.quota_opens_per_identity_per_minute,
             instances_per_server=settings.quota_instances_per_server,
         ),
+        notifications_per_second=settings.server_notifications_per_second,
     )
     activated = listen_fds()
     private = settings.state_dir / "grpc.sock" if activated else None

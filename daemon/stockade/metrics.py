@@ -41,6 +41,12 @@ AUDIT_WRITE = Histogram(
     buckets=(0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01),
     registry=REGISTRY,
 )
+NOTIFICATIONS_DROPPED = Counter(
+    "stockade_server_notifications_dropped_total",
+    "Server notifications dropped past server_notifications_per_second",
+    ["server"],
+    registry=REGISTRY,
+)
 AUDIT_FSYNC = Histogram(
     "stockade_audit_fsync_seconds",
     "Time of one audit fsync (a denial waits for one)",

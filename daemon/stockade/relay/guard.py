@@ -44,6 +44,8 @@ LIST_ITEMS: dict[str, tuple[str, str, str]] = {
     "resources/templates/list": ("resourceTemplates", "uriTemplate", "resources/read"),
 }
 
+# The budget key of a server's notifications dropped past its rate (`relay/flow.py`).
+DROPPED_NOTIFICATIONS = "server-notifications-dropped"
 
 # capability (in initialize / server/discover results) -> the method that uses it
 CAPABILITY_METHODS = {
@@ -221,6 +223,21 @@ class PolicyGuard:
             )
         return answer
 
+    async def server_notifications_dropped(self) -> None:
+        """A server notification dropped past its rate: on record once a window, counted."""
+        count = self._budget.due(DROPPED_NOTIFICATIONS, self.identity, self.server)
+        if count is None:
+            return
+        with contextlib.suppress(AuditUnavailable):  # dropped either way
+            await self._record(
+                "server_notification",
+                durable=False,
+                outcome="deny",
+                action="notifications",
+                reason="notification rate of this server exceeded; dropped",
+                count=count,
+            )
+
     async def refuse(self, message: Message, code: int, reason: str) -> bytes:
         """A host message the relay itself refuses (not the policy): recorded, answered."""
         fields = {"action": capped(message.method or "response"), "target": None}
@@ -262,9 +279,10 @@ class PolicyGuard:
             kind, _, server, *rest = key
             if server != self.server:
                 continue
+            event = "server_notification" if kind == DROPPED_NOTIFICATIONS else "request"
             with contextlib.suppress(AuditUnavailable):
                 await self._record(
-                    "request",
+                    event,
                     durable=True,
                     outcome="deny",
                     action=rest[0] if rest else kind,

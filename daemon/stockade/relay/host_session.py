@@ -102,9 +102,11 @@ class HostSession:
         if self._closed:
             return False
         self._closed = True
-        if self._watcher is not None and not self._watcher.done():
+        if self._watcher is not None:
             self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # Taken even when it already failed (telling a host that went away how its
+            # server ended): never an "exception never retrieved" later.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watcher
         self._release()
         return True

@@ -32,6 +32,7 @@ from stockade.relay import jsonrpc
 from stockade.relay.admission import Admission, Quotas, Refused
 from stockade.relay.budget import HostBudget, capped
 from stockade.relay.digest import Digest
+from stockade.relay.flow import DEFAULT_NOTIFICATIONS_PER_SECOND
 from stockade.relay.guard import PolicyGuard
 from stockade.relay.host_session import (
     SHARED,
@@ -88,6 +89,7 @@ class SessionOpener:
         *,
         max_message_bytes: int,
         quotas: Quotas | None = None,
+        notifications_per_second: float = DEFAULT_NOTIFICATIONS_PER_SECOND,
     ) -> None:
         self._admission = Admission(policy, quotas or Quotas())
         self._refusals = Digest()
@@ -97,6 +99,7 @@ class SessionOpener:
         self._policy = policy
         self._audit = audit
         self._max = max_message_bytes
+        self._notifications_per_second = notifications_per_second
         self.live: dict[str, SessionRecord] = {}
         self._open: dict[str, HostSession] = {}
         self._opening: dict[str, SessionRecord] = {}  # admitted, not yet open
@@ -269,7 +272,13 @@ class SessionOpener:
             raise OpenRefused(Refusal.UNAVAILABLE, f"could not start {server!r}: {exc}") from None
         guard = self._guard(session_id, identity, server, instance.id, instance.redactor)
         relay = RelaySession(
-            session_id, server, instance, to_host, max_message_bytes=self._max, guard=guard
+            session_id,
+            server,
+            instance,
+            to_host,
+            max_message_bytes=self._max,
+            guard=guard,
+            notifications_per_second=self._notifications_per_second,
         )
         session = HostSession(
             SessionRecord(session_id, server, identity, instance.id, transport),

@@ -7,7 +7,9 @@ direction, so the server's own requests (sampling, elicitation, roots) and the h
 answers to them pass through; a host answer reaches the server only if it answers a server
 request still outstanding in this session (anything else is dropped and on record). When
 the server ends, every request still pending gets a JSON-RPC error that says how it ended,
-so nothing the host waits for hangs.
+so nothing the host waits for hangs. The server's notifications go through a
+`NotificationValve` (`relay/flow.py`): past its rate they are dropped, counted, and on
+record once a window, never one audit record (or fsync) each.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from stockade.logs import get_logger
 from stockade.relay import jsonrpc
+from stockade.relay.flow import DEFAULT_NOTIFICATIONS_PER_SECOND, NotificationValve
 from stockade.relay.guard import PolicyGuard
 from stockade.relay.jsonrpc import InvalidMessage, Kind
 from stockade.sandbox.instance import ExitReport, Instance
@@ -42,6 +45,7 @@ class RelaySession:
         *,
         max_message_bytes: int,
         guard: PolicyGuard,
+        notifications_per_second: float = DEFAULT_NOTIFICATIONS_PER_SECOND,
     ) -> None:
         self.id = session_id
         self.server = server
@@ -49,6 +53,7 @@ class RelaySession:
         self._to_host = to_host
         self._max = max_message_bytes
         self._guard = guard
+        self._valve = NotificationValve(server, notifications_per_second)
         # id key -> (host's id, method, when it was forwarded)
         self._pending: dict[str, tuple[Any, str, float]] = {}
         # id keys of the server's own requests the host was asked and has not answered
@@ -103,6 +108,9 @@ class RelaySession:
                 await self._to_host(jsonrpc.answer_too_large(owed[0], line.seen, self._max))
             return
         if message is None:
+            return
+        if message.kind is Kind.NOTIFICATION and not self._valve.admit():
+            await self._guard.server_notifications_dropped()
             return
         if message.kind is Kind.REQUEST:  # the server asks the host (sampling, roots, ...)
             refusal = await self._guard.check_server_request(message)

@@ -23,6 +23,10 @@ Server notifications never broadcast what one host caused to another:
 host must not set it for the others (per-session levels would need the server to log per
 request, which stdio servers do not).
 
+Notifications go through one `NotificationValve` for the instance (`relay/flow.py`): past
+its rate they are dropped and counted in the daemon's log (no audit record: a shared
+server's notification belongs to no one host).
+
 While the instance is down (crashed, restarting), pending requests fail with an error that
 says how it ended, and new requests fail at once with SERVER_UNAVAILABLE: no hangs.
 """
@@ -37,6 +41,7 @@ from typing import Any
 
 from stockade.logs import get_logger
 from stockade.relay import jsonrpc
+from stockade.relay.flow import DEFAULT_NOTIFICATIONS_PER_SECOND, NotificationValve
 from stockade.relay.guard import PolicyGuard
 from stockade.relay.jsonrpc import InvalidMessage, Kind, Message
 from stockade.relay.session import ToHost
@@ -71,9 +76,15 @@ class SharedSession:
 
 
 class SharedRouter:
-    def __init__(self, server: str, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        server: str,
+        max_message_bytes: int,
+        notifications_per_second: float = DEFAULT_NOTIFICATIONS_PER_SECOND,
+    ) -> None:
         self.server = server
         self._max = max_message_bytes
+        self._valve = NotificationValve(server, notifications_per_second)
         self._instance: Instance | None = None
         self._last_exit: ExitReport | None = None
         self.init_result: dict[str, Any] | None = None
@@ -338,6 +349,8 @@ class SharedRouter:
         await self._instance.send(error)
 
     async def _route_notification(self, message: Message) -> None:
+        if not self._valve.admit():
+            return  # counted and logged by the valve
         params = message.params or {}
         if message.method == "notifications/progress" and "progressToken" in params:
             owner = self._tokens.get(jsonrpc.id_key(params["progressToken"]))

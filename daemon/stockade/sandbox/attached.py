@@ -3,7 +3,10 @@
 `AttachedStdio` owns the socket from `DockerBackend.attach`: it writes JSON-RPC lines to the
 container's stdin and yields complete stdout lines, while stderr goes to a callback (stderr
 is for logs of any kind, never an error signal). Reads are pulled by the caller, so a slow
-consumer slows the container down (backpressure) instead of growing a queue.
+consumer slows the container down (backpressure) instead of growing a queue. Reading is
+also paced (`sandbox/pace.py`): past its budget of lines and bytes a second, an instance's
+socket is not read for a while, and every `YIELD_EVERY` lines the event loop serves the
+other sessions, so one flooding server never holds the loop.
 
 stdin is never half-closed. Containers are created with StdinOnce off, so that a shared
 instance survives a daemon restart and can be attached again; the price is that Docker ends
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
+from stockade.sandbox.pace import YIELD_EVERY, OutputLimits, OutputPace
 from stockade.sandbox.runtime import Attachment
 from stockade.sandbox.stdio import MultiplexDecoder, Stream
 from stockade.wire.lines import LineSplitter, OversizedLine
@@ -40,6 +44,7 @@ class AttachedStdio:
         on_stderr: StderrSink,
         *,
         stderr_filter: StderrFilter | None = None,
+        limits: OutputLimits | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
@@ -50,6 +55,7 @@ class AttachedStdio:
         self._on_stderr = on_stderr
         self._stderr_filter = stderr_filter
         self._write_lock = asyncio.Lock()
+        self.pace = OutputPace(limits or OutputLimits())  # never unpaced
 
     @classmethod
     async def open(
@@ -59,10 +65,17 @@ class AttachedStdio:
         on_stderr: StderrSink,
         *,
         stderr_filter: StderrFilter | None = None,
+        limits: OutputLimits | None = None,
     ) -> AttachedStdio:
         reader, writer = await asyncio.open_connection(sock=attachment.sock, limit=READ_CHUNK)
         return cls(
-            reader, writer, attachment, max_line_bytes, on_stderr, stderr_filter=stderr_filter
+            reader,
+            writer,
+            attachment,
+            max_line_bytes,
+            on_stderr,
+            stderr_filter=stderr_filter,
+            limits=limits,
         )
 
     async def send(self, message: bytes) -> None:
@@ -74,25 +87,43 @@ class AttachedStdio:
             await self._writer.drain()
 
     async def lines(self) -> AsyncIterator[bytes | OversizedLine]:
-        """stdout lines as they complete, until the container's output ends."""
+        """stdout lines as they complete, until the container's output ends (paced)."""
         while True:
             data = await self._reader.read(READ_CHUNK)
             if not data:
-                self._stderr_chunk(b"", final=True)
+                for line in self._stderr_lines(b"", final=True):
+                    self._on_stderr(line)
                 return
+            unpaced = 0  # lines since the pace was last charged
             for stream, payload in self._decoder.feed(data):
                 if stream is Stream.STDOUT:
-                    for line in self._stdout.feed(payload):
-                        yield line
+                    for out in self._stdout.feed(payload):
+                        yield out
+                        unpaced += 1
+                        if unpaced >= YIELD_EVERY:
+                            await self._breathe(unpaced, 0)
+                            unpaced = 0
                 else:
-                    self._stderr_chunk(payload, final=False)
+                    for line in self._stderr_lines(payload, final=False):
+                        self._on_stderr(line)
+                        unpaced += 1
+                        if unpaced >= YIELD_EVERY:
+                            await self._breathe(unpaced, 0)
+                            unpaced = 0
+            await self._breathe(unpaced, len(data))
 
-    def _stderr_chunk(self, payload: bytes, *, final: bool) -> None:
+    async def _breathe(self, lines: int, size: int) -> None:
+        """Charge the pace, then give the event loop to others: a turn, or the wait owed."""
+        await asyncio.sleep(self.pace.charge(lines, size))
+
+    def _stderr_lines(self, payload: bytes, *, final: bool) -> list[bytes]:
         if self._stderr_filter is not None:
             payload = self._stderr_filter(payload, final)
-        for line in self._stderr.feed(payload + (b"\n" if final else b"")):
-            if isinstance(line, bytes):
-                self._on_stderr(line)
+        return [
+            line
+            for line in self._stderr.feed(payload + (b"\n" if final else b""))
+            if isinstance(line, bytes)
+        ]
 
     async def close(self) -> None:
         # End the connection first (asyncio's close only drops our descriptor, and the

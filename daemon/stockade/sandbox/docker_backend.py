@@ -15,7 +15,7 @@ from typing import Any
 import docker
 import docker.errors
 from docker.models.containers import Container
-from docker.types import Mount
+from docker.types import LogConfig, Mount
 
 from stockade.logs import get_logger
 from stockade.sandbox.errors import (
@@ -30,6 +30,7 @@ from stockade.sandbox.spec import LABEL_MANAGED, ContainerSpec
 
 log = get_logger("stockade.sandbox")
 BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
+CONTAINER_LOG = {"max-size": "1m", "max-file": "1"}
 
 
 def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
@@ -56,6 +57,10 @@ def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         "stdin_open": True,
         "tty": False,
         "detach": True,
+        # The engine keeps its own copy of what a container writes; uncapped, a server
+        # flooding its output would fill the engine's disk. One small file is enough for
+        # `output` (readiness lines come first); the daemon reads everything else live.
+        "log_config": LogConfig(type="json-file", config=CONTAINER_LOG),
     }
     if spec.cap_add:
         kwargs["cap_add"] = list(spec.cap_add)

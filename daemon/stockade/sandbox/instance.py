@@ -14,13 +14,14 @@ import contextlib
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from stockade.logs import get_logger, log_context
 from stockade.sandbox.attached import AttachedStdio
 from stockade.sandbox.errors import EXIT_MEANINGS, ContainerGone
 from stockade.sandbox.http_channel import HttpChannel, HttpTarget
+from stockade.sandbox.pace import YIELD_EVERY, OutputLimits
 from stockade.sandbox.runtime import ExitStatus, SandboxRuntime
 from stockade.sandbox.spec import ContainerSpec
 from stockade.secrets.redact import Redactor, StreamRedactor
@@ -171,6 +172,7 @@ class Instance:
         *,
         redaction: Redaction | None = None,
         http: HttpTarget | None = None,
+        limits: OutputLimits | None = None,
     ) -> Instance:
         """Create, attach (before start, or early output is lost), then start."""
         container_id = await asyncio.to_thread(backend.create, spec)
@@ -184,6 +186,7 @@ class Instance:
                 max_line_bytes,
                 redaction=redaction,
                 http_mode=http is not None,
+                limits=limits,
             )
             await asyncio.to_thread(backend.start, container_id)
             if http is not None:
@@ -213,10 +216,17 @@ class Instance:
         max_line_bytes: int,
         *,
         redaction: Redaction | None = None,
+        limits: OutputLimits | None = None,
     ) -> Instance:
         """Attach again to a running container a previous daemon run started."""
         return await cls._attach(
-            backend, container_id, server, instance_id, max_line_bytes, redaction=redaction
+            backend,
+            container_id,
+            server,
+            instance_id,
+            max_line_bytes,
+            redaction=redaction,
+            limits=limits,
         )
 
     @classmethod
@@ -230,6 +240,7 @@ class Instance:
         *,
         redaction: Redaction | None = None,
         http_mode: bool = False,
+        limits: OutputLimits | None = None,
     ) -> Instance:
         attachment = await asyncio.to_thread(backend.attach, container_id)
         stderr = StderrLog()
@@ -248,7 +259,7 @@ class Instance:
         if redaction is not None:
             redact = StreamRedactor(redaction.redactor, redaction.on_redacted).feed
         stdio = await AttachedStdio.open(
-            attachment, max_line_bytes, on_stderr, stderr_filter=redact
+            attachment, max_line_bytes, on_stderr, stderr_filter=redact, limits=limits
         )
         instance = cls(
             id=instance_id,
@@ -316,7 +327,7 @@ class Instance:
 
     async def _read(self) -> None:
         try:
-            source = self.http.lines() if self.http is not None else self.stdio.lines()
+            source = self.stdio.lines() if self.http is None else self._paced(self.http.lines())
             async for line in source:
                 self.answered.set()
                 await self._sink_bound.wait()
@@ -333,6 +344,20 @@ class Instance:
                 report = await self._exit_report()
                 if not self.exited.done():
                     self.exited.set_result(report)
+
+    async def _paced(
+        self, messages: AsyncIterator[bytes | OversizedLine]
+    ) -> AsyncIterator[bytes | OversizedLine]:
+        """A streamable-HTTP server's messages, charged to the instance's one output pace
+        (its attach socket, carrying its logs, is charged too): the stdio reader's rules."""
+        lines = size = 0
+        async for message in messages:
+            yield message
+            lines += 1
+            size += len(message) if isinstance(message, bytes) else message.seen
+            if lines >= YIELD_EVERY:
+                await asyncio.sleep(self.stdio.pace.charge(lines, size))
+                lines = size = 0
 
     async def _exit_report(self) -> ExitReport:
         try:
@@ -362,10 +387,7 @@ class Instance:
         self._stopping = True
         with contextlib.suppress(Exception):  # best effort: the cgroup may be gone
             await asyncio.wait_for(self.sample_pids(), 10)
-        if self._reader is not None and not self._reader.done():
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+        await _finish(self._reader)
         await self.stdio.close()
         if not self.exited.done():
             try:
@@ -386,8 +408,7 @@ class Instance:
         report = self.exited.result()
         if self.http is not None:
             await self.http.close()
-        if self._drain is not None:
-            self._drain.cancel()
+        await _finish(self._drain)
         try:
             await asyncio.wait_for(
                 asyncio.to_thread(self.backend.remove, self.container_id), ENGINE_DEADLINE
@@ -395,3 +416,17 @@ class Instance:
         except Exception as exc:  # the reconcile loop removes it later (it is not ours now)
             log.warning("could not remove the container", instance=self.id, error=str(exc))
         return report
+
+
+async def _finish(task: asyncio.Task[None] | None) -> None:
+    """Cancel a reader task and take its outcome: a task that already failed (its consumer,
+    a host's stream, went away mid-write) must not end as "exception never retrieved"."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception as exc:
+        log.info("an instance's reader had stopped", error=f"{type(exc).__name__}: {exc}")

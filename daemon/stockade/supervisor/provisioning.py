@@ -29,6 +29,7 @@ from stockade.sandbox.egress import (
 from stockade.sandbox.errors import SandboxError
 from stockade.sandbox.http_channel import HttpTarget
 from stockade.sandbox.instance import Instance, Redaction
+from stockade.sandbox.pace import OutputLimits
 from stockade.sandbox.runtime import SandboxRuntime
 from stockade.sandbox.spec import (
     LABEL_DAEMON,
@@ -127,6 +128,7 @@ class Provisioner:
                 self._settings.max_message_bytes,
                 redaction=self._redaction(definition.name, instance_id, values) if values else None,
                 http=http,
+                limits=self._output_limits(),
             )
         except BaseException:
             self.forget_secrets(instance_id)
@@ -150,9 +152,17 @@ class Provisioner:
             instance_id,
             self._settings.max_message_bytes,
             redaction=self._redaction(definition.name, instance_id, values) if values else None,
+            limits=self._output_limits(),
         )
         instance.sandbox_fingerprint = fingerprint
         return instance
+
+    def _output_limits(self) -> OutputLimits:
+        """How fast the daemon reads one instance's output (`sandbox/pace.py`)."""
+        return OutputLimits(
+            lines_per_second=self._settings.server_output_lines_per_second,
+            bytes_per_second=self._settings.server_output_bytes_per_second,
+        )
 
     def secret_values(self, server: str, names: tuple[str, ...]) -> dict[str, bytes]:
         if not names:

@@ -75,7 +75,11 @@ class SharedRunner:
 
     def start(self, state: ServerState, adopted: Adopted | None) -> None:
         if state.router is None:
-            state.router = SharedRouter(state.definition.name, self._settings.max_message_bytes)
+            state.router = SharedRouter(
+                state.definition.name,
+                self._settings.max_message_bytes,
+                self._settings.server_notifications_per_second,
+            )
         state.runner = asyncio.create_task(
             self._run(state, adopted), name=f"shared-{state.definition.name}"
         )
