@@ -1,0 +1,420 @@
+"""`stockade connect NAME`: the stdio bridge an MCP host launches, once per session.
+
+It speaks the framed relay (`wire/frames.py`) over TLS 1.3 with the host's client
+certificate to the daemon's relay socket (next to the gRPC one; `api/frames.py`). It imports
+only the standard library and a few small modules of ours: a host starts one per session, so
+its start-up time and memory are what every session pays (`bench/bridge.py`). `--grpc`,
+`--address` (gRPC over TCP) and `--listen` (the loopback HTTP door) take the heavier paths
+in `cli/connect.py`.
+
+stdin lines go to the daemon as `message` frames; `message` frames from the daemon go to
+stdout, one per line. Diagnostics go to stderr only (stdout belongs to the protocol). A line
+over the daemon's size limit is answered here (-32003, with its request id) and never sent;
+requests still pending when the daemon goes away are answered here too (-32004).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import ssl
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stockade import exitcodes
+from stockade.cli.errors import CliError
+from stockade.cli.locate import credential_folder, no_credentials_message
+from stockade.cli.stdio import Input, Output
+from stockade.cli.terminal import printable
+from stockade.paths import (
+    PathSettingError,
+    default_socket_path,
+    default_state_dir,
+    read_path_setting,
+    relay_socket_path,
+)
+from stockade.pki import SERVER_NAME
+from stockade.wire import frames, rpc
+from stockade.wire.frames import FrameError
+from stockade.wire.lines import LineSplitter, OversizedLine
+
+# After the host closes stdin, how long the bridge waits for the answers still owed before
+# it exits anyway: a host that closed stdin wants the process gone (`--drain` for scripts
+# that pipe a file in and want every answer).
+EOF_GRACE_SECONDS = 1.0
+HANDSHAKE_SECONDS = 10.0
+READ_BUFFER = 256 * 1024
+
+# ERROR frame codes whose reason is the daemon's own sentence, said as it is.
+_PLAIN = {frames.UNKNOWN_SERVER}
+# ERROR frame codes that mean something failed rather than was refused.
+_FAILED = {frames.UNAVAILABLE, frames.BAD_FRAME, frames.TOO_LARGE, frames.TIMEOUT}
+
+
+class Pending:
+    """Ids of the host's requests not answered yet, so none is left hanging at the end."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, Any] = {}
+
+    def sent(self, line: bytes) -> None:
+        body = _lenient(line)
+        if isinstance(body, dict) and "method" in body and "id" in body:
+            self._ids[rpc.id_key(body["id"])] = body["id"]
+
+    def received(self, message: bytes) -> None:
+        body = _lenient(message)
+        if isinstance(body, dict) and "method" not in body and "id" in body:
+            self._ids.pop(rpc.id_key(body["id"]), None)
+
+    def fail_all(self, why: str) -> list[bytes]:
+        ids, self._ids = list(self._ids.values()), {}
+        return [rpc.error_response(i, rpc.DAEMON_GONE, why) for i in ids]
+
+
+def _lenient(raw: bytes) -> Any:
+    """A quick read of a line's id and method (the daemon parses strictly)."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the framed relay is and the host's credentials."""
+
+    unix_path: Path | None
+    tcp: tuple[str, int] | None
+    cert: Path
+    key: Path
+    ca: Path
+
+    @property
+    def shown(self) -> str:
+        return f"{self.tcp[0]}:{self.tcp[1]}" if self.tcp else f"unix:{self.unix_path}"
+
+    def context(self) -> ssl.SSLContext:
+        """TLS 1.3, the daemon verified against our CA under its fixed name, our certificate."""
+        try:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+            context.load_verify_locations(cafile=self.ca)
+            context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise CliError(f"cannot read credentials: {exc}", exitcodes.REFUSED) from None
+        return context
+
+
+def target_of(args: argparse.Namespace) -> Target:
+    """The relay to reach and the credentials to use, from flags, settings and defaults."""
+    try:
+        socket_path = (
+            Path(args.socket)
+            if args.socket
+            else read_path_setting("socket_path", default_socket_path())
+        )
+        state_dir = read_path_setting("state_dir", default_state_dir())
+    except PathSettingError as exc:
+        raise CliError(str(exc), exitcodes.CONFIG) from None
+    unix_path: Path | None = relay_socket_path(socket_path)
+    tcp: tuple[str, int] | None = None
+    if args.relay_address:
+        host, _, port = args.relay_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise CliError("--relay-address must be HOST:PORT", exitcodes.USAGE)
+        unix_path, tcp = None, (host.strip("[]"), int(port))
+    folder = credential_folder(state_dir, as_host=True)
+    cert = args.cert or (folder / "client.crt" if folder else None)
+    key = args.key or (folder / "client.key" if folder else None)
+    ca = args.ca or (folder / "ca.crt" if folder else None)
+    if cert is None or key is None or ca is None:
+        if unix_path is not None and not unix_path.exists():  # the more useful of two problems
+            raise CliError(_unreachable(f"unix:{unix_path}"), exitcodes.UNREACHABLE)
+        raise CliError(no_credentials_message(), exitcodes.REFUSED)
+    return Target(unix_path, tcp, cert, key, ca)
+
+
+def _unreachable(shown: str) -> str:
+    return f"the daemon does not answer on {shown}; start it with `stockaded`"
+
+
+def _handshake_refused(shown: str, exc: BaseException) -> CliError:
+    return CliError(
+        f"the daemon at {shown} refused the TLS handshake ({_ssl_reason(exc)}): the client "
+        "certificate is missing, expired, revoked or from another CA",
+        exitcodes.REFUSED,
+    )
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the daemon's certificate: {exc.verify_message}"
+    reason = getattr(exc, "reason", None)
+    return str(reason or exc).lower().replace("_", " ")
+
+
+def _refusal(code: object, reason: object) -> CliError:
+    """An ERROR frame as the one line the CLI prints, with its exit code."""
+    said = str(reason)
+    if code in _PLAIN:
+        return CliError(said, exitcodes.REFUSED)
+    return CliError(f"refused: {said}", exitcodes.FAILED if code in _FAILED else exitcodes.REFUSED)
+
+
+class FramedBridge:
+    """One host's stdio, carried over one framed relay connection."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        stdin: Input,
+        stdout: Output,
+        drain_seconds: float,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._stdin = stdin
+        self._emit = stdout.line
+        self._drain_seconds = drain_seconds
+        self._pending = Pending()
+        self.stdin_closed = asyncio.Event()
+
+    async def open(self, server: str) -> int:
+        """Ask for the session; the daemon's message limit once it is open."""
+        self._writer.write(frames.control(frames.OPEN, server=server, options={}))
+        await self._writer.drain()
+        frame = await frames.read_frame(self._reader, frames.CONTROL_LIMIT)
+        if frame is None:
+            raise CliError(
+                "the daemon closed the connection before the session opened", exitcodes.FAILED
+            )
+        fields = frame.fields()
+        if frame.kind == frames.ERROR:
+            raise _refusal(fields.get("code"), fields.get("reason"))
+        limit = fields.get("max_message_bytes")
+        if frame.kind != frames.OPENED or not isinstance(limit, int) or limit < 1:
+            raise FrameError(frames.BAD_FRAME, f"expected `opened`, got {frame.name}")
+        return limit
+
+    async def pump_stdin(self, limit: int) -> None:
+        """stdin lines to the daemon; an oversized line is answered here, never sent."""
+        splitter = LineSplitter(limit)
+        try:
+            while chunk := await self._stdin.read():
+                for line in splitter.feed(chunk):
+                    if isinstance(line, OversizedLine):
+                        await self._emit(
+                            rpc.error_response(
+                                rpc.id_from_head(line.head),
+                                rpc.MESSAGE_TOO_LARGE,
+                                f"message of {line.seen} bytes is over the {limit}-byte limit",
+                            )
+                        )
+                        continue
+                    self._pending.sent(line)
+                    self._writer.write(frames.encode(frames.MESSAGE, line))
+                    await self._writer.drain()
+            self._writer.write(frames.encode(frames.END))
+            await self._writer.drain()
+        except (ConnectionError, OSError):
+            return  # the connection has ended; the reader reports why
+        finally:
+            self.stdin_closed.set()
+
+    async def daemon_gone(self, why: str) -> None:
+        """Every request still pending gets an error: a host shows it instead of hanging."""
+        for error in self._pending.fail_all(f"the Stockade daemon went away: {why}"):
+            await self._emit(error)
+
+    async def frames_in(self, limit: int) -> int:
+        """Serve the daemon's frames until the stream ends; the exit code."""
+        # Answers are re-serialised by the daemon and may be somewhat longer than the limit
+        # it enforces on what it reads (the gRPC client allows the same).
+        most = 2 * limit + 1024 * 1024
+        while (frame := await frames.read_frame(self._reader, most)) is not None:
+            if frame.kind == frames.MESSAGE:
+                self._pending.received(frame.payload)
+                await self._emit(frame.payload)
+            elif frame.kind == frames.CLOSED:
+                reason = str(frame.fields().get("reason"))
+                await self.daemon_gone(reason)
+                print(f"stockade connect: {printable(reason)}", file=sys.stderr)
+                return exitcodes.FAILED
+            elif frame.kind == frames.ERROR:
+                fields = frame.fields()
+                await self.daemon_gone(str(fields.get("reason")))
+                raise _refusal(fields.get("code"), fields.get("reason"))
+            else:
+                raise FrameError(frames.BAD_FRAME, f"unexpected {frame.name} frame")
+        if not self.stdin_closed.is_set():  # the daemon ended the stream without a word
+            await self.daemon_gone("the session ended")
+        return exitcodes.OK
+
+    async def serve(self, limit: int) -> int:
+        """Both directions until the daemon ends, or `drain_seconds` after stdin ended."""
+        pump = asyncio.create_task(self.pump_stdin(limit))
+        reading = asyncio.create_task(self.frames_in(limit))
+        grace = asyncio.create_task(self._after_eof())
+        try:
+            await asyncio.wait({reading, grace}, return_when=asyncio.FIRST_COMPLETED)
+            if reading.done():
+                return reading.result()
+            return exitcodes.OK  # the host closed stdin: ended after the grace period
+        finally:
+            for task in (pump, reading, grace):
+                task.cancel()
+
+    async def _after_eof(self) -> None:
+        await self.stdin_closed.wait()
+        await asyncio.sleep(self._drain_seconds)
+
+
+async def bridge(target: Target, server: str, drain_seconds: float = EOF_GRACE_SECONDS) -> int:
+    context = target.context()
+    try:
+        if target.tcp is not None:
+            reader, writer = await asyncio.open_connection(
+                *target.tcp,
+                ssl=context,
+                server_hostname=SERVER_NAME,
+                ssl_handshake_timeout=HANDSHAKE_SECONDS,
+                limit=READ_BUFFER,
+            )
+        else:
+            reader, writer = await asyncio.open_unix_connection(
+                str(target.unix_path),
+                ssl=context,
+                server_hostname=SERVER_NAME,
+                ssl_handshake_timeout=HANDSHAKE_SECONDS,
+                limit=READ_BUFFER,
+            )
+    except ssl.SSLError as exc:
+        raise _handshake_refused(target.shown, exc) from None
+    except OSError:
+        raise CliError(_unreachable(target.shown), exitcodes.UNREACHABLE) from None
+    link = FramedBridge(reader, writer, await Input.open(), await Output.open(), drain_seconds)
+    try:
+        try:
+            # TLS 1.3: the daemon checks our certificate after our side of the handshake is
+            # done, so its refusal arrives on the first read.
+            limit = await link.open(server)
+        except ssl.SSLError as exc:
+            raise _handshake_refused(target.shown, exc) from None
+        except (ConnectionError, OSError):
+            raise CliError(
+                f"the daemon at {target.shown} closed the connection before the session opened",
+                exitcodes.FAILED,
+            ) from None
+        try:
+            return await link.serve(limit)
+        except (ConnectionError, OSError) as exc:  # ssl.SSLError is an OSError
+            await link.daemon_gone(str(exc) or type(exc).__name__)
+            raise CliError(
+                f"lost the daemon at {target.shown}: {exc or type(exc).__name__}",
+                exitcodes.UNREACHABLE,
+            ) from None
+    except FrameError as exc:
+        await link.daemon_gone(str(exc))
+        raise CliError(f"the daemon broke the relay protocol: {exc}", exitcodes.FAILED) from None
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.wait_closed(), 1)
+
+
+def run_framed(args: argparse.Namespace) -> int:
+    target = target_of(args)
+    try:
+        return asyncio.run(bridge(target, args.name, args.drain))
+    except (BrokenPipeError, ConnectionResetError):  # the host went away: nothing to report to
+        return exitcodes.OK
+
+
+def _heavy(args: argparse.Namespace) -> bool:
+    """Whether the command needs the gRPC or HTTP paths of `cli/connect.py`."""
+    return args.listen is not None or args.grpc or args.address is not None
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    if _heavy(args):
+        from stockade.cli.connect import cmd_connect_heavy  # noqa: PLC0415 - only when asked
+
+        return cmd_connect_heavy(args)
+    return run_framed(args)
+
+
+def add_connect_arguments(connect: argparse.ArgumentParser) -> None:
+    connect.add_argument("name", help="registered server to connect to")
+    connect.add_argument(
+        "--drain",
+        type=float,
+        default=EOF_GRACE_SECONDS,
+        metavar="SECONDS",
+        help="after stdin ends, wait this long for answers still owed (default: 1)",
+    )
+    connect.add_argument(
+        "--listen",
+        help="instead of stdio, serve plain Streamable HTTP on this loopback HOST:PORT (/mcp)",
+    )
+    connect.add_argument(
+        "--front", help="with --listen: the daemon's HTTPS front, https://HOST:PORT"
+    )
+    group = connect.add_argument_group("connection (mTLS)")
+    group.add_argument(
+        "--socket",
+        help="the daemon's Unix socket (default: from settings); the relay is its -relay sibling",
+    )
+    group.add_argument(
+        "--relay-address", help="the daemon's framed relay on TCP, HOST:PORT (relay_tcp_address)"
+    )
+    group.add_argument(
+        "--grpc", action="store_true", help="use gRPC Relay.Connect instead of the framed relay"
+    )
+    group.add_argument(
+        "--address", help="the daemon's gRPC TCP address, HOST:PORT (implies --grpc)"
+    )
+    group.add_argument("--cert", type=Path, help="client certificate (default: see docs)")
+    group.add_argument("--key", type=Path, help="client private key")
+    group.add_argument("--ca", type=Path, help="the daemon's CA certificate")
+
+
+def add_connect_parser(sub: Any) -> None:
+    connect = sub.add_parser(
+        "connect",
+        help="stdio bridge for MCP hosts: use as the server command in a host's config",
+        epilog="example: stockade connect time   (as a host's server command; see "
+        "`stockade client config`)",
+    )
+    add_connect_arguments(connect)
+    connect.set_defaults(handler=cmd_connect)
+
+
+def main(argv: list[str]) -> int:
+    """`stockade connect ...` without loading the rest of the CLI (`cli/main.py` sends it here)."""
+    parser = argparse.ArgumentParser(
+        prog="stockade connect",
+        description="stdio bridge for MCP hosts: use as the server command in a host's config",
+    )
+    add_connect_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors; ours is 1
+        return exitcodes.USAGE if exc.code not in (0, None) else exitcodes.OK
+    if _heavy(args):  # the full CLI: its logging and error mapping
+        from stockade.cli.commands import main as full  # noqa: PLC0415 - only when asked
+
+        return full(["connect", *argv])
+    try:
+        return run_framed(args)
+    except CliError as exc:
+        print(f"stockade: {printable(exc)}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("stockade: interrupted", file=sys.stderr)
+        return exitcodes.INTERRUPTED
