@@ -244,6 +244,7 @@ class FramedRelay:
             except Denied as exc:
                 await self._deny(str(exc), where, pem)
                 await host.error(exc.code.name.lower(), str(exc))
+                await _linger(reader)
                 return None
             server = await self._read_open(reader, host)
             return None if server is None else (reader, writer, peer, server, where)
@@ -272,6 +273,7 @@ class FramedRelay:
             return None
         except FrameError as exc:
             await host.error(exc.code, str(exc))
+            await _linger(reader)
             return None
         return server
 
@@ -294,9 +296,9 @@ class FramedRelay:
                 action=RELAY_METHOD,
                 transport=TRANSPORT,
                 reason=reason,
-                identity=identity,
+                identity=identity or "",  # empty: no certificate could be read
                 peer=where,
-                detail={"subject": subject, "refusals": count},
+                detail={"subject": subject or "", "refusals": count},
             )
 
     async def _relay(
@@ -409,6 +411,13 @@ class _Accepted(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)  # noqa: S101 - a stream server's
         transport.pause_reading()
         self._task = asyncio.get_running_loop().create_task(self._handle(transport))
+
+
+async def _linger(reader: asyncio.StreamReader) -> None:
+    """Let the caller read a refusal: closing with its bytes unread would reset a TCP
+    connection and lose the error frame. Bounded: 64 KiB or half a second."""
+    with contextlib.suppress(TimeoutError, ConnectionError, OSError, ssl.SSLError):
+        await asyncio.wait_for(reader.read(64 * 1024), 0.5)
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:

@@ -144,18 +144,18 @@ def _unreachable(shown: str) -> str:
 
 
 def _handshake_refused(shown: str, exc: BaseException) -> CliError:
+    """The daemon ended the connection before any frame: it refused our certificate (its
+    audit log says why), or we refused its own."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return CliError(
+            f"the daemon at {shown} is not the one our CA certificate names: {exc.verify_message}",
+            exitcodes.REFUSED,
+        )
     return CliError(
-        f"the daemon at {shown} refused the TLS handshake ({_ssl_reason(exc)}): the client "
-        "certificate is missing, expired, revoked or from another CA",
+        f"the daemon at {shown} refused the TLS handshake: the client certificate is "
+        "missing, expired or from another CA",
         exitcodes.REFUSED,
     )
-
-
-def _ssl_reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"the daemon's certificate: {exc.verify_message}"
-    reason = getattr(exc, "reason", None)
-    return str(reason or exc).lower().replace("_", " ")
 
 
 def _refusal(code: object, reason: object) -> CliError:
@@ -187,13 +187,11 @@ class FramedBridge:
 
     async def open(self, server: str) -> int:
         """Ask for the session; the daemon's message limit once it is open."""
+        # Not drained: a refused handshake is read below, where its reason is (TLS 1.3 alert).
         self._writer.write(frames.control(frames.OPEN, server=server, options={}))
-        await self._writer.drain()
         frame = await frames.read_frame(self._reader, frames.CONTROL_LIMIT)
-        if frame is None:
-            raise CliError(
-                "the daemon closed the connection before the session opened", exitcodes.FAILED
-            )
+        if frame is None:  # asyncio drops the TLS alert of a refused handshake: this is it
+            raise EOFError
         fields = frame.fields()
         if frame.kind == frames.ERROR:
             raise _refusal(fields.get("code"), fields.get("reason"))
@@ -304,13 +302,8 @@ async def bridge(target: Target, server: str, drain_seconds: float = EOF_GRACE_S
             # TLS 1.3: the daemon checks our certificate after our side of the handshake is
             # done, so its refusal arrives on the first read.
             limit = await link.open(server)
-        except ssl.SSLError as exc:
+        except (OSError, EOFError) as exc:  # ssl.SSLError is an OSError
             raise _handshake_refused(target.shown, exc) from None
-        except (ConnectionError, OSError):
-            raise CliError(
-                f"the daemon at {target.shown} closed the connection before the session opened",
-                exitcodes.FAILED,
-            ) from None
         try:
             return await link.serve(limit)
         except (ConnectionError, OSError) as exc:  # ssl.SSLError is an OSError
