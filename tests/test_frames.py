@@ -218,7 +218,10 @@ def test_an_oversized_frame_ends_that_stream_only(daemon: Daemon) -> None:
 @pytest.mark.parametrize(
     ("first", "says"),
     [
-        (frames.encode(frames.MESSAGE, b'{"jsonrpc":"2.0","id":1,"method":"ping"}'), "open"),
+        (
+            frames.encode(frames.MESSAGE, b'{"jsonrpc":"2.0","id":1,"method":"ping"}'),
+            "the first frame must be `open`",
+        ),
         (frames.encode(0x7F, b"x"), "unknown frame type"),
         (frames.encode(frames.OPEN, b"not json"), "JSON object"),
         (frames.control(frames.OPEN, server="scratch", options={"x": 1}), "unknown session"),

@@ -250,8 +250,11 @@ class FramedBridge:
                 raise _refusal(fields.get("code"), fields.get("reason"))
             else:
                 raise FrameError(frames.BAD_FRAME, f"unexpected {frame.name} frame")
-        if not self.stdin_closed.is_set():  # the daemon ended the stream without a word
-            await self.daemon_gone("the session ended")
+        # The daemon ends a session with a frame, or after `end` once it drained: an end of
+        # the stream before that is a daemon that went away (killed, stopped).
+        await self.daemon_gone("the connection ended")
+        if not self.stdin_closed.is_set():
+            raise ConnectionError("the connection ended")
         return exitcodes.OK
 
     async def serve(self, limit: int) -> int:
