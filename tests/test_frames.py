@@ -23,7 +23,7 @@ from stockade.paths import relay_socket_path
 from stockade.pki.authority import CertificateAuthority, write_credentials
 from stockade.pki.identity import Identity
 from stockade.wire import frames
-from tests.daemon_helper import BIN, Daemon, running_daemon, wait_until
+from tests.daemon_helper import BIN, Daemon, free_port, running_daemon, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
@@ -287,3 +287,24 @@ def test_the_bridge_imports_no_heavy_module(daemon: Daemon) -> None:
     assert "stockade" in imported and "ssl" in imported  # the list is real
     heavy = {"grpc", "google", "pydantic", "pydantic_settings", "structlog", "cryptography"}
     assert imported & (heavy | {"docker"}) == set()
+
+
+def test_the_bridge_reaches_the_framed_relay_over_tcp(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    with running_daemon(tmp_path, STOCKADE_RELAY_TCP_ADDRESS=address) as tcp_daemon:
+        tcp_daemon.add_scratch_server("scratch", "--warm", "0")
+        argv = tcp_daemon.bridge("scratch", tcp_daemon.issue_host("tcp-host"))
+        at = argv.index("--socket")
+        argv[at : at + 2] = ["--relay-address", address, "--drain", "30"]
+        tcp_daemon.extra_env["STOCKADE_SOCKET_PATH"] = str(tmp_path / "no-such.sock")
+        result = subprocess.run(
+            argv,
+            input=json.dumps(INIT).encode() + b"\n",
+            capture_output=True,
+            timeout=60,
+            env=tcp_daemon.env,
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["id"] == 1
+        opened = [r for r in audit(tcp_daemon) if r["type"] == "session.open"]
+        assert opened[-1]["peer"].startswith("ipv4:127.0.0.1:")
