@@ -16,19 +16,20 @@ requests still pending when the daemon goes away are answered here too (-32004).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
+import os
+import selectors
+import socket
 import ssl
+import stat
 import sys
-from dataclasses import dataclass
+import threading
+import time
 from pathlib import Path
-from typing import Any
 
 from stockade import exitcodes
 from stockade.cli.errors import CliError
 from stockade.cli.locate import credential_folder, no_credentials_message
-from stockade.cli.stdio import Input, Output
 from stockade.cli.terminal import printable
 from stockade.paths import (
     PathSettingError,
@@ -42,12 +43,15 @@ from stockade.wire import frames, rpc
 from stockade.wire.frames import FrameError
 from stockade.wire.lines import LineSplitter, OversizedLine
 
+TYPE_CHECKING = False  # not typing's: the bridge does not import typing
+if TYPE_CHECKING:
+    from typing import Any
+
 # After the host closes stdin, how long the bridge waits for the answers still owed before
 # it exits anyway: a host that closed stdin wants the process gone (`--drain` for scripts
 # that pipe a file in and want every answer).
 EOF_GRACE_SECONDS = 1.0
 HANDSHAKE_SECONDS = 10.0
-READ_BUFFER = 256 * 1024
 
 # ERROR frame codes whose reason is the daemon's own sentence, said as it is.
 _PLAIN = {frames.UNKNOWN_SERVER}
@@ -84,15 +88,14 @@ def _lenient(raw: bytes) -> Any:
         return None
 
 
-@dataclass(frozen=True)
 class Target:
     """Where the framed relay is and the host's credentials."""
 
-    unix_path: Path | None
-    tcp: tuple[str, int] | None
-    cert: Path
-    key: Path
-    ca: Path
+    def __init__(
+        self, unix_path: Path | None, tcp: tuple[str, int] | None, cert: Path, key: Path, ca: Path
+    ) -> None:
+        self.unix_path, self.tcp = unix_path, tcp
+        self.cert, self.key, self.ca = cert, key, ca
 
     @property
     def shown(self) -> str:
@@ -166,32 +169,103 @@ def _refusal(code: object, reason: object) -> CliError:
     return CliError(f"refused: {said}", exitcodes.FAILED if code in _FAILED else exitcodes.REFUSED)
 
 
-class FramedBridge:
-    """One host's stdio, carried over one framed relay connection."""
+def _is_stream(fd: int) -> bool:
+    """Pipes and sockets (what hosts use) can be polled; files, terminals and /dev/null
+    (which epoll refuses) cannot."""
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        stdin: Input,
-        stdout: Output,
-        drain_seconds: float,
-    ) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._stdin = stdin
-        self._emit = stdout.line
+
+def _stdin_fd() -> int:
+    """stdin as a pollable, non-blocking fd: itself if it is a pipe, else a pipe that a
+    thread fills from it (a redirected file)."""
+    fd = sys.stdin.fileno()
+    if not _is_stream(fd):
+        read_end, write_end = os.pipe()
+
+        def copy() -> None:
+            try:
+                while chunk := os.read(fd, READ_CHUNK):
+                    os.write(write_end, chunk)
+            finally:
+                os.close(write_end)
+
+        threading.Thread(target=copy, daemon=True).start()
+        fd = read_end
+    os.set_blocking(fd, False)
+    return fd
+
+
+class _Stdout:
+    """Lines to stdout: non-blocking on a pipe, with what the host has not read yet kept
+    here (the bridge stops reading the daemon while it is over HIGH_WATER)."""
+
+    def __init__(self) -> None:
+        self.fd = sys.stdout.fileno()
+        self.pollable = _is_stream(self.fd)
+        if self.pollable:
+            os.set_blocking(self.fd, False)
+        self.buffer = bytearray()
+
+    def line(self, data: bytes) -> None:
+        self.buffer += data
+        self.buffer += b"\n"
+        self.flush()
+
+    def flush(self) -> None:
+        while self.buffer:
+            try:
+                written = os.write(self.fd, self.buffer)
+            except BlockingIOError:
+                return
+            del self.buffer[:written]
+
+    def finish(self) -> None:
+        """Whatever is left, written before the bridge exits."""
+        if self.pollable:
+            os.set_blocking(self.fd, True)
+        self.flush()
+
+
+HIGH_WATER = 1024 * 1024  # bytes waiting for the host (stdout) or the daemon (socket)
+READ_CHUNK = 64 * 1024
+
+
+class FramedBridge:
+    """One host's stdio, carried over one framed relay connection, on one thread.
+
+    `selectors` rather than asyncio: asyncio's import alone is most of the bridge's start-up
+    time. The socket is non-blocking TLS: a read may find no whole record
+    (`SSLWantReadError`), and decrypted bytes may wait inside the TLS object, so reading
+    goes on until it says so.
+    """
+
+    def __init__(self, tls: ssl.SSLSocket, drain_seconds: float) -> None:
+        self._tls = tls
         self._drain_seconds = drain_seconds
         self._pending = Pending()
-        self.stdin_closed = asyncio.Event()
+        self._stdout = _Stdout()
+        self._outgoing = bytearray()  # frames for the daemon not yet taken by the socket
+        self.stdin_closed = False
 
-    async def open(self, server: str) -> int:
+    # -- opening (blocking: nothing else to do until the session exists) --------------
+
+    def _read_exactly(self, count: int) -> bytes:
+        data = bytearray()
+        while len(data) < count:
+            chunk = self._tls.recv(count - len(data))
+            if not chunk:  # asyncio drops the TLS alert of a refused handshake: this is it
+                raise EOFError
+            data += chunk
+        return bytes(data)
+
+    def open(self, server: str) -> int:
         """Ask for the session; the daemon's message limit once it is open."""
-        # Not drained: a refused handshake is read below, where its reason is (TLS 1.3 alert).
-        self._writer.write(frames.control(frames.OPEN, server=server, options={}))
-        frame = await frames.read_frame(self._reader, frames.CONTROL_LIMIT)
-        if frame is None:  # asyncio drops the TLS alert of a refused handshake: this is it
-            raise EOFError
+        self._tls.sendall(frames.control(frames.OPEN, server=server, options={}))
+        kind, length = frames.check_header(
+            self._read_exactly(frames.HEADER.size), frames.CONTROL_LIMIT
+        )
+        frame = frames.Frame(kind, self._read_exactly(length) if length else b"")
         fields = frame.fields()
         if frame.kind == frames.ERROR:
             raise _refusal(fields.get("code"), fields.get("reason"))
@@ -200,134 +274,200 @@ class FramedBridge:
             raise FrameError(frames.BAD_FRAME, f"expected `opened`, got {frame.name}")
         return limit
 
-    async def pump_stdin(self, limit: int) -> None:
-        """stdin lines to the daemon; an oversized line is answered here, never sent."""
-        splitter = LineSplitter(limit)
-        try:
-            while chunk := await self._stdin.read():
-                for line in splitter.feed(chunk):
-                    if isinstance(line, OversizedLine):
-                        await self._emit(
-                            rpc.error_response(
-                                rpc.id_from_head(line.head),
-                                rpc.MESSAGE_TOO_LARGE,
-                                f"message of {line.seen} bytes is over the {limit}-byte limit",
-                            )
-                        )
-                        continue
-                    self._pending.sent(line)
-                    self._writer.write(frames.encode(frames.MESSAGE, line))
-                    await self._writer.drain()
-            self._writer.write(frames.encode(frames.END))
-            await self._writer.drain()
-        except (ConnectionError, OSError):
-            return  # the connection has ended; the reader reports why
-        finally:
-            self.stdin_closed.set()
+    # -- serving ----------------------------------------------------------------------
 
-    async def daemon_gone(self, why: str) -> None:
+    def daemon_gone(self, why: str) -> None:
         """Every request still pending gets an error: a host shows it instead of hanging."""
         for error in self._pending.fail_all(f"the Stockade daemon went away: {why}"):
-            await self._emit(error)
+            self._stdout.line(error)
 
-    async def frames_in(self, limit: int) -> int:
-        """Serve the daemon's frames until the stream ends; the exit code."""
+    def serve(self, limit: int) -> int:
+        """Both directions until the daemon ends, or `drain_seconds` after stdin ended."""
+        self._tls.setblocking(False)
+        stdin = _stdin_fd()
+        splitter = LineSplitter(limit)
         # Answers are re-serialised by the daemon and may be somewhat longer than the limit
         # it enforces on what it reads (the gRPC client allows the same).
-        most = 2 * limit + 1024 * 1024
-        while (frame := await frames.read_frame(self._reader, most)) is not None:
-            if frame.kind == frames.MESSAGE:
-                self._pending.received(frame.payload)
-                await self._emit(frame.payload)
-            elif frame.kind == frames.CLOSED:
-                reason = str(frame.fields().get("reason"))
-                await self.daemon_gone(reason)
-                print(f"stockade connect: {printable(reason)}", file=sys.stderr)
-                return exitcodes.FAILED
-            elif frame.kind == frames.ERROR:
-                fields = frame.fields()
-                await self.daemon_gone(str(fields.get("reason")))
-                raise _refusal(fields.get("code"), fields.get("reason"))
-            else:
-                raise FrameError(frames.BAD_FRAME, f"unexpected {frame.name} frame")
-        # The daemon ends a session with a frame, or after `end` once it drained: an end of
-        # the stream before that is a daemon that went away (killed, stopped).
-        await self.daemon_gone("the connection ended")
-        if not self.stdin_closed.is_set():
+        incoming = frames.FrameBuffer(2 * limit + 1024 * 1024)
+        deadline: float | None = None
+        with selectors.DefaultSelector() as selector:
+            while True:
+                self._watch(selector, stdin)
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready = selector.select(timeout)
+                if deadline is not None and time.monotonic() >= deadline:
+                    return exitcodes.OK  # the host closed stdin: ended after the grace period
+                for key, events in ready:
+                    if key.fd == self._stdout.fd:
+                        self._stdout.flush()
+                    elif key.fd == stdin:
+                        if not self._from_stdin(stdin, splitter, limit):
+                            deadline = time.monotonic() + self._drain_seconds
+                    elif events & selectors.EVENT_WRITE:
+                        self._send()
+                if len(self._stdout.buffer) < HIGH_WATER:
+                    ended = self._from_daemon(incoming)
+                    if ended is not None:
+                        return ended
+
+    def _watch(self, selector: selectors.BaseSelector, stdin: int) -> None:
+        """What to wait for now: input only while its consumer keeps up."""
+        wanted: dict[Any, int] = {}
+        if not self.stdin_closed and len(self._outgoing) < HIGH_WATER:
+            wanted[stdin] = selectors.EVENT_READ
+        socket_events = selectors.EVENT_WRITE if self._outgoing else 0
+        if len(self._stdout.buffer) < HIGH_WATER:
+            socket_events |= selectors.EVENT_READ
+        if socket_events:
+            wanted[self._tls] = socket_events
+        if self._stdout.pollable and self._stdout.buffer:
+            wanted[self._stdout.fd] = selectors.EVENT_WRITE
+        for key in list(selector.get_map().values()):
+            if key.fileobj not in wanted:
+                selector.unregister(key.fileobj)
+        for fileobj, events in wanted.items():
+            try:
+                if selector.get_key(fileobj).events != events:
+                    selector.modify(fileobj, events)
+            except KeyError:
+                selector.register(fileobj, events)
+
+    def _from_stdin(self, stdin: int, splitter: LineSplitter, limit: int) -> bool:
+        """stdin lines to the daemon; an oversized line is answered here, never sent.
+        False once stdin has ended (`end` is then on its way)."""
+        try:
+            chunk = os.read(stdin, READ_CHUNK)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            self.stdin_closed = True
+            self._queue(frames.encode(frames.END))
+            return False
+        for line in splitter.feed(chunk):
+            if isinstance(line, OversizedLine):
+                self._stdout.line(
+                    rpc.error_response(
+                        rpc.id_from_head(line.head),
+                        rpc.MESSAGE_TOO_LARGE,
+                        f"message of {line.seen} bytes is over the {limit}-byte limit",
+                    )
+                )
+                continue
+            self._pending.sent(line)
+            self._queue(frames.encode(frames.MESSAGE, line))
+        return True
+
+    def _queue(self, frame: bytes) -> None:
+        self._outgoing += frame
+        self._send()
+
+    def _send(self) -> None:
+        while self._outgoing:
+            try:
+                sent = self._tls.send(self._outgoing)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                return
+            del self._outgoing[:sent]
+
+    def _from_daemon(self, incoming: frames.FrameBuffer) -> int | None:
+        """Read what the daemon sent; an exit code once the session is over."""
+        while len(self._stdout.buffer) < HIGH_WATER:
+            try:
+                data = self._tls.recv(READ_CHUNK)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                return None
+            if not data:
+                return self._ended(incoming)
+            for frame in incoming.feed(data):
+                done = self._frame(frame)
+                if done is not None:
+                    return done
+        return None
+
+    def _frame(self, frame: frames.Frame) -> int | None:
+        if frame.kind == frames.MESSAGE:
+            self._pending.received(frame.payload)
+            self._stdout.line(frame.payload)
+            return None
+        if frame.kind == frames.CLOSED:
+            reason = str(frame.fields().get("reason"))
+            self.daemon_gone(reason)
+            print(f"stockade connect: {printable(reason)}", file=sys.stderr)
+            return exitcodes.FAILED
+        if frame.kind == frames.ERROR:
+            fields = frame.fields()
+            self.daemon_gone(str(fields.get("reason")))
+            raise _refusal(fields.get("code"), fields.get("reason"))
+        raise FrameError(frames.BAD_FRAME, f"unexpected {frame.name} frame")
+
+    def _ended(self, incoming: frames.FrameBuffer) -> int:
+        """The daemon ends a session with a frame, or after `end` once it drained: an end of
+        the stream before that is a daemon that went away (killed, stopped)."""
+        self.daemon_gone("the connection ended")
+        if incoming.partial or not self.stdin_closed:
             raise ConnectionError("the connection ended")
         return exitcodes.OK
 
-    async def serve(self, limit: int) -> int:
-        """Both directions until the daemon ends, or `drain_seconds` after stdin ended."""
-        pump = asyncio.create_task(self.pump_stdin(limit))
-        reading = asyncio.create_task(self.frames_in(limit))
-        grace = asyncio.create_task(self._after_eof())
-        try:
-            await asyncio.wait({reading, grace}, return_when=asyncio.FIRST_COMPLETED)
-            if reading.done():
-                return reading.result()
-            return exitcodes.OK  # the host closed stdin: ended after the grace period
-        finally:
-            for task in (pump, reading, grace):
-                task.cancel()
-
-    async def _after_eof(self) -> None:
-        await self.stdin_closed.wait()
-        await asyncio.sleep(self._drain_seconds)
+    def finish(self) -> None:
+        self._stdout.finish()
 
 
-async def bridge(target: Target, server: str, drain_seconds: float = EOF_GRACE_SECONDS) -> int:
+def _connect(target: Target) -> ssl.SSLSocket:
+    """The TLS connection to the relay, handshake done (bounded by HANDSHAKE_SECONDS)."""
     context = target.context()
     try:
         if target.tcp is not None:
-            reader, writer = await asyncio.open_connection(
-                *target.tcp,
-                ssl=context,
-                server_hostname=SERVER_NAME,
-                ssl_handshake_timeout=HANDSHAKE_SECONDS,
-                limit=READ_BUFFER,
-            )
+            raw = socket.create_connection(target.tcp, timeout=HANDSHAKE_SECONDS)
         else:
-            reader, writer = await asyncio.open_unix_connection(
-                str(target.unix_path),
-                ssl=context,
-                server_hostname=SERVER_NAME,
-                ssl_handshake_timeout=HANDSHAKE_SECONDS,
-                limit=READ_BUFFER,
-            )
-    except ssl.SSLError as exc:
-        raise _handshake_refused(target.shown, exc) from None
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            raw.settimeout(HANDSHAKE_SECONDS)
+            raw.connect(str(target.unix_path))
     except OSError:
         raise CliError(_unreachable(target.shown), exitcodes.UNREACHABLE) from None
-    link = FramedBridge(reader, writer, await Input.open(), await Output.open(), drain_seconds)
+    try:
+        tls = context.wrap_socket(raw, server_hostname=SERVER_NAME)
+    except ssl.SSLError as exc:
+        raw.close()
+        raise _handshake_refused(target.shown, exc) from None
+    except OSError:
+        raw.close()
+        raise CliError(_unreachable(target.shown), exitcodes.UNREACHABLE) from None
+    tls.settimeout(None)  # opening waits for the sandbox, however long its start takes
+    return tls
+
+
+def bridge(target: Target, server: str, drain_seconds: float = EOF_GRACE_SECONDS) -> int:
+    tls = _connect(target)
+    link = FramedBridge(tls, drain_seconds)
     try:
         try:
             # TLS 1.3: the daemon checks our certificate after our side of the handshake is
             # done, so its refusal arrives on the first read.
-            limit = await link.open(server)
+            limit = link.open(server)
         except (OSError, EOFError) as exc:  # ssl.SSLError is an OSError
             raise _handshake_refused(target.shown, exc) from None
         try:
-            return await link.serve(limit)
-        except (ConnectionError, OSError) as exc:  # ssl.SSLError is an OSError
-            await link.daemon_gone(str(exc) or type(exc).__name__)
+            return link.serve(limit)
+        except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
+            link.daemon_gone(str(exc) or type(exc).__name__)
             raise CliError(
                 f"lost the daemon at {target.shown}: {exc or type(exc).__name__}",
                 exitcodes.UNREACHABLE,
             ) from None
     except FrameError as exc:
-        await link.daemon_gone(str(exc))
+        link.daemon_gone(str(exc))
         raise CliError(f"the daemon broke the relay protocol: {exc}", exitcodes.FAILED) from None
     finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer.wait_closed(), 1)
+        try:
+            link.finish()
+        finally:
+            tls.close()
 
 
 def run_framed(args: argparse.Namespace) -> int:
     target = target_of(args)
     try:
-        return asyncio.run(bridge(target, args.name, args.drain))
+        return bridge(target, args.name, args.drain)
     except (BrokenPipeError, ConnectionResetError):  # the host went away: nothing to report to
         return exitcodes.OK
 

@@ -14,16 +14,20 @@ that the bridge a host launches per session imports only the standard library:
 
 A frame longer than the reader's limit is refused from its header, before its payload is
 read, so a peer can never make the other side hold more than one message's worth of bytes.
-Encoding and checking are I/O-free; `read_frame` is the one await, over an asyncio reader.
+Encoding, checking and `FrameBuffer` are I/O-free (the bridge, on `selectors`); `read_frame`
+reads one from an asyncio stream (the daemon). asyncio is imported only there: the bridge
+must not pay for it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import struct
-from dataclasses import dataclass
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: the bridge does not import typing
+if TYPE_CHECKING:
+    import asyncio
+    from typing import Any
 
 HEADER = struct.Struct(">IB")  # payload length, frame type
 
@@ -67,10 +71,23 @@ class FrameError(ValueError):
         self.code = code
 
 
-@dataclass(frozen=True)
 class Frame:
-    kind: int
-    payload: bytes
+    """One frame: its type and payload (a plain class: the bridge does not import dataclasses)."""
+
+    __slots__ = ("kind", "payload")
+
+    def __init__(self, kind: int, payload: bytes) -> None:
+        self.kind = kind
+        self.payload = payload
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Frame) and (other.kind, other.payload) == (self.kind, self.payload)
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.payload))
+
+    def __repr__(self) -> str:
+        return f"Frame({self.name}, {self.payload[:64]!r})"
 
     @property
     def name(self) -> str:
@@ -109,12 +126,40 @@ def check_header(header: bytes, max_message_bytes: int) -> tuple[int, int]:
     return kind, length
 
 
+class FrameBuffer:
+    """Frames out of a byte stream as it arrives, bounded by the limit (I/O-free)."""
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._data = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """The frames complete now; `FrameError` as soon as a header is refused."""
+        self._data += data
+        found = []
+        while len(self._data) >= HEADER.size:
+            kind, length = check_header(bytes(self._data[: HEADER.size]), self.max_message_bytes)
+            end = HEADER.size + length
+            if len(self._data) < end:
+                break
+            found.append(Frame(kind, bytes(self._data[HEADER.size : end])))
+            del self._data[:end]
+        return found
+
+    @property
+    def partial(self) -> bool:
+        """Whether a frame has begun and not ended (the stream may not end here)."""
+        return bool(self._data)
+
+
 async def read_frame(reader: asyncio.StreamReader, max_message_bytes: int) -> Frame | None:
     """The next frame, or None at a clean end of the stream (between frames).
 
     `FrameError` for a frame over the limit (refused before its payload is read) or cut off
     by the end of the stream.
     """
+    import asyncio  # noqa: PLC0415 - loaded already wherever this runs; not in the bridge
+
     try:
         header = await reader.readexactly(HEADER.size)
     except asyncio.IncompleteReadError as exc:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: the bridge does not import typing
+if TYPE_CHECKING:
+    from typing import Any
 
 # `"id": 12` or `"id": "abc"` near the start of a message (the usual place for it).
 _HEAD_ID = re.compile(rb'"id"\s*:\s*(-?[0-9]{1,16}|"(?:[^"\\\x00-\x1f]|\\.){0,256}")')
