@@ -287,6 +287,8 @@ def test_the_bridge_imports_no_heavy_module(daemon: Daemon) -> None:
     assert "stockade" in imported and "ssl" in imported  # the list is real
     heavy = {"grpc", "google", "pydantic", "pydantic_settings", "structlog", "cryptography"}
     assert imported & (heavy | {"docker"}) == set()
+    # Nor what made it slow to start after those: it runs on selectors.
+    assert imported & {"asyncio", "dataclasses"} == set()
 
 
 def test_the_bridge_reaches_the_framed_relay_over_tcp(tmp_path: Path) -> None:

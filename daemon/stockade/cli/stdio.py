@@ -1,4 +1,5 @@
-"""The bridge's stdin and stdout as asyncio streams (both bridges: framed and gRPC).
+"""The gRPC bridge's stdin and stdout as asyncio streams (`cli/connect.py`; the default bridge
+in `cli/bridge.py` runs on selectors).
 
 Pipes and sockets (what hosts use) get asyncio transports, with backpressure on stdout (a
 slow host slows the session); files, terminals and /dev/null (which epoll refuses) are
