@@ -310,3 +310,34 @@ def test_the_bridge_reaches_the_framed_relay_over_tcp(tmp_path: Path) -> None:
         assert json.loads(result.stdout)["id"] == 1
         opened = [r for r in audit(tcp_daemon) if r["type"] == "session.open"]
         assert opened[-1]["peer"].startswith("ipv4:127.0.0.1:")
+
+
+def test_a_slow_handshake_and_a_missing_open_are_cut_off(daemon: Daemon) -> None:
+    """Neither a caller that never finishes its handshake nor one that never opens a session
+    holds a connection past the deadlines (10 s each)."""
+
+    async def silent() -> float:
+        began = time.monotonic()
+        reader, writer = await asyncio.open_unix_connection(str(relay_socket_path(daemon.socket)))
+        try:
+            await asyncio.wait_for(reader.read(), 30)  # nothing sent, not even a ClientHello
+        finally:
+            writer.close()
+        return time.monotonic() - began
+
+    async def idle() -> tuple[frames.Frame | None, float]:
+        raw = await Raw.connect(daemon, daemon.hosts["framed"])
+        began = time.monotonic()
+        try:
+            return await raw.frame(), time.monotonic() - began
+        finally:
+            await raw.close()
+
+    async def both() -> tuple[float, tuple[frames.Frame | None, float]]:
+        return await asyncio.gather(silent(), idle())
+
+    silent_for, (error, idle_for) = asyncio.run(both())
+    assert 9 < silent_for < 20
+    assert error is not None and error.fields()["code"] == frames.TIMEOUT
+    assert 9 < idle_for < 20
+    wait_until(lambda: refusals(daemon, "TLS handshake not done within 10 s"), 10, "a record")

@@ -81,7 +81,8 @@ def handshake_reason(exc: BaseException) -> str:
         return f"TLS handshake refused: {exc.verify_message or 'certificate verify failed'}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake refused: {(exc.reason or 'TLS error').lower().replace('_', ' ')}"
-    if isinstance(exc, TimeoutError):
+    # asyncio aborts a slow handshake with ConnectionAbortedError ("taking longer than").
+    if isinstance(exc, TimeoutError) or "longer than" in str(exc):
         return f"TLS handshake not done within {HANDSHAKE_SECONDS:g} s"
     return "the connection ended during the TLS handshake"
 
