@@ -485,6 +485,12 @@ def cmd_connect(args: argparse.Namespace) -> int:
     return run_framed(args)
 
 
+CONNECT_HELP = "stdio bridge for MCP hosts: use as the server command in a host's config"
+CONNECT_EXAMPLE = (
+    "example: stockade connect time   (as a host's server command; see `stockade client config`)"
+)
+
+
 def add_connect_arguments(connect: argparse.ArgumentParser) -> None:
     connect.add_argument("name", help="registered server to connect to")
     connect.add_argument(
@@ -521,12 +527,7 @@ def add_connect_arguments(connect: argparse.ArgumentParser) -> None:
 
 
 def add_connect_parser(sub: Any) -> None:
-    connect = sub.add_parser(
-        "connect",
-        help="stdio bridge for MCP hosts: use as the server command in a host's config",
-        epilog="example: stockade connect time   (as a host's server command; see "
-        "`stockade client config`)",
-    )
+    connect = sub.add_parser("connect", help=CONNECT_HELP, epilog=CONNECT_EXAMPLE)
     add_connect_arguments(connect)
     connect.set_defaults(handler=cmd_connect)
 
@@ -534,8 +535,7 @@ def add_connect_parser(sub: Any) -> None:
 def main(argv: list[str]) -> int:
     """`stockade connect ...` without loading the rest of the CLI (`cli/main.py` sends it here)."""
     parser = argparse.ArgumentParser(
-        prog="stockade connect",
-        description="stdio bridge for MCP hosts: use as the server command in a host's config",
+        prog="stockade connect", description=CONNECT_HELP, epilog=CONNECT_EXAMPLE
     )
     add_connect_arguments(parser)
     try:
