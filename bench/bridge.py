@@ -5,7 +5,9 @@ starts its servers sees it). A benchmark, not a test; prints Markdown.
 Each run launches the bridge as a host does (its command line and certificate), writes
 `initialize` at once, and times launch -> answer line; the RSS is read from /proc when the
 answer arrives. Between runs the pool refills and its server finishes importing. For
-reference, the same launch-to-exit for the interpreter alone and for importing the CLI.
+reference, the same launch-to-exit for the interpreter alone and for importing the bridge.
+The default (framed relay) and `--grpc` (Relay.Connect, the bridge before issue 18) are
+measured interleaved in the same run.
 
 Run: PYTHONPATH=daemon:. python bench/bridge.py [--runs 10]
 """
@@ -80,39 +82,49 @@ def largest_imports(code: str, count: int) -> list[tuple[float, str, int]]:
 
 
 def main(runs: int) -> None:
-    times, rss = [], []
+    kinds = ("framed (default)", "`--grpc`")
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    rss: dict[str, list[float]] = {kind: [] for kind in kinds}
     with (
         tempfile.TemporaryDirectory(prefix="stockade-bench-") as root,
         running_daemon(Path(root)) as daemon,
     ):
         daemon.add_server("time", peers.IMAGE, *peers.TIME_SERVER, warm=1)
         argv = daemon.bridge("time", daemon.issue_host("bench"))
-        for _ in range(runs):
-            wait_for_pool(daemon)
-            elapsed, memory = launch_to_answer(argv, daemon.env)
-            times.append(elapsed)
-            rss.append(memory)
+        for _ in range(runs):  # interleaved: other work on the machine moves both alike
+            for kind, extra in (("framed (default)", []), ("`--grpc`", ["--grpc"])):
+                wait_for_pool(daemon)
+                elapsed, memory = launch_to_answer([*argv, *extra], daemon.env)
+                times[kind].append(elapsed)
+                rss[kind].append(memory)
     interpreter = launch_to_exit("pass", runs)
-    cli = "import stockade.cli.main, stockade.cli.connect"
-    cli_import = launch_to_exit(cli, runs)
+    light = "import stockade.cli.main, stockade.cli.bridge"
+    heavy = "import stockade.cli.commands, stockade.cli.connect"
+    light_import = launch_to_exit(light, runs)
+    heavy_import = launch_to_exit(heavy, runs)
     print(f"| `stockade connect`, warm pool, {runs} runs | median | min | max |")
     print("| --- | --- | --- | --- |")
-    ms = [t * 1000 for t in times]
-    print(
-        f"| launch to the `initialize` answer | {statistics.median(ms):.0f} ms "
-        f"| {min(ms):.0f} ms | {max(ms):.0f} ms |"
-    )
-    print(
-        f"| bridge RSS at the answer | {statistics.median(rss):.1f} MiB "
-        f"| {min(rss):.1f} MiB | {max(rss):.1f} MiB |"
-    )
+    for kind in kinds:
+        ms = [t * 1000 for t in times[kind]]
+        print(
+            f"| {kind}: launch to the `initialize` answer | {statistics.median(ms):.0f} ms "
+            f"| {min(ms):.0f} ms | {max(ms):.0f} ms |"
+        )
+        print(
+            f"| {kind}: bridge RSS at the answer | {statistics.median(rss[kind]):.1f} MiB "
+            f"| {min(rss[kind]):.1f} MiB | {max(rss[kind]):.1f} MiB |"
+        )
     print(f"| reference: `python -c pass`, launch to exit | {interpreter * 1000:.0f} ms | | |")
-    print(f"| reference: import the CLI, launch to exit | {cli_import * 1000:.0f} ms | | |")
+    print(f"| reference: import the bridge, launch to exit | {light_import * 1000:.0f} ms | | |")
+    print(
+        f"| reference: import the gRPC bridge and the CLI, launch to exit "
+        f"| {heavy_import * 1000:.0f} ms | | |"
+    )
     print(
         "\n| largest imports of the bridge (`python -X importtime`, one run) | cumulative | depth |"
     )
     print("| --- | --- | --- |")
-    for milliseconds, name, depth in largest_imports(cli, 12):
+    for milliseconds, name, depth in largest_imports(light, 12):
         print(f"| `{name}` | {milliseconds:.0f} ms | {depth} |")
     print(f"\n{machine()}")
 

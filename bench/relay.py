@@ -4,7 +4,8 @@ all measured in one run with the official MCP SDK client (PyPI `mcp`), as hosts 
 Each row: one SDK session, `WARMUP` untimed calls, then n sequential `tools/call`s, timed.
 Rows for mcp-server-time (`get_current_time`), each in the same hardened container image:
   docker run -i             the container straight over the docker CLI, SDK stdio client: the limit
-  Stockade connect          `stockade connect` (stdio -> gRPC/mTLS on the Unix socket), SDK stdio
+  Stockade connect          `stockade connect` (stdio -> framed TLS 1.3 mTLS on the relay socket),
+                            SDK stdio; and `--grpc` (stdio -> gRPC/mTLS, the bridge before issue 18)
   Stockade HTTP             the Streamable HTTP front, HTTPS with a client certificate, SDK HTTP
   mcp-proxy / supergateway / ContextForge translate
                             each wrapping the same `docker run -i` container, SDK HTTP client
@@ -181,7 +182,12 @@ def through_stockade(calls: int, pipelined: int, results: Results) -> None:
     """Everything measured through a daemon of its own, in a temporary state folder."""
     with tempfile.TemporaryDirectory(prefix="stockade-bench-") as root:
         tcp, https = f"127.0.0.1:{peers.free_port()}", f"127.0.0.1:{peers.free_port()}"
-        daemon_env = {"STOCKADE_TCP_ADDRESS": tcp, "STOCKADE_HTTP_ADDRESS": https}
+        relay_tcp = f"127.0.0.1:{peers.free_port()}"
+        daemon_env = {
+            "STOCKADE_TCP_ADDRESS": tcp,
+            "STOCKADE_HTTP_ADDRESS": https,
+            "STOCKADE_RELAY_TCP_ADDRESS": relay_tcp,
+        }
         with running_daemon(Path(root), **daemon_env) as daemon:
             daemon.add_server("time", peers.IMAGE, *peers.TIME_SERVER, warm=WARM)
             daemon.add_server("echo", peers.IMAGE, *peers.ECHO_SERVER, warm=WARM)
@@ -189,14 +195,18 @@ def through_stockade(calls: int, pipelined: int, results: Results) -> None:
             tls = sdk_client.client_tls(creds)
             for server, _, tool in SERVERS:
                 bridge = daemon.bridge(server, creds)
-                cpu = results.cpu_of(f"SDK client, sequential, {server}")
-                meters = cpu.round(daemon, server)
-                times = sdk_client.over_stdio(
-                    bridge, tool, calls, env=daemon.env, meters=meters, on_timed=cpu.begin
-                )
-                cpu.end(calls)
-                name = f"Stockade `stockade connect` (stdio → gRPC/mTLS), {server}"
-                results.sdk_row(name).add(times)
+                for how, argv in (
+                    ("framed TLS/mTLS", bridge),
+                    ("`--grpc`: gRPC/mTLS", [*bridge, "--grpc"]),
+                ):
+                    cpu = results.cpu_of(f"SDK client, sequential, {how}, {server}")
+                    meters = cpu.round(daemon, server)
+                    times = sdk_client.over_stdio(
+                        argv, tool, calls, env=daemon.env, meters=meters, on_timed=cpu.begin
+                    )
+                    cpu.end(calls)
+                    name = f"Stockade `stockade connect` (stdio → {how}), {server}"
+                    results.sdk_row(name).add(times)
 
                 conns = ConnectionMeter(int(https.rsplit(":", 1)[1]))
                 times = sdk_client.over_http(
@@ -216,14 +226,20 @@ def through_stockade(calls: int, pipelined: int, results: Results) -> None:
                 )
                 cpu.end(pipelined)
                 results.rate(f"Stockade `stockade connect`, {server}", rate)
-            over_tcp = daemon.bridge("time", creds)
-            at = over_tcp.index("--socket")
-            over_tcp[at : at + 2] = ["--address", tcp]
+            over_unix = daemon.bridge("time", creds)
+            at = over_unix.index("--socket")
+            over_tcp = [*over_unix[:at], "--relay-address", relay_tcp, *over_unix[at + 2 :]]
+            grpc_tcp = [*over_unix[:at], "--address", tcp, *over_unix[at + 2 :]]
 
             def settle(*_: int) -> None:
                 wait_for_pool(daemon, "time")
 
-            for name, argv in (("Unix socket", daemon.bridge("time", creds)), ("TCP", over_tcp)):
+            for name, argv in (
+                ("Unix socket", over_unix),
+                ("TCP", over_tcp),
+                ("`--grpc`, Unix socket", [*over_unix, "--grpc"]),
+                ("`--grpc`, TCP", grpc_tcp),
+            ):
                 times = raw_client.raw_stdio(argv, TIME, calls, env=daemon.env, on_timed=settle)
                 results.raw_row(f"Stockade `stockade connect`, {name} + mTLS").add(times)
             url = f"https://{https}/servers/time/mcp"

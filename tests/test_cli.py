@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from stockade.cli.main import _parser
+from stockade.cli.commands import _parser
 
 BIN = Path(sys.executable).parent
 

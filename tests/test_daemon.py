@@ -60,7 +60,9 @@ def test_status_over_the_socket(daemon: subprocess.Popen[str], daemon_env: dict[
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     assert status["version"]
-    assert status["listeners"] == [f"unix:{daemon_env['STOCKADE_SOCKET_PATH']}"]
+    sock = daemon_env["STOCKADE_SOCKET_PATH"]
+    relay = sock.removesuffix(".sock") + "-relay.sock"
+    assert status["listeners"] == [f"unix:{sock}", f"frames+unix:{relay}"]
     assert status["uptime_seconds"] >= 0
 
 
@@ -69,8 +71,10 @@ def test_socket_state_and_keys_have_tight_permissions(
 ) -> None:
     sock = Path(daemon_env["STOCKADE_SOCKET_PATH"])
     state = Path(daemon_env["STOCKADE_STATE_DIR"])
-    assert stat.S_ISSOCK(sock.stat().st_mode)
-    assert stat.S_IMODE(sock.stat().st_mode) == 0o660
+    relay = sock.with_name(sock.stem + "-relay.sock")  # the framed relay's, as the gRPC one
+    for each in (sock, relay):
+        assert stat.S_ISSOCK(each.stat().st_mode)
+        assert stat.S_IMODE(each.stat().st_mode) == 0o660
     assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o750
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     assert stat.S_IMODE((state / "pki").stat().st_mode) == 0o700
@@ -83,7 +87,9 @@ def test_sigterm_stops_cleanly_and_removes_the_socket(
 ) -> None:
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=20) == 0
-    assert not Path(daemon_env["STOCKADE_SOCKET_PATH"]).exists()
+    sock = Path(daemon_env["STOCKADE_SOCKET_PATH"])
+    assert not sock.exists()
+    assert not sock.with_name(sock.stem + "-relay.sock").exists()
     logged = [json.loads(line) for line in daemon.stderr.read().splitlines()]  # type: ignore[union-attr]
     assert [r["event"] for r in logged if r["logger"] == "stockade.daemon"] == [
         "stockaded started",

@@ -225,7 +225,16 @@ def test_a_host_certificate_in_the_config_dir_does_not_shadow_the_admin(daemon: 
     try:
         assert daemon.cli("server", "ls").returncode == 0  # as the owner's admin
         result = subprocess.run(
-            [str(BIN / "stockade"), "connect", "time", "--socket", str(daemon.socket)],
+            # --drain: wait for the answer even if the pooled server is still starting
+            [
+                str(BIN / "stockade"),
+                "connect",
+                "time",
+                "--socket",
+                str(daemon.socket),
+                "--drain",
+                "30",
+            ],
             input=INIT.decode(),
             capture_output=True,
             text=True,

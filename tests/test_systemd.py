@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from stockade.paths import relay_socket_path
 from tests.daemon_helper import Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,30 +87,59 @@ def test_socket_activation_and_notify(tmp_path: Path) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(daemon.socket))  # what stockaded.socket does
     listener.listen(16)
+    relay_path = relay_socket_path(daemon.socket)  # stockaded.socket's second ListenStream
+    relay = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    relay.bind(str(relay_path))
+    relay.listen(16)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
     env = daemon.env | {
         "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
         "WATCHDOG_USEC": "1000000",
-        "LISTEN_FDS": "1",
+        "LISTEN_FDS": "2",
     }
-    # As systemd does: the socket is fd 3, and LISTEN_PID is the daemon's own pid.
-    command = f'LISTEN_PID=$$ exec "{BIN / "stockaded"}" 3<&0 0</dev/null'
+    # As systemd does: the sockets are fds 3 and 4, and LISTEN_PID is the daemon's own pid
+    # (a Python launcher: sh cannot name the relay socket's fd when it is above 9).
+    fd = relay.fileno()
+    launcher = (
+        f"import os; os.dup2(0, 3); os.dup2({fd}, 4); os.close({fd}); "
+        "null = os.open('/dev/null', os.O_RDONLY); os.dup2(null, 0); os.close(null); "
+        "os.environ['LISTEN_PID'] = str(os.getpid()); "
+        f"os.execv({str(BIN / 'stockaded')!r}, ['stockaded'])"
+    )
     with daemon.log_path.open("a") as log:
         process = subprocess.Popen(
-            ["/bin/sh", "-c", command], stdin=listener.fileno(), stdout=log, stderr=log, env=env
+            [sys.executable, "-c", launcher],
+            stdin=listener.fileno(),
+            stdout=log,
+            stderr=log,
+            env=env,
+            pass_fds=(fd,),
         )
-    listener.close()  # only the daemon holds it now
+    listener.close()  # only the daemon holds them now
+    relay.close()
     try:
         ready = _datagrams(notify, "READY=1", 60)
         assert any("STATUS=serving on unix:" in m for m in ready)
         assert "WATCHDOG=1" in "".join(_datagrams(notify, "WATCHDOG=1", 5))
         status = daemon.cli("status")  # over the activated socket, mTLS end to end
         assert "(socket-activated)" in status.stdout
+        assert f"frames+unix:{relay_path} (socket-activated)" in status.stdout
+        # The bridge over the activated relay socket: handshake, identity, the opener's answer.
+        bridge = subprocess.run(
+            daemon.bridge("nosuch", daemon.admin_credentials),
+            input=b"",
+            capture_output=True,
+            timeout=60,
+            env=daemon.env,
+        )
+        assert bridge.returncode == 2
+        assert b"no server named 'nosuch'" in bridge.stderr
         process.send_signal(signal.SIGTERM)
         assert any("STOPPING=1" in m for m in _datagrams(notify, "STOPPING=1", 30))
         assert process.wait(60) == 0
-        assert daemon.socket.exists()  # systemd's socket is left for systemd to remove
+        assert daemon.socket.exists()  # systemd's sockets are left for systemd to remove
+        assert relay_path.exists()
         assert not (daemon.state_dir / "grpc.sock").exists()
     finally:
         if process.poll() is None:

@@ -22,6 +22,14 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from stockade.paths import (
+    ENV_PREFIX,
+    SYSTEM_CONFIG_FILE,
+    default_socket_path,
+    default_state_dir,
+    is_root,
+)
+
 
 def check_loopback(address: str) -> str:
     """HOST:PORT with a loopback HOST (the endpoint is unauthenticated)."""
@@ -35,8 +43,6 @@ def check_loopback(address: str) -> str:
     return address
 
 
-ENV_PREFIX = "STOCKADE_"
-SYSTEM_CONFIG_FILE = Path("/etc/stockade/stockaded.toml")
 MiB = 1024 * 1024
 
 # The TOML file chosen for the settings being loaded now (pydantic-settings builds sources
@@ -48,29 +54,9 @@ class SettingsError(Exception):
     """A setting is missing, malformed or out of range; the message is one line."""
 
 
-def _is_root() -> bool:
-    return os.geteuid() == 0
-
-
-def default_state_dir() -> Path:
-    """`/var/lib/stockade` for root, `$XDG_STATE_HOME/stockade` (or ~/.local/state) otherwise."""
-    if _is_root():
-        return Path("/var/lib/stockade")
-    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(xdg) / "stockade"
-
-
-def default_socket_path() -> Path:
-    """`/run/stockade/stockaded.sock` for root, `$XDG_RUNTIME_DIR/stockade/` otherwise."""
-    if _is_root():
-        return Path("/run/stockade/stockaded.sock")
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/stockade-{os.geteuid()}"  # noqa: S108
-    return Path(runtime) / "stockade" / "stockaded.sock"
-
-
 def default_policy_dir() -> Path:
     """`/etc/stockade/policies` for root, `$XDG_CONFIG_HOME/stockade/policies` otherwise."""
-    if _is_root():
+    if is_root():
         return Path("/etc/stockade/policies")
     xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(xdg) / "stockade" / "policies"
@@ -107,6 +93,9 @@ class Settings(BaseSettings):
     # no setting that turns TLS off.
     tcp_address: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.\-]+:\d{1,5}$")
     tls_names: list[str] = Field(default_factory=list)  # extra DNS names / IPs for TCP clients
+    # The framed relay (api/frames.py) that `stockade connect` uses: always on the Unix socket
+    # next to `socket_path` (paths.relay_socket_path); on TCP as well when this is set.
+    relay_tcp_address: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.\-]+:\d{1,5}$")
 
     # Relay limits.
     max_message_bytes: int = Field(default=4 * MiB, ge=1024, le=256 * MiB)

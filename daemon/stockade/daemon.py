@@ -8,19 +8,26 @@ import contextlib
 import functools
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+import grpc
 
 from stockade import __version__, exitcodes, metrics
 from stockade.api.activation import describe, relay_activated
-from stockade.api.server import ListenerError, start_server
+from stockade.api.frames import FramedRelay
+from stockade.api.server import ListenerError, start_framed_relay, start_server
+from stockade.api.streams import StreamBudget
 from stockade.audit.anchor import AuditRollback
 from stockade.audit.log import AuditLog, AuditStartError, AuditUnavailable
 from stockade.audit.startup import open_audit_log, open_state_seal, publish_state
 from stockade.config import Settings, SettingsError, load_settings, setting_names
 from stockade.http.front import HttpFront
 from stockade.logs import configure_logging, get_logger
+from stockade.paths import relay_socket_path
 from stockade.pki.authority import CertificateAuthority, PkiError
 from stockade.pki.tokens import TokenIssuer
 from stockade.policy.store import PolicyError, PolicyStore
@@ -186,27 +193,17 @@ async def _serve_audited(
         ),
         notifications_per_second=settings.server_notifications_per_second,
     )
-    activated = listen_fds()
-    private = settings.state_dir / "grpc.sock" if activated else None
-    try:
-        server, addresses = await start_server(
-            settings,
-            registry,
-            supervisor,
-            authority,
-            opener,
-            audit=audit,
-            secrets=secrets,
-            tokens=tokens,
-            unix_path=private,
-        )
-        relays = [await relay_activated(listener, private) for listener in activated if private]
-    except BaseException:
-        await supervisor.shutdown()
-        raise
-    if activated:
-        # In place: the Control API's status shows this same list.
-        addresses[:1] = [describe(listener) for listener in activated]
+    listeners = await _start_listeners(
+        settings,
+        registry,
+        supervisor,
+        authority,
+        opener,
+        audit=audit,
+        secrets=secrets,
+        tokens=tokens,
+    )
+    addresses = listeners.addresses
     await audit.record("daemon.start", durable=True, outcome="ok", detail={"version": __version__})
     log.info(
         "stockaded started",
@@ -223,7 +220,7 @@ async def _serve_audited(
     try:
         await _start_optional_listeners(settings, addresses, front, supervisor.pool_levels)
     except BaseException:
-        await server.stop(grace=0)
+        await listeners.stop(grace=0)
         await supervisor.shutdown()
         raise
     notify("READY=1", f"STATUS=serving on {', '.join(addresses)}")
@@ -236,16 +233,87 @@ async def _serve_audited(
     pinger.cancel()
     notify("STOPPING=1", "STATUS=stopping: ending sessions and containers")
     log.info("stockaded stopping")
-    for relay in relays:
-        relay.close()
     if front is not None:
         await front.stop()
-    await server.stop(grace=settings.stop_grace_seconds)
+    await listeners.stop(grace=settings.stop_grace_seconds)
     await supervisor.shutdown()
-    (private or settings.socket_path).unlink(missing_ok=True)  # never systemd's own socket
+    (listeners.private or settings.socket_path).unlink(missing_ok=True)  # never systemd's own
     with contextlib.suppress(AuditUnavailable):
         await audit.record("daemon.stop", durable=True, outcome="ok")
     log.info("stockaded stopped")
+
+
+@dataclass
+class _Listeners:
+    """The relay and Control listeners: gRPC, the activated sockets' relays, framed."""
+
+    server: grpc.aio.Server
+    framed: FramedRelay
+    relays: list[asyncio.Server]
+    addresses: list[str]
+    private: Path | None  # gRPC's own socket under socket activation
+
+    async def stop(self, grace: float) -> None:
+        for relay in self.relays:
+            relay.close()
+        await self.framed.stop()
+        await self.server.stop(grace=grace)
+
+
+async def _start_listeners(
+    settings: Settings,
+    registry: Registry,
+    supervisor: Supervisor,
+    authority: CertificateAuthority,
+    opener: SessionOpener,
+    *,
+    audit: AuditLog,
+    secrets: SecretStore,
+    tokens: TokenIssuer,
+) -> _Listeners:
+    """gRPC (Control and Relay) and the framed relay; the supervisor is shut down on failure."""
+    activated, framed_socket = _split_activated(listen_fds(), settings)
+    private = settings.state_dir / "grpc.sock" if activated else None
+    streams = StreamBudget(settings.max_relay_streams)  # gRPC and framed streams together
+    try:
+        server, addresses = await start_server(
+            settings,
+            registry,
+            supervisor,
+            authority,
+            opener,
+            audit=audit,
+            secrets=secrets,
+            tokens=tokens,
+            streams=streams,
+            unix_path=private,
+        )
+        relays = [await relay_activated(listener, private) for listener in activated if private]
+    except BaseException:
+        await supervisor.shutdown()
+        raise
+    try:
+        framed, framed_addresses = await start_framed_relay(
+            settings, authority, opener, audit=audit, streams=streams, activated=framed_socket
+        )
+    except BaseException:
+        await server.stop(grace=0)
+        await supervisor.shutdown()
+        raise
+    if activated:
+        # In place: the Control API's status shows this same list.
+        addresses[:1] = [describe(listener) for listener in activated]
+    addresses.extend(framed_addresses)
+    return _Listeners(server, framed, relays, addresses, private)
+
+
+def _split_activated(
+    activated: list[socket.socket], settings: Settings
+) -> tuple[list[socket.socket], socket.socket | None]:
+    """systemd's sockets for gRPC, and the one for the framed relay (its path), if passed."""
+    relay_path = str(relay_socket_path(settings.socket_path))
+    framed = [s for s in activated if s.family == socket.AF_UNIX and s.getsockname() == relay_path]
+    return [s for s in activated if s not in framed], (framed[0] if framed else None)
 
 
 def open_secret_store(

@@ -37,9 +37,11 @@ log = get_logger("stockade.auth")
 ADMIN_ONLY: frozenset[Role] = frozenset({"admin"})
 HOSTS_AND_ADMINS: frozenset[Role] = frozenset({"admin", "host"})
 
+RELAY_METHOD = "/stockade.v1.Relay/Connect"
+
 # The whole API surface: every method and who may call it. Nothing else answers.
 METHOD_RULES: Mapping[str, frozenset[Role]] = {
-    "/stockade.v1.Relay/Connect": HOSTS_AND_ADMINS,
+    RELAY_METHOD: HOSTS_AND_ADMINS,
     "/stockade.v1.Control/GetStatus": ADMIN_ONLY,
     "/stockade.v1.Control/AddServer": ADMIN_ONLY,
     "/stockade.v1.Control/ListServers": ADMIN_ONLY,
@@ -72,14 +74,19 @@ class Denied(Exception):
         self.code = code
 
 
-def caller_identity(context: Context, authority: CertificateAuthority) -> PeerCertificate:
-    """The verified identity (and certificate serial) of the caller, or `Denied`."""
-    auth = context.auth_context()
-    pems = list(auth.get("x509_pem_cert") or [])
-    if not pems:
+def check_certificate(
+    pem: bytes | None, authority: CertificateAuthority, roles: frozenset[Role], action: str
+) -> PeerCertificate:
+    """The verified identity (and serial) of a caller's certificate, or `Denied`.
+
+    The one check for every mTLS listener (gRPC here, the framed relay in api/frames.py):
+    the TLS handshake proved the caller holds a key to a certificate this CA issued; this
+    reads its identity, refuses a revoked serial and a role that may not do `action`.
+    """
+    if not pem:
         raise Denied(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
     try:
-        peer = peer_from_pem(bytes(pems[0]))
+        peer = peer_from_pem(pem)
     except (IdentityError, ValueError) as exc:
         raise Denied(
             grpc.StatusCode.UNAUTHENTICATED, f"unusable client certificate: {exc}"
@@ -88,6 +95,11 @@ def caller_identity(context: Context, authority: CertificateAuthority) -> PeerCe
         raise Denied(
             grpc.StatusCode.UNAUTHENTICATED,
             f"certificate {peer.serial} ({peer.identity.uri}) has been revoked",
+        )
+    if peer.identity.role not in roles:
+        raise Denied(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{peer.identity.uri} (role {peer.identity.role}) may not call {action}",
         )
     return peer
 
@@ -116,13 +128,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 def _authorize(
     context: Context, method: str, roles: frozenset[Role], ca: CertificateAuthority
 ) -> PeerCertificate:
-    peer = caller_identity(context, ca)
-    if peer.identity.role not in roles:
-        raise Denied(
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"{peer.identity.uri} (role {peer.identity.role}) may not call {method}",
-        )
-    return peer
+    pems = list(context.auth_context().get("x509_pem_cert") or [])
+    return check_certificate(bytes(pems[0]) if pems else None, ca, roles, method)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from stockade.api.auth import current_credential, current_identity
+from stockade.api.streams import StreamBudget
 from stockade.logs import get_logger, log_context
 from stockade.relay.host_session import HostSession
 from stockade.relay.opening import OpenRefused, Refusal, SessionOpener
@@ -39,14 +40,13 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         opener: SessionOpener,
         *,
         drain_seconds: float = 30.0,
-        max_streams: int = 256,
+        streams: StreamBudget | None = None,
         max_message_bytes: int = 0,
     ) -> None:
         self._opener = opener
         self._max_message_bytes = max_message_bytes
         self._drain_seconds = drain_seconds
-        self._max_streams = max_streams
-        self._streams = 0
+        self._streams = streams or StreamBudget(256)
 
     # The read/write style (context.read/context.write) lets two tasks share one stream; the
     # stubs only know the generator style, hence the override note.
@@ -55,18 +55,14 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         request_iterator: AsyncIterator[relay_pb2.ClientFrame],
         context: Context,
     ) -> None:
-        if self._streams >= self._max_streams:
+        if not self._streams.take():
             await _refuse(
-                context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the daemon carries {self._streams} sessions, its limit (max_relay_streams)",
-                "quota",
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED, self._streams.refusal(), "quota"
             )
-        self._streams += 1
         try:
             await self._connect(context)
         finally:
-            self._streams -= 1
+            self._streams.give_back()
 
     async def _connect(self, context: Context) -> None:
         # Tell the client it is authenticated before it writes anything: a client write that

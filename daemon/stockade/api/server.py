@@ -8,15 +8,19 @@ file permissions are a second layer on top of the certificate, not a replacement
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import grpc
 
 from stockade.api.auth import AuthInterceptor
 from stockade.api.control import ControlServicer
+from stockade.api.frames import FramedRelay, server_context
 from stockade.api.relay import RelayServicer
+from stockade.api.streams import StreamBudget
 from stockade.audit.log import AuditLog
 from stockade.config import Settings
+from stockade.paths import relay_socket_path
 from stockade.pki.authority import CertificateAuthority
 from stockade.pki.server_cert import server_certificate
 from stockade.pki.tokens import TokenIssuer
@@ -72,6 +76,7 @@ async def start_server(
     audit: AuditLog,
     secrets: SecretStore,
     tokens: TokenIssuer,
+    streams: StreamBudget,
     unix_path: Path | None = None,
 ) -> tuple[grpc.aio.Server, list[str]]:
     """Listen (mTLS) on the Unix socket, `unix_path` if given (socket activation), and TCP."""
@@ -93,7 +98,7 @@ async def start_server(
     relay = RelayServicer(
         opener,
         drain_seconds=settings.session_drain_seconds,
-        max_streams=settings.max_relay_streams,
+        streams=streams,
         max_message_bytes=settings.max_message_bytes,
     )
     relay_pb2_grpc.add_RelayServicer_to_server(relay, server)
@@ -121,3 +126,38 @@ async def start_server(
     # The activated socket's own mode is systemd's (SocketMode=); a private one stays ours.
     os.chmod(unix_path, 0o660 if unix_path == settings.socket_path else 0o600)
     return server, addresses
+
+
+async def start_framed_relay(
+    settings: Settings,
+    authority: CertificateAuthority,
+    opener: SessionOpener,
+    *,
+    audit: AuditLog,
+    streams: StreamBudget,
+    activated: socket.socket | None = None,
+) -> tuple[FramedRelay, list[str]]:
+    """The framed relay (api/frames.py) next to the gRPC socket, and on `relay_tcp_address`.
+
+    With socket activation, systemd's socket for the relay path is served instead of binding.
+    """
+    key_path, cert_path = server_certificate(settings, authority)
+    relay = FramedRelay(
+        opener,
+        authority,
+        audit,
+        streams,
+        server_context(cert_path, key_path, authority.ca_pem),
+        max_message_bytes=settings.max_message_bytes,
+        drain_seconds=settings.session_drain_seconds,
+    )
+    unix_path = None
+    if activated is None:
+        unix_path = relay_socket_path(settings.socket_path)
+        prepare_socket_path(unix_path)
+    try:
+        addresses = await relay.start(unix_path, settings.relay_tcp_address, activated)
+    except OSError as exc:
+        await relay.stop()
+        raise ListenerError(f"cannot serve the framed relay: {exc}") from None
+    return relay, addresses

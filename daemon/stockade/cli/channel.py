@@ -1,17 +1,10 @@
-"""How the CLI reaches the daemon (always mTLS), and how failures become one-line errors.
-
-Credentials: `--cert/--key/--ca` if given; else the first folder holding client.crt,
-client.key and ca.crt among two places, in an order that depends on the command:
-`stockade connect` (a host) looks in `$XDG_CONFIG_HOME/stockade` first, where a host's
-certificate is written; the operator's commands look first in the daemon owner's admin
-folder in the state dir, so that a host certificate in the same account never shadows it.
-"""
+"""How the CLI reaches the daemon over gRPC (always mTLS), and how failures become one-line
+errors. Where credentials are found: `cli/locate.py`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +15,10 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from stockade import exitcodes
+from stockade.cli.errors import CliError as CliError
+from stockade.cli.locate import credential_args as credential_args
+from stockade.cli.locate import credential_folder, no_credentials_message
+from stockade.cli.locate import user_config_dir as user_config_dir
 from stockade.config import SettingsError, load_settings
 from stockade.pki import SERVER_NAME
 from stockade.v1 import control_pb2_grpc
@@ -29,16 +26,7 @@ from stockade.v1 import control_pb2_grpc
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     from stockade.v1.control_pb2_grpc import ControlAsyncStub
 
-CREDENTIAL_FILES = ("client.crt", "client.key", "ca.crt")
 T = TypeVar("T")
-
-
-class CliError(Exception):
-    """A failure to report as one line, with the exit code to use."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -71,23 +59,6 @@ class Connection:
         )
 
 
-def credential_args(folder: Path) -> list[str]:
-    """`--cert/--key/--ca` for the credentials in `folder` (as `cert issue --out` writes them)."""
-    return [
-        "--cert",
-        str(folder / "client.crt"),
-        "--key",
-        str(folder / "client.key"),
-        "--ca",
-        str(folder / "ca.crt"),
-    ]
-
-
-def user_config_dir() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "stockade"
-
-
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("connection (mTLS)")
     group.add_argument("--socket", help="the daemon's Unix socket (default: from settings)")
@@ -111,17 +82,7 @@ def connection(args: argparse.Namespace, as_host: bool = False) -> Connection:
         raise CliError(str(exc), exitcodes.CONFIG) from None
     socket_path = Path(args.socket) if args.socket else settings.socket_path
     target = args.address or f"unix:{socket_path}"
-    places = [user_config_dir(), settings.state_dir / "pki" / "admin"]
-    if not as_host:
-        places.reverse()
-    folder = next(
-        (
-            candidate
-            for candidate in places
-            if all(os.access(candidate / name, os.R_OK) for name in CREDENTIAL_FILES)
-        ),
-        None,
-    )
+    folder = credential_folder(settings.state_dir, as_host)
     cert = args.cert or (folder / "client.crt" if folder else None)
     key = args.key or (folder / "client.key" if folder else None)
     ca = args.ca or (folder / "ca.crt" if folder else None)
@@ -131,11 +92,7 @@ def connection(args: argparse.Namespace, as_host: bool = False) -> Connection:
                 f"the daemon does not answer on {target}; start it with `stockaded`",
                 exitcodes.UNREACHABLE,
             )
-        raise CliError(
-            f"no client certificate found in {user_config_dir()}; ask an admin for one "
-            "(`stockade cert issue --identity NAME`) or pass --cert/--key/--ca",
-            exitcodes.REFUSED,
-        )
+        raise CliError(no_credentials_message(), exitcodes.REFUSED)
     return Connection(target, cert, key, ca, settings.max_message_bytes)
 
 

@@ -71,3 +71,11 @@ def peer_from_pem(pem: bytes) -> PeerCertificate:
     if len(uris) != 1:
         raise IdentityError("the certificate must carry exactly one identity URI")
     return PeerCertificate(Identity.parse(uris[0]), certificate.serial_number)
+
+
+def subject_of(pem: bytes) -> str | None:
+    """A certificate's subject (RFC 4514), for records of refused callers; None if unreadable."""
+    try:
+        return x509.load_pem_x509_certificate(pem).subject.rfc4514_string()
+    except ValueError:
+        return None

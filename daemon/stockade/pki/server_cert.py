@@ -16,7 +16,7 @@ from stockade.pki.authority import CertificateAuthority
 def server_certificate(settings: Settings, authority: CertificateAuthority) -> tuple[Path, Path]:
     """(key, certificate) of the daemon, naming every host it listens on (gRPC and HTTP)."""
     names, ips = list(settings.tls_names), []
-    for address in (settings.tcp_address, settings.http_address):
+    for address in (settings.tcp_address, settings.relay_tcp_address, settings.http_address):
         if address:
             names.append(address.rsplit(":", 1)[0].strip("[]"))
     for name in list(names):

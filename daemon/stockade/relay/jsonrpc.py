@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,29 +31,65 @@ from typing import Any
 from stockade.logs import get_logger
 from stockade.wire import strict_json
 from stockade.wire.lines import HEAD_BYTES, OversizedLine
+
+# The codes and id helpers live in the light `wire.rpc` (the bridge uses them); re-exported.
+from stockade.wire.rpc import (
+    AUDIT_UNAVAILABLE as AUDIT_UNAVAILABLE,
+)
+from stockade.wire.rpc import (
+    DAEMON_GONE as DAEMON_GONE,
+)
+from stockade.wire.rpc import (
+    HEADER_MISMATCH as HEADER_MISMATCH,
+)
+from stockade.wire.rpc import (
+    INVALID_REQUEST as INVALID_REQUEST,
+)
+from stockade.wire.rpc import (
+    MAX_ID as MAX_ID,
+)
+from stockade.wire.rpc import (
+    MESSAGE_TOO_LARGE as MESSAGE_TOO_LARGE,
+)
+from stockade.wire.rpc import (
+    METHOD_NOT_FOUND as METHOD_NOT_FOUND,
+)
+from stockade.wire.rpc import (
+    PARSE_ERROR as PARSE_ERROR,
+)
+from stockade.wire.rpc import (
+    POLICY_DENIED as POLICY_DENIED,
+)
+from stockade.wire.rpc import (
+    RATE_LIMITED as RATE_LIMITED,
+)
+from stockade.wire.rpc import (
+    REQUEST_TIMEOUT as REQUEST_TIMEOUT,
+)
+from stockade.wire.rpc import (
+    SECRET_WITHHELD as SECRET_WITHHELD,
+)
+from stockade.wire.rpc import (
+    SERVER_EXITED as SERVER_EXITED,
+)
+from stockade.wire.rpc import (
+    SERVER_UNAVAILABLE as SERVER_UNAVAILABLE,
+)
+from stockade.wire.rpc import (
+    error_response as error_response,
+)
+from stockade.wire.rpc import (
+    id_from_head as id_from_head,
+)
+from stockade.wire.rpc import (
+    id_key as id_key,
+)
+from stockade.wire.rpc import (
+    valid_id as valid_id,
+)
 from stockade.wire.strict_json import StrictJSONError
 
 log = get_logger("stockade.relay")
-# `"id": 12` or `"id": "abc"` near the start of a message (the usual place for it).
-_HEAD_ID = re.compile(rb'"id"\s*:\s*(-?[0-9]{1,16}|"(?:[^"\\\x00-\x1f]|\\.){0,256}")')
-
-# Standard JSON-RPC codes.
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-# Stockade's own codes (documented in the README): server-side errors, -32000 to -32099,
-# clear of the codes MCP itself defines there (-32001, -32020 to -32022, -32042).
-SERVER_EXITED = -32000  # the sandboxed server ended while the request was pending
-SERVER_UNAVAILABLE = -32002  # the server is restarting or could not be started
-MESSAGE_TOO_LARGE = -32003  # over the configured size limit
-DAEMON_GONE = -32004  # (from `stockade connect`) the daemon went away with the request pending
-POLICY_DENIED = -32010  # refused by the access policy; never forwarded
-RATE_LIMITED = -32011  # a rate limit of the policy is reached; data.retry_after_seconds
-AUDIT_UNAVAILABLE = -32030  # the audit log cannot be written: nothing is relayed until it can
-SECRET_WITHHELD = -32031  # the server's answer held a granted secret that could not be redacted
-# MCP's own codes that the HTTP front answers with.
-REQUEST_TIMEOUT = -32001  # no answer from the server in time
-HEADER_MISMATCH = -32020  # 2026-07-28: MCP-Protocol-Version / Mcp-Method / Mcp-Name disagree
 
 
 Redact = Callable[[bytes], bytes]  # granted secrets replaced (an instance's redaction)
@@ -90,40 +125,12 @@ class Message:
         return id_key(self.id)
 
 
-def id_key(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
-
-
 ENVELOPE = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
 # Members the guard reads, in params and in results (list answers, capabilities): a look-alike
 # spelling (case, invisible characters) that another parser could take for one of them is
 # refused, even alone, or the guard would decide on (or filter) something else than is read.
 POLICY_PARAMS = frozenset({"name", "uri", "arguments", "_meta"})
 POLICY_RESULTS = frozenset({"tools", "prompts", "resources", "resourceTemplates", "capabilities"})
-MAX_ID = 2**53 - 1  # ids beyond this are not exact in JavaScript (and many other) hosts
-
-
-def valid_id(value: Any) -> bool:
-    """A JSON-RPC id Stockade relays: a string, or an integer within +-(2^53 - 1)."""
-    if isinstance(value, str):
-        return True
-    return isinstance(value, int) and not isinstance(value, bool) and -MAX_ID <= value <= MAX_ID
-
-
-def id_from_head(head: bytes) -> Any:
-    """The id of a message too large to parse, read from its first bytes; None if unsure.
-
-    Only to address an error to the request it belongs to: a peer that lies here can only
-    make its own request fail early.
-    """
-    found = _HEAD_ID.search(head)
-    if found is None:
-        return None
-    try:
-        value = json.loads(found.group(1))
-    except ValueError:
-        return None
-    return value if valid_id(value) else None
 
 
 def too_large(size: int, max_bytes: int, head: bytes) -> InvalidMessage:
@@ -332,15 +339,6 @@ def log_unowed_answer(server: str, request_id: Any) -> None:
     _dropped.warn(
         "dropped a server answer to no pending request", server=server, id=str(request_id)[:64]
     )
-
-
-def error_response(request_id: Any, code: int, message: str, data: Any = None) -> bytes:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if data is not None:
-        error["data"] = data
-    return json.dumps(
-        {"jsonrpc": "2.0", "id": request_id, "error": error}, separators=(",", ":")
-    ).encode()
 
 
 class _DropLog:

@@ -7,24 +7,33 @@ the peer sends, so an over-long line is dropped and reported in-band (`Oversized
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 HEAD_BYTES = 512  # what is kept of a dropped line: enough to read the id of a message
 
 
-@dataclass(frozen=True)
 class OversizedLine:
     """Marks where a line longer than the limit was dropped; `seen` is how much of it arrived.
 
     `head` is its first HEAD_BYTES, so that the request it answers (or asks) can still get
-    an error at once instead of waiting for nothing.
+    an error at once instead of waiting for nothing. Equal when `seen` is (the head aside).
+    A plain class, not a dataclass: the bridge imports this and must start fast.
     """
 
-    seen: int
-    head: bytes = field(default=b"", compare=False)
+    __slots__ = ("head", "seen")
+
+    def __init__(self, seen: int, head: bytes = b"") -> None:
+        self.seen = seen
+        self.head = head
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, OversizedLine) and other.seen == self.seen
+
+    def __hash__(self) -> int:
+        return hash(("OversizedLine", self.seen))
+
+    def __repr__(self) -> str:
+        return f"OversizedLine(seen={self.seen})"
 
 
-@dataclass
 class LineSplitter:
     """Split a byte stream on b"\\n", holding at most `max_line_bytes` of any one line.
 
@@ -33,10 +42,11 @@ class LineSplitter:
     memory stays bounded whatever the peer sends. Blank lines are skipped.
     """
 
-    max_line_bytes: int
-    _buffer: bytearray = field(default_factory=bytearray)
-    _discarded: int = 0  # > 0 while dropping the rest of an oversized line
-    _head: bytes = b""
+    def __init__(self, max_line_bytes: int) -> None:
+        self.max_line_bytes = max_line_bytes
+        self._buffer = bytearray()
+        self._discarded = 0  # > 0 while dropping the rest of an oversized line
+        self._head = b""
 
     def feed(self, data: bytes) -> list[bytes | OversizedLine]:
         out: list[bytes | OversizedLine] = []
