@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from stockade.paths import relay_socket_path
 from stockade.pki.authority import CertificateAuthority, write_credentials
 from stockade.pki.identity import Identity
+from stockade.state_seal import StateSeal
 from stockade.wire import frames
 from tests.daemon_helper import BIN, Daemon, free_port, running_daemon, wait_until
 
@@ -149,7 +151,9 @@ def test_a_handshake_without_a_certificate_is_refused_and_audited(daemon: Daemon
 def test_a_certificate_from_another_ca_is_refused_and_audited(
     daemon: Daemon, tmp_path: Path
 ) -> None:
-    other = CertificateAuthority.load_or_create(tmp_path / "other-ca")
+    other = CertificateAuthority.load_or_create(
+        tmp_path / "other-ca", StateSeal(Ed25519PrivateKey.generate())
+    )
     folder = tmp_path / "stranger"
     write_credentials(folder, other.issue_client(Identity.make("host", "stranger")))
     before = len(refusals(daemon, "unable to get local issuer certificate"))

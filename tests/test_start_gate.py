@@ -4,6 +4,8 @@ served, sessions before pool refills, and a host that has to wait is told so."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +125,38 @@ def test_hosts_beyond_the_pool_are_told_they_wait_and_all_are_served(tmp_path: P
     # One slot: the first host starts at once, the two others wait (each told once).
     assert len(notices) == 2
     assert sorted(m["params"]["data"].split("; ")[1][0] for m in notices) == ["0", "1"]
+
+
+@pytest.mark.docker
+@pytest.mark.usefixtures("images")
+def test_bridges_beyond_the_pool_print_the_notice_and_are_served(tmp_path: Path) -> None:
+    """The same through `stockade connect` (the framed relay): the notice arrives before
+    the session is open, and the bridge passes it on as a line instead of failing."""
+    with running_daemon(
+        tmp_path, STOCKADE_MAX_CONCURRENT_STARTS="1", STOCKADE_START_SETTLE_SECONDS="30"
+    ) as daemon:
+        daemon.add_scratch_server("scratch", "--warm", "0")
+        lines = (
+            json.dumps({"jsonrpc": "2.0", "id": 1, "method": "scratch/echo", "params": {"n": 1}})
+            + "\n"
+        )
+        bridges = [
+            subprocess.Popen(
+                [*daemon.bridge("scratch", daemon.admin_credentials), "--drain", "60"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=daemon.env,
+                text=True,
+            )
+            for _ in range(3)
+        ]
+        outputs = [bridge.communicate(lines, timeout=120) for bridge in bridges]
+    codes = [bridge.returncode for bridge in bridges]
+    assert codes == [0, 0, 0], outputs
+    printed = [[json.loads(line) for line in out.splitlines()] for out, _ in outputs]
+    answers = [m for messages in printed for m in messages if m.get("id") == 1]
+    assert [a["result"]["echo"] for a in answers] == [{"n": 1}] * 3
+    notices = [m for messages in printed for m in messages if m.get("method")]
+    assert len(notices) == 2
+    assert all("waiting for a sandbox" in m["params"]["data"] for m in notices)

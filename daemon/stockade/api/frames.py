@@ -18,8 +18,10 @@ Fail closed, as the gRPC listener:
   minute with a count (`relay/digest.py`): a flood of bad handshakes cannot grow the audit
   log at its own rate. Reasons come from OpenSSL's fixed vocabulary or name a certificate
   this CA issued, so the keys are bounded too.
-- Bounded: connections still handshaking or not yet opened (`PENDING_LIMIT`, each with a
-  deadline: `HANDSHAKE_SECONDS`, then `OPEN_SECONDS` for the `open` frame); open streams
+- Bounded: connections still handshaking or not yet opened (`PENDING_LIMIT` per socket
+  kind, at most `PENDING_PER_ADDRESS` from one IP address; when full, the oldest is let go
+  if it has idled over `IDLE_SECONDS`, so idle connections cannot lock hosts out; each with
+  a deadline: `HANDSHAKE_SECONDS`, then `OPEN_SECONDS` for `open`); open streams
   share `max_relay_streams` with gRPC (`api/streams.py`); a frame over the limit is refused
   from its header, with an `error` frame, and ends that stream only.
 """
@@ -31,6 +33,7 @@ import contextlib
 import os
 import socket
 import ssl
+import struct
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -52,7 +55,10 @@ log = get_logger("stockade.frames")
 
 HANDSHAKE_SECONDS = 10.0  # a TLS handshake not done by then is dropped (slowloris)
 OPEN_SECONDS = 10.0  # after it, the `open` frame must arrive within this
-PENDING_LIMIT = 64  # connections handshaking or not yet opened, at once
+PENDING_LIMIT = 128  # connections handshaking or not yet opened, at once, per socket kind
+PENDING_PER_ADDRESS = 16  # of which from one IP address (TCP; a Unix socket's peers are one
+# user id often, a host's many bridges: there the oldest idle ones are let go instead)
+IDLE_SECONDS = 1.0  # a pending connection this old when the places are full is let go
 READ_BUFFER = 256 * 1024  # per connection, beyond the frame being read
 TRANSPORT = "frames"
 
@@ -127,7 +133,12 @@ class FramedRelay:
         self._max = max_message_bytes
         self._drain_seconds = drain_seconds
         self._refusals = Digest()
-        self._pending = 0
+        # Connections not yet opened, oldest first, per socket kind ("unix", "tcp"), and
+        # how many each source holds: one source cannot take every place, and when the
+        # places are full the oldest is let go, so a flood of idle connections cannot keep
+        # a host that completes its handshake out.
+        self._pending: dict[str, list[tuple[float, asyncio.Task[Any]]]] = {"unix": [], "tcp": []}
+        self._pending_by_source: dict[str, int] = {}
         self._servers: list[asyncio.Server] = []
         self._connections: set[asyncio.Task[Any]] = set()
         self._unix_paths: list[Path] = []
@@ -186,7 +197,10 @@ class FramedRelay:
         except (ConnectionError, OSError, ssl.SSLError) as exc:
             log.debug("a relay connection broke", error=str(exc))
         except asyncio.CancelledError:
-            pass  # the daemon is stopping (`stop`); the session was closed on the way out
+            pass  # stopping, or let go for a newer connection; a session closed on the way
+        except Exception as exc:
+            if self._refusals.due(("frames-fault", type(exc).__name__)) is not None:
+                log.warning("a relay connection failed", error=type(exc).__name__)
         finally:
             if task is not None:
                 self._connections.discard(task)
@@ -224,11 +238,29 @@ class FramedRelay:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, PeerCertificate, str, str] | None:
         """Handshake, authenticate, read `open`; None if refused (said, and audited)."""
         where = _peer(transport)
-        if self._pending >= PENDING_LIMIT:
-            if self._refusals.due(("frames-busy",)) is not None:
-                log.warning("relay connections refused: too many not yet opened")
+        kind, source = _source(transport)
+        if kind == "tcp" and self._pending_by_source.get(source, 0) >= PENDING_PER_ADDRESS:
+            await self._deny(
+                f"more than {PENDING_PER_ADDRESS} connections from one address not yet opened",
+                where,
+            )
             return None
-        self._pending += 1
+        waiting = self._pending[kind]
+        now = asyncio.get_running_loop().time()
+        if len(waiting) >= PENDING_LIMIT:
+            began, oldest = waiting[0]
+            if now - began < IDLE_SECONDS:  # a burst of live handshakes: this one waits not
+                await self._deny("too many connections not yet opened", where)
+                return None
+            waiting.pop(0)
+            oldest.cancel()  # idle (a handshake is done in milliseconds): let go for this one
+            if self._refusals.due(("frames-busy", kind)) is not None:
+                log.warning("idle relay connections let go: too many not yet opened")
+        task = asyncio.current_task()
+        assert task is not None  # noqa: S101 - a connection's handler runs as a task
+        entry = (now, task)
+        waiting.append(entry)
+        self._pending_by_source[source] = self._pending_by_source.get(source, 0) + 1
         try:
             try:
                 reader, writer = await self._tls(transport)
@@ -250,7 +282,13 @@ class FramedRelay:
             server = await self._read_open(reader, host)
             return None if server is None else (reader, writer, peer, server, where)
         finally:
-            self._pending -= 1
+            if entry in waiting:
+                waiting.remove(entry)
+            left = self._pending_by_source[source] - 1
+            if left:
+                self._pending_by_source[source] = left
+            else:
+                del self._pending_by_source[source]
 
     async def _read_open(self, reader: asyncio.StreamReader, host: _HostFrames) -> str | None:
         """The server the first frame opens; an error frame and None if it is not `open`."""
@@ -419,6 +457,19 @@ async def _linger(reader: asyncio.StreamReader) -> None:
     connection and lose the error frame. Bounded: 64 KiB or half a second."""
     with contextlib.suppress(TimeoutError, ConnectionError, OSError, ssl.SSLError):
         await asyncio.wait_for(reader.read(64 * 1024), 0.5)
+
+
+def _source(transport: asyncio.BaseTransport) -> tuple[str, str]:
+    """(socket kind, who): the peer's user id on a Unix socket, its address over TCP."""
+    name = transport.get_extra_info("peername")
+    if isinstance(name, tuple) and len(name) >= 2:
+        return "tcp", f"ip:{name[0]}"
+    sock = transport.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return "unix", f"uid:{struct.unpack('3i', creds)[1]}"
+    except (AttributeError, OSError):
+        return "unix", "uid:?"
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:

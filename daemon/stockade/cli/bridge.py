@@ -84,7 +84,7 @@ def _lenient(raw: bytes) -> Any:
     """A quick read of a line's id and method (the daemon parses strictly)."""
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # the daemon refuses it; the bridge only peeks
         return None
 
 
@@ -262,10 +262,15 @@ class FramedBridge:
     def open(self, server: str) -> int:
         """Ask for the session; the daemon's message limit once it is open."""
         self._tls.sendall(frames.control(frames.OPEN, server=server, options={}))
-        kind, length = frames.check_header(
-            self._read_exactly(frames.HEADER.size), frames.CONTROL_LIMIT
-        )
-        frame = frames.Frame(kind, self._read_exactly(length) if length else b"")
+        while True:
+            kind, length = frames.check_header(
+                self._read_exactly(frames.HEADER.size), frames.CONTROL_LIMIT
+            )
+            frame = frames.Frame(kind, self._read_exactly(length) if length else b"")
+            if frame.kind != frames.MESSAGE:
+                break
+            # Said before the session opens: e.g. that it waits for a sandbox to start.
+            self._frame(frame)
         fields = frame.fields()
         if frame.kind == frames.ERROR:
             raise _refusal(fields.get("code"), fields.get("reason"))
@@ -386,6 +391,9 @@ class FramedBridge:
 
     def _frame(self, frame: frames.Frame) -> int | None:
         if frame.kind == frames.MESSAGE:
+            if not frame.payload or b"\n" in frame.payload or b"\r" in frame.payload:
+                # stdout is one message per line: never a line the daemon did not mean
+                raise FrameError(frames.BAD_FRAME, "a message frame that is not one line")
             self._pending.received(frame.payload)
             self._stdout.line(frame.payload)
             return None

@@ -97,7 +97,7 @@ class Frame:
         """The JSON object of a control frame; `FrameError` if it is not one."""
         try:
             body = json.loads(self.payload)
-        except ValueError:
+        except (ValueError, RecursionError):  # deep nesting: C recursion, refused the same
             body = None
         if not isinstance(body, dict):
             raise FrameError(BAD_FRAME, f"the {self.name} frame is not a JSON object")
