@@ -252,3 +252,39 @@ def test_a_streamable_http_servers_messages_are_paced_too(monkeypatch: pytest.Mo
     assert asyncio.run(scenario()) == 1000
     assert sum(waits) == pytest.approx((1000 - 500) / 500, rel=0.05)
     assert len(waits) >= 1000 // YIELD_EVERY
+
+
+def test_blank_lines_and_tiny_frames_are_charged_for_the_work_they_cost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Blank lines (dropped, never yielded) and frames without a newline cost the daemon a
+    turn of the splitter each: the pace charges them, so they cannot get past it."""
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+    clock = Clock()
+
+    async def recorded(delay: float) -> None:
+        waits.append(delay)
+        clock.now += delay
+        await real_sleep(0)
+
+    monkeypatch.setattr(attached.asyncio, "sleep", recorded)
+
+    async def scenario() -> int:
+        ours, theirs = socket.socketpair()
+        stream = b"".join(_frame(1, b"\n" * 100) for _ in range(50))  # 5000 blank lines
+        stream += b"".join(_frame(2, b"x") for _ in range(1000))  # 1000 one-byte writes
+        reader, writer = await asyncio.open_connection(sock=ours)
+        stdio = AttachedStdio(reader, writer, Attachment(ours, theirs), 4096, lambda _: None)
+        stdio.pace = OutputPace(OutputLimits(lines_per_second=500, bytes_per_second=10**9), clock)
+        theirs.sendall(stream)
+        theirs.shutdown(socket.SHUT_WR)
+        count = 0
+        async for _ in stdio.lines():
+            count += 1
+        writer.close()
+        theirs.close()
+        return count
+
+    assert asyncio.run(scenario()) == 0  # nothing to forward
+    assert sum(waits) == pytest.approx((6000 - 500) / 500, rel=0.05)

@@ -25,7 +25,7 @@ from stockade.sandbox.runtime import Attachment
 from stockade.sandbox.stdio import MultiplexDecoder, Stream
 from stockade.wire.lines import LineSplitter, OversizedLine
 
-READ_CHUNK = 64 * 1024
+READ_CHUNK = 16 * 1024  # bounds the splitting done between two turns of the loop
 StderrSink = Callable[[bytes], None]
 # Applied to the stderr *stream* before it is cut into lines (the redactor: a secret may
 # span lines); `final` is True once at the end, to flush what it held back.
@@ -94,23 +94,26 @@ class AttachedStdio:
                 for line in self._stderr_lines(b"", final=True):
                     self._on_stderr(line)
                 return
-            unpaced = 0  # lines since the pace was last charged
+            # The pace is charged for the work a frame costs, not for the lines it yields:
+            # each newline in it (blank lines, which are dropped, cost a turn of the
+            # splitter too), and a frame with none as one, counted at C speed.
+            owed = 0
             for stream, payload in self._decoder.feed(data):
+                owed += max(1, payload.count(b"\n"))
+                handled = 0
                 if stream is Stream.STDOUT:
                     for out in self._stdout.feed(payload):
                         yield out
-                        unpaced += 1
-                        if unpaced >= YIELD_EVERY:
-                            await self._breathe(unpaced, 0)
-                            unpaced = 0
+                        handled += 1
+                        if handled % YIELD_EVERY == 0:
+                            await asyncio.sleep(0)  # a turn for everyone else (charged)
                 else:
                     for line in self._stderr_lines(payload, final=False):
                         self._on_stderr(line)
-                        unpaced += 1
-                        if unpaced >= YIELD_EVERY:
-                            await self._breathe(unpaced, 0)
-                            unpaced = 0
-            await self._breathe(unpaced, len(data))
+                if owed >= YIELD_EVERY:
+                    await self._breathe(owed, 0)
+                    owed = 0
+            await self._breathe(owed, len(data))
 
     async def _breathe(self, lines: int, size: int) -> None:
         """Charge the pace, then give the event loop to others: a turn, or the wait owed."""
