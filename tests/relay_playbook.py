@@ -67,8 +67,15 @@ class FakeInstance:
         self.sent.append(json.loads(raw))
 
     async def says(self, raw: bytes) -> None:
-        """The server writes one line to stdout."""
+        """The server writes one line to stdout (what it causes has been delivered on return)."""
         await self._sink(raw)
+        await settle()
+
+
+async def settle() -> None:
+    """A few turns of the loop: queued deliveries (a shared host's outbox) are done."""
+    for _ in range(5):
+        await asyncio.sleep(0)
 
 
 class Host:

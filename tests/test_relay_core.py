@@ -28,6 +28,7 @@ from tests.relay_playbook import (
     notification,
     request,
     result,
+    settle,
 )
 
 POLICY = f"""\
@@ -177,8 +178,21 @@ def test_a_caller_chosen_name_is_cut_in_records(tmp_path: Path) -> None:
 # -- a shared instance, two hosts ------------------------------------------------------
 
 
+class SettledRouter(SharedRouter):
+    """A shared router whose calls return once each host's queue has had its turn: each
+    host of a shared instance is written to by its own task (`relay/outbox.py`)."""
+
+    async def from_host(self, session: Any, raw: bytes) -> None:
+        await super().from_host(session, raw)
+        await settle()
+
+    async def expire(self, session: Any, timeout: float) -> None:
+        await super().expire(session, timeout)
+        await settle()
+
+
 def shared(book: Playbook) -> tuple[SharedRouter, FakeInstance, Any, Host, Any, Host]:
-    router, server = SharedRouter("srv", 1 << 20), FakeInstance()
+    router, server = SettledRouter("srv", 1 << 20), FakeInstance()
     router.adopt(server, {"protocolVersion": "2025-06-18", "capabilities": {}})  # type: ignore[arg-type]
     host_a, host_b = Host(), Host()
     seat_a = router.join("sa", host_a, book.guard(A, session="sa"))
@@ -422,5 +436,35 @@ def test_completions_are_decided_as_using_the_prompt_or_resource(tmp_path: Path)
         assert server.sent == []
         assert host.answer(1)["error"]["code"] == jsonrpc.POLICY_DENIED
         assert host.answer(2)["error"]["code"] == jsonrpc.POLICY_DENIED
+
+    play(tmp_path, scenario)
+
+
+def test_a_host_that_never_reads_holds_back_no_other_host_of_a_shared_server(
+    tmp_path: Path,
+) -> None:
+    """Red-team finding: the shared instance's one reader awaited each host's transport,
+    so one host that stopped reading stalled every other host's answers."""
+
+    class Stuck(Host):
+        async def __call__(self, raw: bytes) -> None:
+            await asyncio.Event().wait()  # the host never reads: the write never completes
+
+    async def scenario(book: Playbook) -> None:
+        router, server = SettledRouter("srv", 1 << 10), FakeInstance()
+        router.adopt(server, {"protocolVersion": "2025-06-18", "capabilities": {}})  # type: ignore[arg-type]
+        stuck, host_b = Stuck(), Host()
+        seat_a = router.join("sa", stuck, book.guard(A, session="sa"))
+        seat_b = router.join("sb", host_b, book.guard(B, session="sb"))
+        for n in range(10):
+            await router.from_host(seat_a, request(n, "tools/call", name="echo"))
+        await router.from_host(seat_b, request(1, "tools/call", name="echo"))
+        for sent in server.sent[:10]:  # answers for the stuck host: 500 bytes each
+            await server.says(result(sent["id"], "x" * 500))
+        await server.says(result(server.sent[10]["id"], "for b"))
+        assert host_b.answer(1)["result"] == "for b"
+        assert seat_a.outbox is not None and seat_a.outbox.dropped >= 7  # bounded: 2 KiB
+        router.leave(seat_a)
+        router.leave(seat_b)
 
     play(tmp_path, scenario)

@@ -44,6 +44,7 @@ from stockade.relay import jsonrpc
 from stockade.relay.flow import DEFAULT_NOTIFICATIONS_PER_SECOND, NotificationValve
 from stockade.relay.guard import PolicyGuard
 from stockade.relay.jsonrpc import InvalidMessage, Kind, Message
+from stockade.relay.outbox import Outbox
 from stockade.relay.session import ToHost
 from stockade.sandbox.instance import ExitReport, Instance
 from stockade.secrets.redact import Redactor
@@ -58,6 +59,9 @@ MAX_TOKEN_CHARS = 256
 MAX_SUBSCRIPTIONS = 256
 MAX_URI_CHARS = 2048
 HANDSHAKE_TIMEOUT = 60.0
+# What may wait for one host of a shared server, in messages of the largest size: past it,
+# a host that does not read loses what comes next, and nobody else waits for it.
+OUTBOX_MESSAGES = 2
 
 
 class HandshakeFailed(Exception):
@@ -73,6 +77,7 @@ class SharedSession:
     outstanding: dict[str, str] = field(default_factory=dict)
     subscriptions: set[str] = field(default_factory=set)  # resource URIs it subscribed to
     active_at: float = 0.0  # when a request of it last started or ended (for attribution)
+    outbox: Outbox | None = None  # what goes to this host, queued for it alone
 
 
 class SharedRouter:
@@ -163,17 +168,24 @@ class SharedRouter:
     # -- sessions --------------------------------------------------------------------
 
     def join(self, session_id: str, to_host: ToHost, guard: PolicyGuard) -> SharedSession:
-        session = SharedSession(session_id, to_host, guard)
+        # The instance's one reader never waits for one host: each has its own queue.
+        outbox = Outbox(session_id, to_host, OUTBOX_MESSAGES * self._max)
+        session = SharedSession(session_id, outbox.put, guard, outbox=outbox)
         self._sessions.add(session)
         return session
 
     async def drain(self, session: SharedSession, timeout: float) -> None:
         """After a host's last message: wait (bounded) for the answers it is owed."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while session.outstanding and asyncio.get_running_loop().time() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while session.outstanding and loop.time() < deadline:
             await asyncio.sleep(0.01)
+        if session.outbox is not None:
+            await session.outbox.flushed(max(0.0, deadline - loop.time()))
 
     def leave(self, session: SharedSession) -> None:
+        if session.outbox is not None:
+            session.outbox.close()
         self._sessions.discard(session)
         for key in [k for k, (owner, *_) in self._routes.items() if owner is session]:
             self._end_route(key)
