@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from stockade.supervisor.start_gate import StartGate
+from stockade.wire import frames
 from tests.daemon_helper import HostSession, running_daemon
+from tests.test_frames import Raw
 
 
 def test_the_gate_serves_sessions_first_in_arrival_order_and_bounds_starts() -> None:
@@ -160,3 +162,33 @@ def test_bridges_beyond_the_pool_print_the_notice_and_are_served(tmp_path: Path)
     notices = [m for messages in printed for m in messages if m.get("method")]
     assert len(notices) == 2
     assert all("waiting for a sandbox" in m["params"]["data"] for m in notices)
+
+
+@pytest.mark.docker
+@pytest.mark.usefixtures("images")
+def test_opens_abandoned_while_waiting_start_no_sandbox(tmp_path: Path) -> None:
+    """Red-team finding: hosts that send `open` and leave at once each had a sandbox
+    started later, for nobody, holding start places others waited for."""
+    with running_daemon(
+        tmp_path, STOCKADE_MAX_CONCURRENT_STARTS="1", STOCKADE_START_SETTLE_SECONDS="3"
+    ) as daemon:
+        daemon.add_scratch_server("scratch", "--warm", "0")
+
+        async def scenario() -> None:
+            holder = await Raw.connect(daemon, daemon.admin_credentials)
+            await holder.open()  # holds the one place until its settle time (3 s)
+            for _ in range(5):
+                leaver = await Raw.connect(daemon, daemon.admin_credentials)
+                await leaver.send(frames.control(frames.OPEN, server="scratch", options={}))
+                await leaver.close()
+            await asyncio.sleep(6)  # past the settle time: the place is free again
+            await holder.close()
+
+        asyncio.run(scenario())
+        records = [
+            json.loads(line)
+            for path in (daemon.state_dir / "audit").glob("audit-*.jsonl")
+            for line in path.read_text().splitlines()
+        ]
+    assert len([r for r in records if r["type"] == "container.start"]) == 1
+    assert daemon.log_path.read_text().count("host left before its session opened") == 5

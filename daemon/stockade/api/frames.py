@@ -353,8 +353,8 @@ class FramedRelay:
             return
         try:
             with log_context(identity=peer.identity.uri):
-                try:
-                    session = await self._opener.open(
+                opening = asyncio.ensure_future(
+                    self._opener.open(
                         server,
                         peer.identity.uri,
                         host.message,
@@ -362,8 +362,14 @@ class FramedRelay:
                         peer=where,
                         credential=f"cert:{peer.serial}",
                     )
+                )
+                try:
+                    session = await _unless_gone(opening, reader)
                 except OpenRefused as exc:
                     await host.error(ERROR_CODES[exc.refusal], str(exc))
+                    return
+                except HostGone:
+                    log.info("host left before its session opened; not opened")
                     return
                 # A revocation while the session was being opened found nothing to end.
                 if peer.serial in self._authority.revoked and not session.revoked.done():
@@ -450,6 +456,34 @@ class _Accepted(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)  # noqa: S101 - a stream server's
         transport.pause_reading()
         self._task = asyncio.get_running_loop().create_task(self._handle(transport))
+
+
+class HostGone(Exception):
+    """The host closed its connection while its session was being opened."""
+
+
+GONE_POLL_SECONDS = 0.25
+
+
+async def _unless_gone(
+    opening: asyncio.Future[HostSession], reader: asyncio.StreamReader
+) -> HostSession:
+    """The session `opening` makes, unless the host leaves first: then the open is
+    cancelled (a host that opens and leaves at once does not make a sandbox start, nor
+    hold a place at the start gate, for nobody). A host sends nothing before `opened`, so
+    the end of its stream is all there is to see."""
+    while True:
+        done, _ = await asyncio.wait({opening}, timeout=GONE_POLL_SECONDS)
+        if done:
+            return opening.result()
+        if reader.at_eof() or reader.exception() is not None:
+            opening.cancel()
+            try:
+                session = await opening
+            except (asyncio.CancelledError, Exception):
+                raise HostGone from None  # cancelled in time, or it failed anyway
+            await session.close("the host left before its session opened")  # just made it
+            raise HostGone
 
 
 async def _linger(reader: asyncio.StreamReader) -> None:
