@@ -217,7 +217,7 @@ class FramedRelay:
         """The TLS handshake on an accepted connection, as asyncio streams."""
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=READ_BUFFER)
-        protocol = asyncio.StreamReaderProtocol(reader)
+        protocol = _TlsStreamProtocol(reader)
         secure = await asyncio.wait_for(
             loop.start_tls(
                 transport,
@@ -456,6 +456,15 @@ class _Accepted(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)  # noqa: S101 - a stream server's
         transport.pause_reading()
         self._task = asyncio.get_running_loop().create_task(self._handle(transport))
+
+
+class _TlsStreamProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol, without asking to keep a half-closed TLS stream open
+    (asyncio's TLS cannot, and logs a warning for every session ended by the host)."""
+
+    def eof_received(self) -> bool:
+        super().eof_received()
+        return False
 
 
 class HostGone(Exception):
