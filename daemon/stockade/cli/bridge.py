@@ -350,13 +350,7 @@ class FramedBridge:
             return False
         for line in splitter.feed(chunk):
             if isinstance(line, OversizedLine):
-                self._stdout.line(
-                    rpc.error_response(
-                        rpc.id_from_head(line.head),
-                        rpc.MESSAGE_TOO_LARGE,
-                        f"message of {line.seen} bytes is over the {limit}-byte limit",
-                    )
-                )
+                self._stdout.line(rpc.line_too_large(line.head, line.seen, limit))
                 continue
             self._pending.sent(line)
             self._queue(frames.encode(frames.MESSAGE, line))

@@ -48,13 +48,7 @@ class _Bridge:
             while chunk := await self._stdin.read():
                 for line in splitter.feed(chunk):
                     if isinstance(line, OversizedLine):
-                        await self._emit(
-                            rpc.error_response(
-                                rpc.id_from_head(line.head),
-                                rpc.MESSAGE_TOO_LARGE,
-                                f"message of {line.seen} bytes is over the {limit}-byte limit",
-                            )
-                        )
+                        await self._emit(rpc.line_too_large(line.head, line.seen, limit))
                         continue
                     self._pending.sent(line)
                     await call.write(relay_pb2.ClientFrame(message=line))

@@ -73,3 +73,12 @@ def error_response(request_id: Any, code: int, message: str, data: Any = None) -
     return json.dumps(
         {"jsonrpc": "2.0", "id": request_id, "error": error}, separators=(",", ":")
     ).encode()
+
+
+def line_too_large(head: bytes, seen: int, limit: int) -> bytes:
+    """What a bridge answers a host line over the limit with (never sent to the daemon)."""
+    return error_response(
+        id_from_head(head),
+        MESSAGE_TOO_LARGE,
+        f"message of {seen} bytes is over the {limit}-byte limit",
+    )
