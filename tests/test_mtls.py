@@ -162,6 +162,15 @@ def test_a_host_may_not_use_the_control_api(daemon: Daemon) -> None:
     )
     assert result.returncode == 2
     assert "spiffe://stockade.local/host/cursor (role host) may not call" in result.stderr
+    records = [
+        json.loads(line)
+        for path in (daemon.state_dir / "audit").glob("audit-*.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    refused = [r for r in records if r["type"] == "access" and r["outcome"] == "deny"]
+    assert any(  # `audit tail --identity host/cursor` finds its refusals
+        r.get("identity") == "spiffe://stockade.local/host/cursor" for r in refused
+    ), refused
 
 
 def test_an_unknown_method_is_refused_even_for_an_admin(daemon: Daemon) -> None:

@@ -132,6 +132,14 @@ def _authorize(
     return check_certificate(bytes(pems[0]) if pems else None, ca, roles, method)
 
 
+def _presented_identity(context: Context) -> str:
+    """The identity the refused caller's certificate names ("" when none can be read)."""
+    pems = list(context.auth_context().get("x509_pem_cert") or [])
+    with contextlib.suppress(IdentityError, ValueError):
+        return peer_from_pem(bytes(pems[0])).identity.uri if pems else ""
+    return ""
+
+
 @contextlib.contextmanager
 def _as_caller(peer: PeerCertificate) -> Iterator[None]:
     """The verified caller, bound for the servicer (contextvars) and the log."""
@@ -179,6 +187,7 @@ def _wrap(
                     outcome="deny",
                     action=method,
                     reason=str(exc),
+                    identity=_presented_identity(context),  # `audit tail --identity` finds it
                     peer=context.peer(),
                 )
             await context.abort(exc.code, str(exc))
