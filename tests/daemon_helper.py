@@ -77,12 +77,7 @@ class Daemon:
 
     @property
     def env(self) -> dict[str, str]:
-        # Nor the GRPC_VERBOSITY that importing stockade here set: the daemon sets its own.
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("STOCKADE_") and k != "GRPC_VERBOSITY"
-        }
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKADE_")}
         env["STOCKADE_STATE_DIR"] = str(self.state_dir)
         env["STOCKADE_SOCKET_PATH"] = str(self.socket)
         env["STOCKADE_LOG_FORMAT"] = "json"
