@@ -39,6 +39,22 @@ class Clock:
         return self.now
 
 
+def record_sleeps(monkeypatch: pytest.MonkeyPatch, module: Any) -> tuple[list[float], Clock]:
+    """`module`'s asyncio.sleep records its waits instead of sleeping them, and moves the
+    pace's clock by as much (a turn of the loop is still given)."""
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+    clock = Clock()
+
+    async def recorded(delay: float) -> None:
+        waits.append(delay)
+        clock.now += delay
+        await real_sleep(0)
+
+    monkeypatch.setattr(module.asyncio, "sleep", recorded)
+    return waits, clock
+
+
 def test_the_pace_owes_a_wait_for_lines_and_bytes_past_one_second_worth() -> None:
     clock = Clock()
     pace = OutputPace(OutputLimits(lines_per_second=100, bytes_per_second=1000), clock)
@@ -73,16 +89,7 @@ def test_reading_a_flood_waits_what_the_pace_owes_and_yields_to_others(
     """2000 stdout and 1000 stderr lines at 500 lines a second: the reader owes ~5 s of
     waits (asked of asyncio.sleep, recorded here instead of slept) and gives the loop a
     turn at least every YIELD_EVERY lines."""
-    waits: list[float] = []
-    real_sleep = asyncio.sleep
-    clock = Clock()
-
-    async def recorded(delay: float) -> None:  # the wait passes on the pace's clock only
-        waits.append(delay)
-        clock.now += delay
-        await real_sleep(0)
-
-    monkeypatch.setattr(attached.asyncio, "sleep", recorded)
+    waits, clock = record_sleeps(monkeypatch, attached)
 
     async def scenario() -> int:
         ours, theirs = socket.socketpair()
@@ -219,16 +226,7 @@ class _Engine:
 
 def test_a_streamable_http_servers_messages_are_paced_too(monkeypatch: pytest.MonkeyPatch) -> None:
     """Its messages do not come over the attach socket: they are charged to the same pace."""
-    waits: list[float] = []
-    real_sleep = asyncio.sleep
-    clock = Clock()
-
-    async def recorded(delay: float) -> None:
-        waits.append(delay)
-        clock.now += delay
-        await real_sleep(0)
-
-    monkeypatch.setattr(instance_module.asyncio, "sleep", recorded)
+    waits, clock = record_sleeps(monkeypatch, instance_module)
 
     async def scenario() -> int:
         received: list[object] = []
@@ -259,16 +257,7 @@ def test_blank_lines_and_tiny_frames_are_charged_for_the_work_they_cost(
 ) -> None:
     """Blank lines (dropped, never yielded) and frames without a newline cost the daemon a
     turn of the splitter each: the pace charges them, so they cannot get past it."""
-    waits: list[float] = []
-    real_sleep = asyncio.sleep
-    clock = Clock()
-
-    async def recorded(delay: float) -> None:
-        waits.append(delay)
-        clock.now += delay
-        await real_sleep(0)
-
-    monkeypatch.setattr(attached.asyncio, "sleep", recorded)
+    waits, clock = record_sleeps(monkeypatch, attached)
 
     async def scenario() -> int:
         ours, theirs = socket.socketpair()
