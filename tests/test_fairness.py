@@ -96,16 +96,14 @@ def test_reading_a_flood_waits_what_the_pace_owes_and_yields_to_others(
         stream = b"".join(_frame(1, b'{"jsonrpc":"2.0","method":"n"}\n') for _ in range(2000))
         stream += b"".join(_frame(2, b"chatter\n") for _ in range(1000))
         stderr: list[bytes] = []
-        reader, writer = await asyncio.open_connection(sock=ours)
-        stdio = AttachedStdio(reader, writer, Attachment(ours, theirs), 4096, stderr.append)
+        stdio = await AttachedStdio.open(Attachment(ours, theirs), 4096, stderr.append)
         stdio.pace = OutputPace(OutputLimits(lines_per_second=500, bytes_per_second=10**9), clock)
         theirs.sendall(stream)
         theirs.shutdown(socket.SHUT_WR)
         count = 0
         async for _ in stdio.lines():
             count += 1
-        writer.close()
-        theirs.close()
+        await stdio.close()
         assert len(stderr) == 1000
         return count
 
@@ -263,16 +261,14 @@ def test_blank_lines_and_tiny_frames_are_charged_for_the_work_they_cost(
         ours, theirs = socket.socketpair()
         stream = b"".join(_frame(1, b"\n" * 100) for _ in range(50))  # 5000 blank lines
         stream += b"".join(_frame(2, b"x") for _ in range(1000))  # 1000 one-byte writes
-        reader, writer = await asyncio.open_connection(sock=ours)
-        stdio = AttachedStdio(reader, writer, Attachment(ours, theirs), 4096, lambda _: None)
+        stdio = await AttachedStdio.open(Attachment(ours, theirs), 4096, lambda _: None)
         stdio.pace = OutputPace(OutputLimits(lines_per_second=500, bytes_per_second=10**9), clock)
         theirs.sendall(stream)
         theirs.shutdown(socket.SHUT_WR)
         count = 0
         async for _ in stdio.lines():
             count += 1
-        writer.close()
-        theirs.close()
+        await stdio.close()
         return count
 
     assert asyncio.run(scenario()) == 0  # nothing to forward

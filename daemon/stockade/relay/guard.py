@@ -81,12 +81,15 @@ def _completion_target(message: Message) -> tuple[str, str | None] | None:
     return ("prompts/get", name if isinstance(name, str) else None)
 
 
+# json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False), made once.
+_DIGEST_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def arguments_digest(arguments: dict[str, Any]) -> str | None:
     """SHA-256 of the canonical JSON arguments: proves what was sent, shows nothing."""
     if not arguments:
         return None
-    text = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(_DIGEST_ENCODER.encode(arguments).encode()).hexdigest()
 
 
 class PolicyGuard:
@@ -110,6 +113,15 @@ class PolicyGuard:
         self._audit = audit
         self._where = {"server": server, "identity": identity, "session": session}
         self.instance = instance
+        # Metric series of this server, looked up once (a labels() lookup takes a lock).
+        self._counted: dict[str, Any] = {}
+        self._latency: Any = None
+
+    def _count(self, outcome: str) -> None:
+        series = self._counted.get(outcome)
+        if series is None:
+            series = self._counted[outcome] = REQUESTS.labels(self.server, outcome)
+        series.inc()
 
     async def _record(self, event: str, *, durable: bool, **fields: Any) -> None:
         await self._audit.record(
@@ -169,12 +181,12 @@ class PolicyGuard:
         }
         if decision.allowed:
             refusal = self._rate_limit(message, request)
-            REQUESTS.labels(self.server, "allow" if refusal is None else "deny").inc()
+            self._count("allow" if refusal is None else "deny")
             if refusal is not None:
                 return await self._denied(message, fields, "rate limit reached", refusal)
             await self._record("request", durable=False, outcome="allow", **fields)
             return None
-        REQUESTS.labels(self.server, "deny").inc()
+        self._count("deny")
         error = jsonrpc.error_response(
             message.id,
             jsonrpc.POLICY_DENIED,
@@ -376,7 +388,9 @@ class PolicyGuard:
         error = body.get("error")
         code = error.get("code") if isinstance(error, dict) else None
         elapsed = time.monotonic() - started
-        RELAY_LATENCY.labels(self.server).observe(elapsed)
+        if self._latency is None:
+            self._latency = RELAY_LATENCY.labels(self.server)
+        self._latency.observe(elapsed)
         with contextlib.suppress(AuditUnavailable):  # refused from the next request on
             self._audit.write(
                 "response",

@@ -261,17 +261,23 @@ def _response_kind(body: dict[str, Any], request_id: Any) -> Kind:
     return Kind.RESPONSE
 
 
+# The folded forms of the members the guard reads, folded once.
+_FOLDED = {
+    names: {strict_json.fold_key(name): name for name in names}
+    for names in (POLICY_PARAMS, POLICY_RESULTS)
+}
+
+
 def _refuse_look_alike(
     where: str, members: dict[str, Any], exact: frozenset[str], request_id: Any
 ) -> None:
-    folded = {strict_json.fold_key(name): name for name in exact}
+    folded = _FOLDED[exact]
     for key in members:
-        if key not in exact and strict_json.fold_key(key) in folded:
+        if key not in exact and (meant := folded.get(strict_json.fold_key(key))) is not None:
             raise InvalidMessage(
                 INVALID_REQUEST,
-                f"{where} member {json.dumps(key[:40])} looks like "
-                f"{json.dumps(folded[strict_json.fold_key(key)])} to some parsers; spell it "
-                "exactly",
+                f"{where} member {json.dumps(key[:40])} looks like {json.dumps(meant)} to some "
+                "parsers; spell it exactly",
                 request_id,
             )
 

@@ -32,12 +32,19 @@ StderrSink = Callable[[bytes], None]
 StderrFilter = Callable[[bytes, bool], bytes]
 
 
+class _AttachReader(asyncio.StreamReader):
+    """asyncio's stream reader, able to say whether a read now would return at once."""
+
+    def buffered(self) -> int:
+        return len(self._buffer)  # type: ignore[attr-defined]  # asyncio's own (CPython 3.4+)
+
+
 class AttachedStdio:
     """One container's stdin (write lines) and stdout (read lines) over the attach socket."""
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
+        reader: _AttachReader,
         writer: asyncio.StreamWriter,
         attachment: Attachment,
         max_line_bytes: int,
@@ -67,7 +74,12 @@ class AttachedStdio:
         stderr_filter: StderrFilter | None = None,
         limits: OutputLimits | None = None,
     ) -> AttachedStdio:
-        reader, writer = await asyncio.open_connection(sock=attachment.sock, limit=READ_CHUNK)
+        loop = asyncio.get_running_loop()
+        reader = _AttachReader(limit=READ_CHUNK)
+        transport, protocol = await loop.create_connection(
+            lambda: asyncio.StreamReaderProtocol(reader), sock=attachment.sock
+        )
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         return cls(
             reader,
             writer,
@@ -113,7 +125,9 @@ class AttachedStdio:
                 if owed >= YIELD_EVERY:
                     await self._breathe(owed, 0)
                     owed = 0
-            await self._breathe(owed, len(data))
+            wait = self.pace.charge(owed, len(data))
+            if wait or self._reader.buffered():  # else the next read waits: others' turn
+                await asyncio.sleep(wait)
 
     async def _breathe(self, lines: int, size: int) -> None:
         """Charge the pace, then give the event loop to others: a turn, or the wait owed."""

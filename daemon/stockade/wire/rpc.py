@@ -39,8 +39,14 @@ HEADER_MISMATCH = -32020  # 2026-07-28: MCP-Protocol-Version / Mcp-Method / Mcp-
 MAX_ID = 2**53 - 1  # ids beyond this are not exact in JavaScript (and many other) hosts
 
 
+_ID_ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps's output, made once
+
+
 def id_key(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    """A hashable key for a JSON-RPC id that keeps 1 and "1" apart: its compact JSON."""
+    if type(value) is int:  # the usual id, on every message: skip the encoder
+        return str(value)
+    return _ID_ENCODER.encode(value)
 
 
 def valid_id(value: Any) -> bool:
