@@ -365,6 +365,77 @@ def test_the_event_stream_numbers_events_and_replays_after_last_event_id() -> No
     assert resumed == [4, 5]
 
 
+def test_a_posted_request_hears_what_comes_before_its_answer_then_the_answer() -> None:
+    """HttpSession.request_stream alone (the relay side is a function that makes the server
+    speak): what the server says first comes first, then the answer; no answer in time is
+    MCP's -32001 for that id; a session that ends cancels the POST; what a stream closed
+    early did not take goes to the GET event stream."""
+    from types import SimpleNamespace
+
+    from stockade.http.sessions import HttpSession
+    from stockade.relay import jsonrpc
+
+    def say(body: dict[str, object]) -> bytes:
+        return json.dumps({"jsonrpc": "2.0", **body}).encode()
+
+    def call(request_id: int) -> jsonrpc.Message:
+        raw = say({"id": request_id, "method": "tools/call", "params": {"name": "t"}})
+        return jsonrpc.parse(raw, 1 << 20)
+
+    async def scenario() -> dict[str, object]:
+        session = HttpSession("s", "spiffe://stockade.local/host/a", "time")
+        replies: dict[int, list[bytes]] = {
+            1: [say({"method": "notifications/progress"}), say({"id": 1, "result": {}})],
+            3: [say({"method": "n/a"}), say({"method": "n/b"})],
+        }
+
+        async def from_host(raw: bytes) -> None:  # the server answers as the relay forwards
+            request_id = json.loads(raw)["id"]
+            for reply in replies.get(request_id, []):
+                asyncio.get_running_loop().call_soon(
+                    lambda r=reply: asyncio.ensure_future(session.to_host(r))
+                )
+
+        async def close(reason: str) -> None:
+            closed.append(reason)
+
+        closed: list[str] = []
+        session.relay = SimpleNamespace(from_host=from_host, close=close)  # type: ignore[assignment]
+        seen: dict[str, object] = {}
+        seen["answered"] = [
+            (json.loads(raw), last) async for raw, last in session.request_stream(call(1), 5)
+        ]
+        seen["late"] = [json.loads(raw) async for raw, _ in session.request_stream(call(2), 0.2)]
+        stream = session.request_stream(call(3), 5)
+        seen["first"] = json.loads((await anext(stream))[0])
+        await stream.aclose()  # n/b was said and not taken: it goes to GET
+        async for event in session.events(0):
+            seen["to_get"] = json.loads(event[1]) if event else None
+            break
+        pending = asyncio.ensure_future(anext(session.request_stream(call(4), 5)))
+        await asyncio.sleep(0.05)
+        await session.end("test over")
+        seen["ended"] = await asyncio.gather(pending, return_exceptions=True)
+        seen["waiting"] = session.waiting
+        seen["closed"] = closed
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen["answered"] == [
+        ({"jsonrpc": "2.0", "method": "notifications/progress"}, False),
+        ({"jsonrpc": "2.0", "id": 1, "result": {}}, True),
+    ]
+    late = seen["late"]
+    assert isinstance(late, list) and len(late) == 1
+    assert late[0]["id"] == 2 and late[0]["error"]["code"] == -32001
+    assert seen["first"] == {"jsonrpc": "2.0", "method": "n/a"}
+    assert seen["to_get"] == {"jsonrpc": "2.0", "method": "n/b"}
+    ended = seen["ended"]
+    assert isinstance(ended, list) and isinstance(ended[0], asyncio.CancelledError)
+    assert seen["waiting"] == set()
+    assert seen["closed"] == ["test over"]
+
+
 def test_a_plain_answer_is_json_when_the_client_prefers_it(daemon: Daemon) -> None:
     """JSON keeps the connection reusable (no TLS handshake per call); an event stream is
     used when the client prefers it, or when anything comes before the answer."""

@@ -264,15 +264,19 @@ class HttpFront:
         # Progress, logs or a server request before the answer make it an event stream.
         response: web.StreamResponse | None = None
         json_first = prefers_json(request.headers.get("Accept", ""))
-        async for raw, is_answer in session.request_stream(message, REQUEST_TIMEOUT_SECONDS):
-            if response is None:
-                if is_answer and json_first:
-                    return web.Response(body=raw, content_type="application/json", headers=headers)
-                response = web.StreamResponse(
-                    headers={**headers, "Content-Type": "text/event-stream"}
-                )
-                await response.prepare(request)
-            await response.write(b"event: message\ndata: %s\n\n" % raw)
+        stream = session.request_stream(message, REQUEST_TIMEOUT_SECONDS)
+        async with contextlib.aclosing(stream):  # ended here, not by the garbage collector
+            async for raw, is_answer in stream:
+                if response is None:
+                    if is_answer and json_first:
+                        return web.Response(
+                            body=raw, content_type="application/json", headers=headers
+                        )
+                    response = web.StreamResponse(
+                        headers={**headers, "Content-Type": "text/event-stream"}
+                    )
+                    await response.prepare(request)
+                await response.write(b"event: message\ndata: %s\n\n" % raw)
         assert response is not None  # noqa: S101 - the stream always ends with the answer
         return response
 

@@ -37,6 +37,49 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(16)
 
 
+class _Post:
+    """One POSTed request awaiting its answer: what the server says meanwhile, in order,
+    then the answer; `wait` sleeps until either comes (or the session ends)."""
+
+    __slots__ = ("_wake", "answer", "cancelled", "said")
+
+    def __init__(self) -> None:
+        self.said: deque[bytes] = deque()
+        self.answer: bytes | None = None
+        self.cancelled = False
+        self._wake: asyncio.Future[None] | None = None
+
+    def put(self, raw: bytes) -> None:
+        self.said.append(raw)
+        self._notify()
+
+    def answered(self, raw: bytes) -> None:
+        self.answer = raw
+        self._notify()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._notify()
+
+    def _notify(self) -> None:
+        _wake_up(self._wake)
+
+    async def wait(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = wake = loop.create_future()
+        timer = loop.call_later(seconds, _wake_up, wake)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            self._wake = None
+
+
+def _wake_up(wake: asyncio.Future[None] | None) -> None:
+    if wake is not None and not wake.done():
+        wake.set_result(None)
+
+
 class HttpSession:
     def __init__(self, session_id: str, identity: str, server: str) -> None:
         self.id = session_id
@@ -45,10 +88,10 @@ class HttpSession:
         self.last_used = time.monotonic()
         # The relay side, set by the front as soon as the session is opened.
         self.relay: HostSession | None = None
-        self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        self._waiting: dict[str, _Post] = {}
         # Open POST streams, newest last: what the server says while a request is pending
         # (progress, logging, its own requests) goes to the newest one, as the spec prefers.
-        self._posts: list[asyncio.Queue[bytes]] = []
+        self._posts: list[_Post] = []
         self._events: deque[tuple[int, bytes]] = deque(maxlen=REPLAY_EVENTS)
         self._next_event = 1
         self._changed = asyncio.Condition()
@@ -89,12 +132,12 @@ class HttpSession:
             and "method" not in body
             and ("result" in body or "error" in body)
         ):
-            waiter = self._waiting.pop(jsonrpc.id_key(body.get("id")), None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(raw)
+            waiting = self._waiting.pop(jsonrpc.id_key(body.get("id")), None)
+            if waiting is not None and waiting.answer is None and not waiting.cancelled:
+                waiting.answered(raw)
                 return
         if self._posts:
-            self._posts[-1].put_nowait(raw)
+            self._posts[-1].put(raw)
             return
         async with self._changed:
             self._events.append((self._next_event, raw))
@@ -103,47 +146,44 @@ class HttpSession:
 
     # -- the host's side -------------------------------------------------------------------
 
-    async def request(self, message: Message, timeout: float) -> bytes:
-        """Forward a request and wait for its answer (or an error the relay made for it)."""
+    async def request_stream(self, message: Message, timeout: float) -> Any:
+        """Forward a request; yield (bytes, False) for what the server says meanwhile, then
+        (its answer, True): an error answer if none comes within `timeout`. Raises
+        CancelledError when the session ends first. Close it (`aclose`) when done early.
+
+        One future per wait and no task: a call costs a few event-loop turns, not a dozen.
+        """
         key = message.id_key
         if key in self._waiting:
             raise RequestInFlight(f"request id {message.id!r} is already waiting for an answer")
-        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._waiting[key] = waiter
+        post = _Post()
+        self._waiting[key] = post
+        self._posts.append(post)
+        loop = asyncio.get_running_loop()
         try:
             await self._forward()(message.raw)
-            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
-        except TimeoutError:
-            return jsonrpc.error_response(
-                message.id, jsonrpc.REQUEST_TIMEOUT, f"no answer within {timeout:.0f} s"
-            )
-        finally:
-            self._waiting.pop(key, None)
-            self.last_used = time.monotonic()
-
-    async def request_stream(self, message: Message, timeout: float) -> Any:
-        """Forward a request; yield (bytes, False) for what the server says meanwhile, then
-        (its answer, True)."""
-        queue: asyncio.Queue[bytes] = asyncio.Queue()
-        self._posts.append(queue)
-        answer = asyncio.ensure_future(self.request(message, timeout))
-        try:
+            deadline = loop.time() + timeout
             while True:
-                getter = asyncio.ensure_future(queue.get())
-                await asyncio.wait({answer, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result(), False
-                    continue
-                getter.cancel()
-                while not queue.empty():  # said just before the answer: still this stream's
-                    yield queue.get_nowait(), False
-                yield answer.result(), True
-                return
+                while post.said:
+                    yield post.said.popleft(), False
+                if post.answer is not None:
+                    yield post.answer, True
+                    return
+                if post.cancelled:
+                    raise asyncio.CancelledError
+                left = deadline - loop.time()
+                if left <= 0:
+                    late = f"no answer within {timeout:.0f} s"
+                    yield jsonrpc.error_response(message.id, jsonrpc.REQUEST_TIMEOUT, late), True
+                    return
+                await post.wait(left)
         finally:
-            self._posts.remove(queue)
-            answer.cancel()
-            while not queue.empty():  # the stream went away: hand the rest to GET
-                await self._to_events(queue.get_nowait())
+            if self._waiting.get(key) is post:
+                del self._waiting[key]
+            self._posts.remove(post)
+            self.last_used = time.monotonic()
+            while post.said:  # the stream went away: hand the rest to GET
+                await self._to_events(post.said.popleft())
 
     async def _to_events(self, raw: bytes) -> None:
         async with self._changed:
@@ -181,8 +221,7 @@ class HttpSession:
         self.ended.set()
         async with self._changed:
             self._changed.notify_all()
-        for waiter in self._waiting.values():
-            if not waiter.done():
-                waiter.cancel()
+        for waiting in self._waiting.values():
+            waiting.cancel()
         if self.relay is not None:
             await self.relay.close(reason)

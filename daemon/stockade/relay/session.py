@@ -128,11 +128,12 @@ class RelaySession:
                 jsonrpc.log_unowed_answer(self.server, message.id)
                 return
             _, method, started = owed
-            self._guard.answered(method, started, message.body)
             filtered = self._guard.filter_list(method, message.body)
-            if filtered is not None:
-                await self._to_host(jsonrpc.encode(filtered))
-                return
+            try:
+                await self._to_host(message.raw if filtered is None else jsonrpc.encode(filtered))
+            finally:  # its record after the host has it: off the answer's path
+                self._guard.answered(method, started, message.body)
+            return
         await self._to_host(message.raw)
 
     async def expire(self, timeout: float) -> None:
