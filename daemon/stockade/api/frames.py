@@ -36,7 +36,7 @@ import ssl
 import struct
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from stockade.api.auth import METHOD_RULES, RELAY_METHOD, Denied, check_certificate
 from stockade.api.streams import StreamBudget
@@ -453,9 +453,9 @@ class _Accepted(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        stream = cast(asyncio.Transport, transport)  # a stream server's (uvloop's is no subclass)
-        stream.pause_reading()
-        self._task = asyncio.get_running_loop().create_task(self._handle(stream))
+        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - a stream server's
+        transport.pause_reading()
+        self._task = asyncio.get_running_loop().create_task(self._handle(transport))
 
 
 class _TlsStreamProtocol(asyncio.StreamReaderProtocol):
