@@ -24,16 +24,25 @@ def machine_busy() -> float:
     return (sum(fields[:8]) - idle) / TICK
 
 
-def container_cpu(container_id: str) -> float:
-    """CPU seconds of one container's cgroup."""
+def container_cpu(container_id: str) -> float | None:
+    """CPU seconds of one container's cgroup; None if it has none (created and not started
+    yet, e.g. a pool refill under way, or already gone)."""
     v1 = Path(f"/sys/fs/cgroup/cpuacct/docker/{container_id}/cpuacct.usage")
-    if v1.exists():
-        return int(v1.read_text()) / 1e9
-    v2 = Path(f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/cpu.stat")
-    for line in v2.read_text().splitlines():
-        if line.startswith("usage_usec"):
-            return int(line.split()[1]) / 1e6
-    return 0.0
+    v2 = [
+        Path(f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/cpu.stat"),  # systemd
+        Path(f"/sys/fs/cgroup/docker/{container_id}/cpu.stat"),  # cgroupfs
+    ]
+    try:
+        if v1.exists():
+            return int(v1.read_text()) / 1e9
+        for path in v2:
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    if line.startswith("usage_usec"):
+                        return int(line.split()[1]) / 1e6
+    except OSError:  # it ended between the check and the read
+        return None
+    return None
 
 
 def _group(pid: int, stat: list[str], comm: str, me: int, daemon: int) -> str | None:
@@ -83,11 +92,12 @@ class BurstCpu:
         self.me = os.getpid()
         self.groups: dict[str, float] = {}
         self.busy = 0.0
+        self.unseen = 0  # containers with no cgroup at stop(): being created, or gone
 
     def start(self, containers: list[str]) -> None:
         self._machine = machine_busy()
         self._processes = process_cpu(self.me, self.daemon_pid)
-        self._containers = {cid: container_cpu(cid) for cid in containers}
+        self._containers = {cid: container_cpu(cid) or 0.0 for cid in containers}
         self._self = sum(os.times()[:2])
 
     def stop(self, containers: list[str]) -> None:
@@ -96,8 +106,14 @@ class BurstCpu:
         for pid, (group, seconds) in process_cpu(self.me, self.daemon_pid).items():
             before = self._processes.get(pid, (group, 0.0))[1]
             groups[group] = groups.get(group, 0.0) + seconds - before
+        # A container with no cgroup now (not started yet, or gone) adds nothing: the CPU
+        # of one that ended during the burst is not seen.
+        now = {cid: container_cpu(cid) for cid in containers}
+        self.unseen = sum(1 for seconds in now.values() if seconds is None)
         groups["server containers (cgroups)"] = sum(
-            container_cpu(cid) - self._containers.get(cid, 0.0) for cid in containers
+            seconds - self._containers.get(cid, 0.0)
+            for cid, seconds in now.items()
+            if seconds is not None
         )
         groups["hosts (this process: the SDK clients)"] = sum(os.times()[:2]) - self._self
         self.groups = dict(sorted(groups.items(), key=lambda item: -item[1]))
@@ -117,4 +133,8 @@ class BurstCpu:
             f"| machine busy (all processes, other work too) | {self.busy:.1f} "
             f"| {self.busy / capacity:.0%} |"
         )
+        if self.unseen:
+            lines.append(
+                f"| containers with no cgroup then (being created, or gone) | {self.unseen} | |"
+            )
         return lines
