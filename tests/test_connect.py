@@ -139,3 +139,51 @@ def test_an_unreachable_daemon_is_one_line_and_exit_3(daemon: Daemon, tmp_path: 
     assert result.returncode == 3
     assert len(result.stderr.decode().strip().splitlines()) == 1
     assert "does not answer" in result.stderr.decode()
+
+
+def test_the_bridge_tracks_the_same_pending_ids_from_a_messages_head_as_from_a_parse() -> None:
+    """`Pending` reads the kind and id from the head of the usual message instead of parsing
+    it whole: what it keeps (the requests the bridge answers -32004 if the daemon goes away)
+    is what a whole parse gives, for every order, spacing and id form."""
+    from stockade.cli.bridge import Pending, _lenient
+
+    sent = [
+        b'{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"t"}}',
+        b'{"jsonrpc": "2.0", "id": "a\\"b", "method": "x"}',  # spaces, an escaped quote
+        b'{"jsonrpc":"2.0","id":"\\u00e9","method":"x"}',  # a \u escape
+        b'{"method":"x","params":{"id":1},"jsonrpc":"2.0","id":9}',  # another order: parsed
+        b'{"jsonrpc":"2.0","method":"notifications/initialized"}',  # no id: nothing owed
+        b'{"jsonrpc":"2.0","id":05,"method":"x"}',  # not JSON: the daemon refuses it
+        b'{"jsonrpc":"2.0","id":"\\q","method":"x"}',  # an escape JSON has not: the same
+        b'{"jsonrpc":"2.0","id":-7,"method":"x"}',
+        b'{"jsonrpc":"2.0","id":12,"result":{}}',  # the host answering a server request
+    ]
+    received = [
+        b'{"jsonrpc":"2.0","id":5,"result":{"id":8}}',
+        b'{"jsonrpc":"2.0","id":"a\\"b","error":{"code":-1,"message":"m"}}',
+        b'{"result":{},"jsonrpc":"2.0","id":9}',  # another order: parsed
+        b'{"jsonrpc":"2.0","id":-7,"method":"sampling/createMessage"}',  # the server asks
+    ]
+
+    def reference(lines: list[bytes], answers: list[bytes]) -> dict[str, Any]:
+        ids: dict[str, Any] = {}
+        for line in lines:
+            body = _lenient(line)
+            if isinstance(body, dict) and "method" in body and "id" in body:
+                ids[json.dumps(body["id"], separators=(",", ":"))] = body["id"]
+        for answer in answers:
+            body = _lenient(answer)
+            if isinstance(body, dict) and "method" not in body and "id" in body:
+                ids.pop(json.dumps(body["id"], separators=(",", ":")), None)
+        return ids
+
+    for cut in range(len(received) + 1):
+        pending = Pending()
+        for line in sent:
+            pending.sent(line)
+        for answer in received[:cut]:
+            pending.received(answer)
+        expected = reference(sent, received[:cut])
+        owed = [json.loads(line)["id"] for line in pending.fail_all("gone")]
+        assert owed == list(expected.values()), cut
+    assert owed == ["\u00e9", -7]  # after every answer: the two never answered
