@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import selectors
 import socket
 import ssl
@@ -67,7 +66,7 @@ class Pending:
         self._ids: dict[str, Any] = {}
 
     def sent(self, line: bytes) -> None:
-        head = _peek(line)
+        head = rpc.peek_head(line)
         if head is not None and head[0] == b"method":  # the usual request: no parse
             self._ids[rpc.id_key(head[1])] = head[1]
             return
@@ -76,7 +75,7 @@ class Pending:
             self._ids[rpc.id_key(body["id"])] = body["id"]
 
     def received(self, message: bytes) -> None:
-        head = _peek(message)
+        head = rpc.peek_head(message)
         if head is not None:
             if head[0] != b"method":  # an answer; else the server's own request
                 self._ids.pop(rpc.id_key(head[1]), None)
@@ -88,26 +87,6 @@ class Pending:
     def fail_all(self, why: str) -> list[bytes]:
         ids, self._ids = list(self._ids.values()), {}
         return [rpc.error_response(i, rpc.DAEMON_GONE, why) for i in ids]
-
-
-# A message that opens with "jsonrpc", then "id", then "method", "result" or "error" (what
-# the SDKs write, in that order) says its kind and id in its first bytes: a whole parse per
-# message is the bridge's largest cost otherwise. Anything else is parsed (`_lenient`).
-_HEAD = re.compile(
-    rb'\s*\{\s*"jsonrpc"\s*:\s*"2\.0"\s*,\s*"id"\s*:\s*'
-    rb'(-?(?:0|[1-9][0-9]{0,15})|"(?:[^"\\\x00-\x1f]|\\.){0,256}")\s*,\s*"(method|result|error)"\s*:'
-)
-
-
-def _peek(raw: bytes) -> tuple[bytes, Any] | None:
-    """(b"method", b"result" or b"error"; the id) from the head of a message, or None."""
-    found = _HEAD.match(raw)
-    if found is None:
-        return None
-    try:
-        return found[2], json.loads(found[1])  # an integer or a whole JSON string
-    except ValueError:  # an escape JSON does not have: parse the message instead
-        return None
 
 
 def _lenient(raw: bytes) -> Any:

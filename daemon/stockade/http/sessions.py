@@ -25,6 +25,7 @@ from typing import Any
 from stockade.relay import jsonrpc
 from stockade.relay.host_session import HostSession
 from stockade.relay.jsonrpc import Message
+from stockade.wire.rpc import peek_head
 
 REPLAY_EVENTS = 1000  # server->host messages kept for Last-Event-ID resumption
 
@@ -80,6 +81,24 @@ def _wake_up(wake: asyncio.Future[None] | None) -> None:
         wake.set_result(None)
 
 
+_NOT_AN_ANSWER = object()
+
+
+def _answer_id(raw: bytes) -> Any:
+    """The id a message from the relay answers, or _NOT_AN_ANSWER (a notification, a
+    server request). The relay's canonical bytes: usually read from their head."""
+    head = peek_head(raw)
+    if head is not None:
+        return _NOT_AN_ANSWER if head[0] == b"method" else head[1]
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return _NOT_AN_ANSWER
+    if isinstance(body, dict) and "method" not in body and ("result" in body or "error" in body):
+        return body.get("id")
+    return _NOT_AN_ANSWER
+
+
 class HttpSession:
     def __init__(self, session_id: str, identity: str, server: str) -> None:
         self.id = session_id
@@ -123,16 +142,9 @@ class HttpSession:
     async def to_host(self, raw: bytes) -> None:
         """Everything the relay sends to this host arrives here."""
         self.last_used = time.monotonic()
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-        if (
-            isinstance(body, dict)
-            and "method" not in body
-            and ("result" in body or "error" in body)
-        ):
-            waiting = self._waiting.pop(jsonrpc.id_key(body.get("id")), None)
+        answers = _answer_id(raw)
+        if answers is not _NOT_AN_ANSWER:
+            waiting = self._waiting.pop(jsonrpc.id_key(answers), None)
             if waiting is not None and waiting.answer is None and not waiting.cancelled:
                 waiting.answered(raw)
                 return

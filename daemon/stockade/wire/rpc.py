@@ -49,6 +49,28 @@ def id_key(value: Any) -> str:
     return _ID_ENCODER.encode(value)
 
 
+# A message that opens with "jsonrpc", then "id", then "method", "result" or "error" (what
+# the SDKs write, in that order, and the daemon forwards in the order it received) says its
+# kind and id in its first bytes: no whole parse is needed to route or track it.
+_HEAD = re.compile(
+    rb'\s*\{\s*"jsonrpc"\s*:\s*"2\.0"\s*,\s*"id"\s*:\s*'
+    rb'(-?(?:0|[1-9][0-9]{0,15})|"(?:[^"\\\x00-\x1f]|\\.){0,256}")\s*,\s*"(method|result|error)"\s*:'
+)
+
+
+def peek_head(raw: bytes) -> tuple[bytes, Any] | None:
+    """(b"method", b"result" or b"error"; the id) from the head of a message, or None: then
+    parse it. Exact where the message is one JSON object with unique keys (the first three
+    members are top-level); a bookkeeping shortcut, never a policy decision."""
+    found = _HEAD.match(raw)
+    if found is None:
+        return None
+    try:
+        return found[2], json.loads(found[1])  # an integer or a whole JSON string
+    except ValueError:  # an escape JSON does not have: parse the message instead
+        return None
+
+
 def valid_id(value: Any) -> bool:
     """A JSON-RPC id Stockade relays: a string, or an integer within +-(2^53 - 1)."""
     if isinstance(value, str):
