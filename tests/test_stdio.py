@@ -49,3 +49,35 @@ def test_oversized_line_is_reported_in_place_and_the_stream_recovers() -> None:
 def test_line_exactly_at_the_limit_passes() -> None:
     splitter = LineSplitter(max_line_bytes=8)
     assert splitter.feed(b"12345678\n") == [b"12345678"]
+
+
+def test_whole_frames_and_whole_lines_read_as_the_same_as_byte_by_byte() -> None:
+    """The decoder's and the splitter's one-whole-frame / one-whole-line shortcuts give what
+    the general path gives, for every kind of line (blank, CR, spaces, at and over the limit)."""
+    lines = [
+        b'{"id":1}\n',
+        b"\n",
+        b"  \t\n",
+        b'{"i":2}\r\n',  # the CR counts toward the limit
+        b"12345678\n",
+        b"123456789\n",
+        b"z\n",
+    ]
+    frames = [frame(1, line) for line in lines] + [frame(2, b"log\n")]
+
+    def by_bytes(chunks: list[bytes]) -> tuple[list[object], list[object]]:
+        decoder, splitter = MultiplexDecoder(), LineSplitter(max_line_bytes=8)
+        got: list[object] = []
+        said: list[object] = []
+        for chunk in chunks:
+            for stream, payload in decoder.feed(chunk):
+                said.append((stream, payload))
+                if stream is Stream.STDOUT:
+                    got.extend(splitter.feed(payload))
+        return got, said
+
+    whole = by_bytes(frames)
+    assert whole == by_bytes([bytes([b]) for b in b"".join(frames)])
+    assert whole[0] == [b'{"id":1}', b'{"i":2}', b"12345678", OversizedLine(seen=9), b"z"]
+    with pytest.raises(StreamFormatError):
+        MultiplexDecoder().feed(frame(3, b"x\n"))  # a whole frame of no output stream

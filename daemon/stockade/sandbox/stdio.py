@@ -21,6 +21,9 @@ class Stream(IntEnum):
     STDERR = 2
 
 
+_OUTPUT = {Stream.STDOUT.value: Stream.STDOUT, Stream.STDERR.value: Stream.STDERR}
+
+
 class StreamFormatError(ValueError):
     """The attach stream is not in Docker's multiplexed format."""
 
@@ -32,6 +35,11 @@ class MultiplexDecoder:
     _buffer: bytearray = field(default_factory=bytearray)
 
     def feed(self, data: bytes) -> list[tuple[Stream, bytes]]:
+        if not self._buffer and len(data) >= HEADER.size:  # the usual read: one whole frame
+            kind, length = HEADER.unpack_from(data)
+            stream = _OUTPUT.get(kind)
+            if stream is not None and len(data) == HEADER.size + length:
+                return [(stream, data[HEADER.size :])]
         self._buffer += data
         chunks: list[tuple[Stream, bytes]] = []
         while len(self._buffer) >= HEADER.size:

@@ -49,6 +49,15 @@ class LineSplitter:
         self._head = b""
 
     def feed(self, data: bytes) -> list[bytes | OversizedLine]:
+        if (  # the usual chunk: one whole line, nothing held
+            not self._buffer
+            and not self._discarded
+            and data.endswith(b"\n")
+            and len(data) <= self.max_line_bytes
+            and data.find(b"\n") == len(data) - 1
+        ):
+            line = data[:-1].rstrip(b"\r")
+            return [line] if line and not line.isspace() else []
         out: list[bytes | OversizedLine] = []
         start = 0
         while start <= len(data):
