@@ -255,6 +255,7 @@ class FramedBridge:
         self._pending = Pending()
         self._stdout = _Stdout()
         self._outgoing = bytearray()  # frames for the daemon not yet taken by the socket
+        self._watched: dict[Any, int] | None = None  # what the selector waits for now
         self.stdin_closed = False
 
     # -- opening (blocking: nothing else to do until the session exists) --------------
@@ -336,6 +337,9 @@ class FramedBridge:
             wanted[self._tls] = socket_events
         if self._stdout.pollable and self._stdout.buffer:
             wanted[self._stdout.fd] = selectors.EVENT_WRITE
+        if wanted == self._watched:  # the usual turn: nothing to change
+            return
+        self._watched = wanted
         for key in list(selector.get_map().values()):
             if key.fileobj not in wanted:
                 selector.unregister(key.fileobj)
