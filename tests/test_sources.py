@@ -340,3 +340,23 @@ def test_an_sdist_only_package_is_refused_unless_source_builds_are_allowed(
     # docopt 0.6.2 exists only as an sdist: building it would run its setup.py.
     line = refused(daemon, "sdist", "--pypi", "docopt==0.6.2", *build_args())
     assert "wheels only: --allow-source-builds" in line
+
+
+def test_a_resolver_the_engine_cannot_start_leaves_no_container(images: ImageBuilder) -> None:
+    """A lock resolver whose start the engine refuses (here: no such program in the image;
+    the same path as a network the engine cannot attach) is a LockError, and its created
+    container is removed, not left behind."""
+    from stockade.sandbox.locks import LockError, _run
+
+    client = docker.from_env()
+    with pytest.raises(LockError, match="resolving nothing"):
+        _run(
+            client,
+            "stockade/pybuild:latest",
+            ["/no/such/resolver"],
+            environment={},
+            ca_bundle=None,
+            what="resolving nothing",
+        )
+    leftovers = client.containers.list(all=True, filters={"label": "io.stockade.role=lock"})
+    assert leftovers == []

@@ -15,6 +15,7 @@ index or registry the caller chose. Nothing from the host's Python or Node is us
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -136,7 +137,7 @@ def _run(
     if ca_bundle is not None:
         volumes[str(ca_bundle.resolve())] = {"bind": CA_TARGET, "mode": "ro"}
     try:
-        output = client.containers.run(
+        container = client.containers.create(
             image,
             command,
             environment=environment,
@@ -148,19 +149,28 @@ def _run(
             security_opt=["no-new-privileges"],
             mem_limit="1g",
             pids_limit=256,
-            remove=True,
-            stdout=True,
-            stderr=False,
             labels={"io.stockade.role": "lock"},
         )
-    except docker.errors.ContainerError as exc:
-        raw = exc.stderr or b""
-        said = (raw.decode(errors="replace") if isinstance(raw, bytes) else raw).splitlines()
-        raise LockError(f"{what}: {_reason(said) or f'exit {exc.exit_status}'}") from None
     except docker.errors.ImageNotFound:
         raise LockError(f"{image} is missing: run `stockade image build`") from None
     except docker.errors.APIError as exc:
         raise LockError(f"{what}: {exc}") from None
+    # Removed however it ends: a start the engine refuses leaves a created container behind
+    # (the SDK's run(remove=True) removes only after a start that worked).
+    try:
+        container.start()
+        status = container.wait()
+        output = container.logs(stdout=True, stderr=False)
+        if status.get("StatusCode") != 0:
+            raw = container.logs(stdout=False, stderr=True)
+            said = raw.decode(errors="replace").splitlines()
+            code = status.get("StatusCode")
+            raise LockError(f"{what}: {_reason(said) or f'exit {code}'}")
+    except docker.errors.APIError as exc:
+        raise LockError(f"{what}: {exc}") from None
+    finally:
+        with contextlib.suppress(docker.errors.APIError):
+            container.remove(force=True)
     if not isinstance(output, bytes) or len(output) > LOCK_OUTPUT_LIMIT:
         raise LockError(f"{what}: the resolver said more than {LOCK_OUTPUT_LIMIT} bytes")
     try:
