@@ -367,8 +367,9 @@ def test_the_event_stream_numbers_events_and_replays_after_last_event_id() -> No
 
 def test_a_posted_request_hears_what_comes_before_its_answer_then_the_answer() -> None:
     """HttpSession.request_stream alone (the relay side is a function that makes the server
-    speak): what the server says first comes first, then the answer; no answer in time is
-    MCP's -32001 for that id; a session that ends cancels the POST; what a stream closed
+    speak): what the server says first comes first, then the answer; what it says after the
+    answer is not that POST's; no answer in time is MCP's -32001 for that id; a client that
+    went away frees its id; a session that ends cancels the POST; what a stream closed
     early did not take goes to the GET event stream."""
     from types import SimpleNamespace
 
@@ -387,6 +388,7 @@ def test_a_posted_request_hears_what_comes_before_its_answer_then_the_answer() -
         replies: dict[int, list[bytes]] = {
             1: [say({"method": "notifications/progress"}), say({"id": 1, "result": {}})],
             3: [say({"method": "n/a"}), say({"method": "n/b"})],
+            5: [say({"id": 5, "result": {}}), say({"method": "n/after"})],
         }
 
         async def from_host(raw: bytes) -> None:  # the server answers as the relay forwards
@@ -412,6 +414,22 @@ def test_a_posted_request_hears_what_comes_before_its_answer_then_the_answer() -
         async for event in session.events(0):
             seen["to_get"] = json.loads(event[1]) if event else None
             break
+        # Said after the answer: not this POST's any more (it went to GET).
+        seen["after"] = [
+            (json.loads(raw), last) async for raw, last in session.request_stream(call(5), 5)
+        ]
+        async for event in session.events(1):
+            seen["after_to_get"] = json.loads(event[1]) if event else None
+            break
+        # A client that went away frees its request id within about a second.
+        left = [False]
+        orphan = asyncio.ensure_future(
+            anext(session.request_stream(call(6), 60, gone=lambda: left[0]))
+        )
+        await asyncio.sleep(0.05)
+        left[0] = True
+        seen["orphan"] = await asyncio.gather(orphan, return_exceptions=True)
+        seen["waiting_after_orphan"] = session.waiting
         pending = asyncio.ensure_future(anext(session.request_stream(call(4), 5)))
         await asyncio.sleep(0.05)
         await session.end("test over")
@@ -432,6 +450,11 @@ def test_a_posted_request_hears_what_comes_before_its_answer_then_the_answer() -
     assert seen["to_get"] == {"jsonrpc": "2.0", "method": "n/b"}
     ended = seen["ended"]
     assert isinstance(ended, list) and isinstance(ended[0], asyncio.CancelledError)
+    assert seen["after"] == [({"jsonrpc": "2.0", "id": 5, "result": {}}, True)]
+    assert seen["after_to_get"] == {"jsonrpc": "2.0", "method": "n/after"}
+    orphan = seen["orphan"]
+    assert isinstance(orphan, list) and isinstance(orphan[0], asyncio.CancelledError)
+    assert seen["waiting_after_orphan"] == set()
     assert seen["waiting"] == set()
     assert seen["closed"] == ["test over"]
 

@@ -264,7 +264,12 @@ class HttpFront:
         # Progress, logs or a server request before the answer make it an event stream.
         response: web.StreamResponse | None = None
         json_first = prefers_json(request.headers.get("Accept", ""))
-        stream = session.request_stream(message, REQUEST_TIMEOUT_SECONDS)
+        transport = request.transport
+        stream = session.request_stream(
+            message,
+            REQUEST_TIMEOUT_SECONDS,
+            gone=lambda: transport is None or transport.is_closing(),
+        )
         async with contextlib.aclosing(stream):  # ended here, not by the garbage collector
             async for raw, is_answer in stream:
                 if response is None:

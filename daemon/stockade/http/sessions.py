@@ -28,6 +28,9 @@ from stockade.relay.jsonrpc import Message
 from stockade.wire.rpc import peek_head
 
 REPLAY_EVENTS = 1000  # server->host messages kept for Last-Event-ID resumption
+# How often a waiting POST looks whether its client is still there (aiohttp does not cancel
+# a handler whose client left: its request id would stay taken until the timeout).
+CLIENT_CHECK_SECONDS = 1.0
 
 
 class RequestInFlight(Exception):
@@ -148,9 +151,10 @@ class HttpSession:
             if waiting is not None and waiting.answer is None and not waiting.cancelled:
                 waiting.answered(raw)
                 return
-        if self._posts:
-            self._posts[-1].put(raw)
-            return
+        for post in reversed(self._posts):  # the newest POST still waiting for its answer
+            if post.answer is None and not post.cancelled:
+                post.put(raw)
+                return
         async with self._changed:
             self._events.append((self._next_event, raw))
             self._next_event += 1
@@ -158,10 +162,14 @@ class HttpSession:
 
     # -- the host's side -------------------------------------------------------------------
 
-    async def request_stream(self, message: Message, timeout: float) -> Any:
+    async def request_stream(
+        self, message: Message, timeout: float, gone: Callable[[], bool] | None = None
+    ) -> Any:
         """Forward a request; yield (bytes, False) for what the server says meanwhile, then
         (its answer, True): an error answer if none comes within `timeout`. Raises
-        CancelledError when the session ends first. Close it (`aclose`) when done early.
+        CancelledError when the session ends first, or when `gone()` says the client left
+        (checked every CLIENT_CHECK_SECONDS: its id is free again, what the server says
+        goes to GET). Close it (`aclose`) when done early.
 
         One future per wait and no task: a call costs a few event-loop turns, not a dozen.
         """
@@ -181,14 +189,14 @@ class HttpSession:
                 if post.answer is not None:
                     yield post.answer, True
                     return
-                if post.cancelled:
+                if post.cancelled or (gone is not None and gone()):
                     raise asyncio.CancelledError
                 left = deadline - loop.time()
                 if left <= 0:
                     late = f"no answer within {timeout:.0f} s"
                     yield jsonrpc.error_response(message.id, jsonrpc.REQUEST_TIMEOUT, late), True
                     return
-                await post.wait(left)
+                await post.wait(min(left, CLIENT_CHECK_SECONDS))
         finally:
             if self._waiting.get(key) is post:
                 del self._waiting[key]

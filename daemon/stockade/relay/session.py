@@ -128,12 +128,13 @@ class RelaySession:
                 jsonrpc.log_unowed_answer(self.server, message.id)
                 return
             _, method, started = owed
+            # On record before the host has it (a host that stops reading must not hold the
+            # record back), as the request was before it was forwarded.
+            self._guard.answered(method, started, message.body)
             filtered = self._guard.filter_list(method, message.body)
-            try:
-                await self._to_host(message.raw if filtered is None else jsonrpc.encode(filtered))
-            finally:  # its record after the host has it: off the answer's path
-                self._guard.answered(method, started, message.body)
-            return
+            if filtered is not None:
+                await self._to_host(jsonrpc.encode(filtered))
+                return
         await self._to_host(message.raw)
 
     async def expire(self, timeout: float) -> None:
