@@ -125,7 +125,7 @@ class HttpSession:
         """Its sandbox ended: a legacy session reports it, a stateless seat is replaced."""
         return self.relay is not None and self.relay.ended.done()
 
-    def _forward(self) -> Callable[[bytes], Awaitable[None]]:
+    def _forward(self) -> Callable[[bytes | Message], Awaitable[None]]:
         if self.relay is None:
             raise RuntimeError("HTTP session used before it was opened")
         return self.relay.from_host
@@ -181,7 +181,7 @@ class HttpSession:
         self._posts.append(post)
         loop = asyncio.get_running_loop()
         try:
-            await self._forward()(message.raw)
+            await self._forward()(message)  # parsed by the front: not parsed again
             deadline = loop.time() + timeout
             while True:
                 while post.said:
@@ -214,7 +214,7 @@ class HttpSession:
     async def send(self, message: Message) -> None:
         """Forward a notification, or the host's answer to a server request."""
         self.last_used = time.monotonic()
-        await self._forward()(message.raw)
+        await self._forward()(message)
 
     async def events(self, after: int | None) -> Any:
         """Server->host messages as (event id, bytes), replaying those after `after`."""

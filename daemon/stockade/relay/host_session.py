@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from stockade.relay.guard import PolicyGuard
+from stockade.relay.jsonrpc import Message
 from stockade.relay.session import RelaySession
 from stockade.sandbox.instance import ExitReport, Instance
 
@@ -49,7 +50,7 @@ class HostSession:
         record: SessionRecord,
         *,
         guard: PolicyGuard,
-        forward: Callable[[bytes], Awaitable[None]],
+        forward: Callable[[bytes | Message], Awaitable[None]],
         drain: Callable[[float], Awaitable[None]],
         expire: Callable[[float], Awaitable[None]],
         release: Callable[[], None],

@@ -383,8 +383,12 @@ _dropped = _DropLog()
 OFF_LOOP_BYTES = 64 * 1024
 
 
-async def parse_off_loop(raw: bytes, max_bytes: int) -> Message:
-    """`parse`, in a worker thread for a large message (raises InvalidMessage)."""
+async def parse_off_loop(raw: bytes | Message, max_bytes: int) -> Message:
+    """`parse`, in a worker thread for a large message (raises InvalidMessage). A Message
+    is one `parse` made already, with the same limit (the HTTP front reads each POST to
+    route it): taken as it is, not parsed twice."""
+    if isinstance(raw, Message):
+        return raw
     if len(raw) <= OFF_LOOP_BYTES:
         return parse(raw, max_bytes)
     return await asyncio.to_thread(parse, raw, max_bytes)

@@ -303,7 +303,7 @@ class SessionOpener:
         guard = self._guard(session_id, identity, server, SHARED, router.redactor)
         seat: SharedSession = router.join(session_id, to_host, guard)
 
-        async def forward(raw: bytes) -> None:
+        async def forward(raw: bytes | jsonrpc.Message) -> None:
             await router.from_host(seat, raw)
 
         async def drain(timeout: float) -> None:

@@ -69,7 +69,7 @@ class RelaySession:
                 return
             await asyncio.sleep(0.01)
 
-    async def from_host(self, raw: bytes) -> None:
+    async def from_host(self, raw: bytes | jsonrpc.Message) -> None:
         """One message from the host: refuse it with a JSON-RPC error, or forward it."""
         try:
             message = await jsonrpc.parse_off_loop(raw, self._max)

@@ -192,7 +192,7 @@ class SharedRouter:
         for key in [k for k, (owner, _) in self._tokens.items() if owner is session]:
             del self._tokens[key]
 
-    async def from_host(self, session: SharedSession, raw: bytes) -> None:
+    async def from_host(self, session: SharedSession, raw: bytes | Message) -> None:
         message = await self._screen(session, raw)
         if message is None:
             return  # refused and answered
@@ -222,7 +222,7 @@ class SharedRouter:
             if payload:
                 await self._instance.send(payload)
 
-    async def _screen(self, session: SharedSession, raw: bytes) -> Message | None:
+    async def _screen(self, session: SharedSession, raw: bytes | Message) -> Message | None:
         """The message if it may go on; None when it was refused (and answered) or is moot."""
         try:
             message = await jsonrpc.parse_off_loop(raw, self._max)
