@@ -7,6 +7,7 @@ headers), kept apart from the front's sessions and lifecycle.
 from __future__ import annotations
 
 import base64
+import functools
 
 from aiohttp import web
 
@@ -22,6 +23,9 @@ NAME_BEARING = {"tools/call": "name", "prompts/get": "name", "resources/read": "
 VERSION_META_KEY = "io.modelcontextprotocol/protocolVersion"
 
 
+# A client sends the same Accept on every request. Bounded: 64 values of at most aiohttp's
+# 8 KiB header line.
+@functools.lru_cache(maxsize=64)
 def prefers_json(accept: str) -> bool:
     """Whether the client ranks application/json above text/event-stream (q, then order)."""
     ranks: dict[str, tuple[float, int]] = {}
