@@ -495,3 +495,47 @@ def test_a_plain_answer_is_json_when_the_client_prefers_it(daemon: Daemon) -> No
     assert as_json.startswith("application/json")
     assert as_sse.startswith("text/event-stream")
     assert streamed.startswith("text/event-stream") and messages >= 2
+
+
+def test_what_a_post_holds_for_a_client_that_does_not_read_is_bounded() -> None:
+    """A server that says 20 MiB while a POST waits, to a client that reads none of it: the
+    POST holds at most POST_BACKLOG_BYTES, the rest goes to the GET stream, nothing is lost
+    and the answer still ends the POST."""
+    from types import SimpleNamespace
+
+    from stockade.http.sessions import POST_BACKLOG_BYTES, HttpSession
+    from stockade.relay import jsonrpc
+
+    chunk = "x" * (1024 * 1024)
+
+    async def scenario() -> tuple[int, list[int], int, bool]:
+        session = HttpSession("s", "spiffe://stockade.local/host/a", "time")
+
+        async def from_host(message: jsonrpc.Message) -> None:
+            return None  # the server speaks below, at its own pace
+
+        session.relay = SimpleNamespace(from_host=from_host)  # type: ignore[assignment]
+        raw = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {}})
+        stream = session.request_stream(jsonrpc.parse(raw.encode(), 1 << 20), 30)
+        waiting = asyncio.ensure_future(anext(stream))  # forwarded; now the server floods
+        await asyncio.sleep(0)
+        for n in range(20):
+            note = {"jsonrpc": "2.0", "method": "n", "params": {"n": n, "pad": chunk}}
+            await session.to_host(json.dumps(note).encode())
+        held = session._posts[0].said_bytes
+        await session.to_host(b'{"jsonrpc":"2.0","id":7,"result":{}}')
+        on_post = [json.loads((await waiting)[0])["params"]["n"]]
+        answered = False
+        async for said, last in stream:
+            if last:
+                answered = True
+            else:
+                on_post.append(json.loads(said)["params"]["n"])
+        to_get = len(session._events)
+        return held, on_post, to_get, answered
+
+    held, on_post, to_get, answered = asyncio.run(scenario())
+    assert held <= POST_BACKLOG_BYTES
+    assert on_post == list(range(len(on_post))) and 0 < len(on_post) < 20
+    assert len(on_post) + to_get == 20
+    assert answered

@@ -31,6 +31,10 @@ REPLAY_EVENTS = 1000  # server->host messages kept for Last-Event-ID resumption
 # How often a waiting POST looks whether its client is still there (aiohttp does not cancel
 # a handler whose client left: its request id would stay taken until the timeout).
 CLIENT_CHECK_SECONDS = 1.0
+# What the server says while a POST waits, held for that POST until its client reads it:
+# past this many bytes it goes to the session's GET stream instead (bounded there too),
+# so a client that does not read its POST cannot make the daemon hold a server's output.
+POST_BACKLOG_BYTES = 8 * 1024 * 1024
 
 
 class RequestInFlight(Exception):
@@ -45,17 +49,32 @@ class _Post:
     """One POSTed request awaiting its answer: what the server says meanwhile, in order,
     then the answer; `wait` sleeps until either comes (or the session ends)."""
 
-    __slots__ = ("_wake", "answer", "cancelled", "said")
+    __slots__ = ("_wake", "answer", "cancelled", "said", "said_bytes")
 
     def __init__(self) -> None:
         self.said: deque[bytes] = deque()
+        self.said_bytes = 0
         self.answer: bytes | None = None
         self.cancelled = False
         self._wake: asyncio.Future[None] | None = None
 
+    def takes(self, raw: bytes) -> bool:
+        """Whether this POST still waits for its answer and has room for `raw`."""
+        return (
+            self.answer is None
+            and not self.cancelled
+            and self.said_bytes + len(raw) <= POST_BACKLOG_BYTES
+        )
+
     def put(self, raw: bytes) -> None:
         self.said.append(raw)
+        self.said_bytes += len(raw)
         self._notify()
+
+    def take(self) -> bytes:
+        raw = self.said.popleft()
+        self.said_bytes -= len(raw)
+        return raw
 
     def answered(self, raw: bytes) -> None:
         self.answer = raw
@@ -151,10 +170,10 @@ class HttpSession:
             if waiting is not None and waiting.answer is None and not waiting.cancelled:
                 waiting.answered(raw)
                 return
-        for post in reversed(self._posts):  # the newest POST still waiting for its answer
-            if post.answer is None and not post.cancelled:
-                post.put(raw)
-                return
+        waiting = next((p for p in reversed(self._posts) if p.answer is None), None)
+        if waiting is not None and waiting.takes(raw):  # the newest POST still waiting
+            waiting.put(raw)
+            return
         async with self._changed:
             self._events.append((self._next_event, raw))
             self._next_event += 1
@@ -185,7 +204,7 @@ class HttpSession:
             deadline = loop.time() + timeout
             while True:
                 while post.said:
-                    yield post.said.popleft(), False
+                    yield post.take(), False
                 if post.answer is not None:
                     yield post.answer, True
                     return
@@ -203,7 +222,7 @@ class HttpSession:
             self._posts.remove(post)
             self.last_used = time.monotonic()
             while post.said:  # the stream went away: hand the rest to GET
-                await self._to_events(post.said.popleft())
+                await self._to_events(post.take())
 
     async def _to_events(self, raw: bytes) -> None:
         async with self._changed:
