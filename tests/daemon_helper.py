@@ -39,6 +39,19 @@ server_requests:
 """
 SCRATCH_SERVER = (Path(__file__).parent / "scratch_server.py").read_text()
 
+# What every test host sends first: the `initialize` params, and the whole request.
+INIT_PARAMS: dict[str, Any] = {
+    "protocolVersion": "2025-06-18",
+    "capabilities": {},
+    "clientInfo": {"name": "stockade-tests", "version": "1"},
+}
+INIT_REQUEST: dict[str, Any] = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": INIT_PARAMS,
+}
+
 
 @dataclass
 class Daemon:

@@ -13,21 +13,11 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from tests.daemon_helper import BIN, Daemon, running_daemon
+from tests.daemon_helper import INIT_REQUEST as INITIALIZE
 
 TIME_IMAGE = "stockade/python:latest"
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
-
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "test", "version": "1"},
-    },
-}
 
 
 @pytest.fixture(scope="module")

@@ -26,20 +26,11 @@ from stockade.pki.identity import Identity
 from stockade.state_seal import StateSeal
 from stockade.wire import frames
 from tests.daemon_helper import BIN, Daemon, free_port, running_daemon, wait_until
+from tests.daemon_helper import INIT_REQUEST as INIT
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
 MAX_MESSAGE_BYTES = 64 * 1024
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "t", "version": "1"},
-    },
-}
 
 
 @pytest.fixture(scope="module")

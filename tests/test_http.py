@@ -19,20 +19,11 @@ import pytest
 from mcp import Client, types
 from mcp.client.streamable_http import streamable_http_client
 
+from tests.daemon_helper import INIT_REQUEST as INIT
 from tests.daemon_helper import Daemon, free_port, running_daemon
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "t", "version": "1"},
-    },
-}
 JSON_AND_SSE = {"Accept": "application/json, text/event-stream"}
 
 

@@ -21,13 +21,9 @@ from mcp import Client, StdioServerParameters
 from stockade.sandbox.images import ImageBuilder
 from stockade.supervisor.http_networks import LABEL_OWNER
 from tests.daemon_helper import BIN, Daemon, HostSession, running_daemon
+from tests.daemon_helper import INIT_PARAMS as INIT
 
 pytestmark = [pytest.mark.docker]
-INIT = {
-    "protocolVersion": "2025-06-18",
-    "capabilities": {},
-    "clientInfo": {"name": "http-transport-test", "version": "1"},
-}
 
 SERVER = """
 import asyncio

@@ -17,14 +17,10 @@ import docker
 import pytest
 
 from stockade.sandbox.images import ImageBuilder
+from tests.daemon_helper import INIT_PARAMS as INIT
 from tests.daemon_helper import Daemon, HostSession, running_daemon, wait_until
 
 PYTHON = "stockade/python:latest"
-INIT = {
-    "protocolVersion": "2025-06-18",
-    "capabilities": {},
-    "clientInfo": {"name": "registration-test", "version": "1"},
-}
 
 
 @pytest.fixture(scope="module")

@@ -34,17 +34,13 @@ from stockade.sandbox.spec import LABEL_DAEMON
 from stockade.state_seal import StateSeal
 from stockade.supervisor.spec_rules import SandboxRefused
 from stockade.supervisor.supervisor import Supervisor
+from tests.daemon_helper import INIT_PARAMS as INIT
 from tests.daemon_helper import HostSession, running_daemon
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
 PYTHON_IMAGE = "stockade/python:latest"
 POLICY_DENIED = -32010
-INIT = {
-    "protocolVersion": "2025-06-18",
-    "capabilities": {},
-    "clientInfo": {"name": "t", "version": "1"},
-}
 ROOT = Path(__file__).resolve().parent.parent
 # A web server on 8080 and a line echo on 9000, answering with the container's own name.
 TARGET_SCRIPT = """

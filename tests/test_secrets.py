@@ -31,14 +31,10 @@ from stockade.secrets.model import (
 )
 from stockade.secrets.redact import Redactor
 from stockade.secrets.vault import VaultSecretStore
+from tests.daemon_helper import INIT_PARAMS as INIT
 from tests.daemon_helper import Daemon, HostSession, free_port, running_daemon
 
 BIN = Path(sys.executable).parent
-INIT = {
-    "protocolVersion": "2025-06-18",
-    "capabilities": {},
-    "clientInfo": {"name": "t", "version": "1"},
-}
 
 
 def new_value() -> bytes:

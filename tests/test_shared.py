@@ -12,17 +12,13 @@ from typing import Any
 import docker
 import pytest
 
+from tests.daemon_helper import INIT_PARAMS as INIT
 from tests.daemon_helper import Daemon, HostSession, running_daemon, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
 
 SERVER_EXITED = -32000
 SERVER_UNAVAILABLE = -32002
-INIT = {
-    "protocolVersion": "2025-06-18",
-    "capabilities": {},
-    "clientInfo": {"name": "test", "version": "1"},
-}
 
 
 @pytest.fixture

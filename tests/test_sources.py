@@ -26,6 +26,7 @@ from mcp import Client, StdioServerParameters
 from stockade.sandbox.images import ImageBuilder
 from tests.conftest import ca_bundle
 from tests.daemon_helper import ALLOW_ALL_POLICY, BIN, Daemon, HostSession, running_daemon
+from tests.daemon_helper import INIT_PARAMS as INIT
 
 pytestmark = [pytest.mark.docker]
 
@@ -33,11 +34,6 @@ FETCH = "mcp-server-fetch==2026.10.24"
 GIT = "mcp-server-git==2026.10.19"
 MEMORY = "@modelcontextprotocol/server-memory@2026.8.31"
 THINKING = "@modelcontextprotocol/server-sequential-thinking@2026.8.31"
-INIT = {
-    "protocolVersion": "2025-06-18",
-    "capabilities": {},
-    "clientInfo": {"name": "sources-test", "version": "1"},
-}
 
 
 def build_args() -> list[str]:
