@@ -10,7 +10,7 @@ import json
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -83,6 +83,21 @@ def _frame(stream: int, payload: bytes) -> bytes:
     return struct.pack(">BxxxI", stream, len(payload)) + payload
 
 
+async def _read_paced(stream: bytes, on_stderr: Callable[[bytes], None], clock: Clock) -> int:
+    """The stdout lines AttachedStdio yields from `stream` (Docker-framed, then EOF), read
+    at 500 lines a second on `clock`."""
+    ours, theirs = socket.socketpair()
+    stdio = await AttachedStdio.open(Attachment(ours, theirs), 4096, on_stderr)
+    stdio.pace = OutputPace(OutputLimits(lines_per_second=500, bytes_per_second=10**9), clock)
+    theirs.sendall(stream)
+    theirs.shutdown(socket.SHUT_WR)
+    count = 0
+    async for _ in stdio.lines():
+        count += 1
+    await stdio.close()
+    return count
+
+
 def test_reading_a_flood_waits_what_the_pace_owes_and_yields_to_others(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -92,18 +107,10 @@ def test_reading_a_flood_waits_what_the_pace_owes_and_yields_to_others(
     waits, clock = record_sleeps(monkeypatch, attached)
 
     async def scenario() -> int:
-        ours, theirs = socket.socketpair()
         stream = b"".join(_frame(1, b'{"jsonrpc":"2.0","method":"n"}\n') for _ in range(2000))
         stream += b"".join(_frame(2, b"chatter\n") for _ in range(1000))
         stderr: list[bytes] = []
-        stdio = await AttachedStdio.open(Attachment(ours, theirs), 4096, stderr.append)
-        stdio.pace = OutputPace(OutputLimits(lines_per_second=500, bytes_per_second=10**9), clock)
-        theirs.sendall(stream)
-        theirs.shutdown(socket.SHUT_WR)
-        count = 0
-        async for _ in stdio.lines():
-            count += 1
-        await stdio.close()
+        count = await _read_paced(stream, stderr.append, clock)
         assert len(stderr) == 1000
         return count
 
@@ -258,18 +265,9 @@ def test_blank_lines_and_tiny_frames_are_charged_for_the_work_they_cost(
     waits, clock = record_sleeps(monkeypatch, attached)
 
     async def scenario() -> int:
-        ours, theirs = socket.socketpair()
         stream = b"".join(_frame(1, b"\n" * 100) for _ in range(50))  # 5000 blank lines
         stream += b"".join(_frame(2, b"x") for _ in range(1000))  # 1000 one-byte writes
-        stdio = await AttachedStdio.open(Attachment(ours, theirs), 4096, lambda _: None)
-        stdio.pace = OutputPace(OutputLimits(lines_per_second=500, bytes_per_second=10**9), clock)
-        theirs.sendall(stream)
-        theirs.shutdown(socket.SHUT_WR)
-        count = 0
-        async for _ in stdio.lines():
-            count += 1
-        await stdio.close()
-        return count
+        return await _read_paced(stream, lambda _: None, clock)
 
     assert asyncio.run(scenario()) == 0  # nothing to forward
     assert sum(waits) == pytest.approx((6000 - 500) / 500, rel=0.05)
