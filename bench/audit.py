@@ -1,7 +1,8 @@
 """Audit cost per call (µs) with the default fsync policy (group commit every 10 ms).
 
 An allowed call costs one record written before it is forwarded (its fsync comes later, in
-a group); a denial costs a record fsynced before the caller hears. Both are measured
+a group); a denial costs a record fsynced before the caller hears; denials that arrive
+together (many hosts refused at once, a burst of sessions opening) share fsyncs. All are measured
 through `AuditLog.record`, as the relay calls it, with the background group-commit task
 running, on a real file in a temporary folder on this machine's disk. Not a test.
 
@@ -55,12 +56,30 @@ async def measure(folder: Path, calls: int) -> tuple[list[float], list[float], f
     return allowed, denied, wall_allowed
 
 
+async def together(folder: Path, count: int) -> tuple[float, int]:
+    """`count` denials written at once, each awaiting its fsync: (ms until all are on disk,
+    fsyncs made)."""
+    log = AuditLog(folder / "audit", load_or_create_key(folder / "key.pem"), daemon_id="bench")
+    log.open()
+    began, before = time.perf_counter(), log.fsyncs
+    await asyncio.gather(
+        *(log.record("request", durable=True, outcome="deny", **_fields(n)) for n in range(count))
+    )
+    elapsed, fsyncs = (time.perf_counter() - began) * 1000, log.fsyncs - before
+    await log.close()
+    return elapsed, fsyncs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=Path.home()) as folder:
         allowed, denied, wall = asyncio.run(measure(Path(folder), args.calls))
+    bursts = []
+    for count in (50, 200):
+        with tempfile.TemporaryDirectory(dir=Path.home()) as folder:
+            bursts.append((count, *asyncio.run(together(Path(folder), count))))
     q = statistics.quantiles
     print(f"| audit cost per call (n={args.calls}, default fsync policy) | p50 | p99 |")
     print("| --- | --- | --- |")
@@ -73,6 +92,10 @@ def main() -> None:
         f"| denied call (fsync before the answer, n={len(denied)}) "
         f"| {statistics.median(denied):.0f} µs | {q(denied, n=100)[98]:.0f} µs |"
     )
+    for count, elapsed, fsyncs in bursts:
+        print(
+            f"| {count} denials at once: all on disk after | {elapsed:.1f} ms, {fsyncs} fsyncs | |"
+        )
 
 
 if __name__ == "__main__":

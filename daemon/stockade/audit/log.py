@@ -44,6 +44,7 @@ from stockade.audit.chain import (
     line_hash,
     sign,
 )
+from stockade.audit.fsync import Fsyncer
 from stockade.audit.headroom import Headroom
 from stockade.logs import get_logger
 from stockade.metrics import AUDIT_FSYNC, AUDIT_WRITE
@@ -137,6 +138,7 @@ class AuditLog:
         self._last_checkpoint = time.monotonic()
         self._dirty = asyncio.Event()
         self._failure: str | None = None
+        self._fsyncer = Fsyncer(lambda: self._fd)
 
     # -- state ----------------------------------------------------------------------
 
@@ -154,6 +156,11 @@ class AuditLog:
     @property
     def seq(self) -> int:
         return self._seq
+
+    @property
+    def fsyncs(self) -> int:
+        """fsyncs made by the group commit thread (many records' waits may share one)."""
+        return self._fsyncer.done
 
     # -- open / close -----------------------------------------------------------------
 
@@ -217,10 +224,12 @@ class AuditLog:
                 self.checkpoint()
         for observer in self._observers:
             await observer.flush(2.0)
-        with contextlib.suppress(OSError):
-            os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
+        self._fsyncer.stop()
+        with self._fsyncer.lock:
+            with contextlib.suppress(OSError):
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
 
     # -- writing ------------------------------------------------------------------------
 
@@ -277,7 +286,7 @@ class AuditLog:
         self._dirty.clear()
         began = time.perf_counter()
         try:
-            await asyncio.to_thread(os.fsync, self._fd)
+            await self._fsyncer.fsync()  # with others asking now: one fsync for all
         except OSError as exc:
             raise self._fail(exc) from None
         AUDIT_FSYNC.observe(time.perf_counter() - began)
@@ -312,10 +321,11 @@ class AuditLog:
     def _rotate(self) -> None:
         self.checkpoint()
         try:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._index += 1
-            self._open_file()
+            with self._fsyncer.lock:  # never swapped under an fsync in progress
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._index += 1
+                self._open_file()
         except OSError as exc:
             raise self._fail(exc) from None
         log.info("audit log rotated", file=file_name(self._index))
@@ -377,7 +387,8 @@ class AuditLog:
     async def _commit_until_failure(self) -> None:
         while self._failure is None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), timeout=self._checkpoint_seconds)
+                async with asyncio.timeout(self._checkpoint_seconds):  # no task, as wait_for
+                    await self._dirty.wait()
             await asyncio.sleep(self._fsync_interval)
             try:
                 if self._unsigned and (
