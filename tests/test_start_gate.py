@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 
 from stockade.supervisor.start_gate import StartGate
 from stockade.wire import frames
-from tests.daemon_helper import HostSession, running_daemon
+from tests.daemon_helper import INIT_REQUEST, HostSession, free_port, running_daemon
 from tests.test_frames import Raw
+from tests.test_http import JSON_AND_SSE, sse_messages
 
 
 def test_the_gate_serves_sessions_first_in_arrival_order_and_bounds_starts() -> None:
@@ -192,3 +195,49 @@ def test_opens_abandoned_while_waiting_start_no_sandbox(tmp_path: Path) -> None:
         ]
     assert len([r for r in records if r["type"] == "container.start"]) == 1
     assert daemon.log_path.read_text().count("host left before its session opened") == 5
+
+
+@pytest.mark.docker
+@pytest.mark.usefixtures("images")
+def test_http_hosts_beyond_the_pool_are_told_on_the_post_that_opens_their_session(
+    tmp_path: Path,
+) -> None:
+    """Over HTTP the notice went to the session's GET stream, which a host cannot open
+    before the `initialize` POST gives it the session's id: it waited silently. Now that
+    POST's answer is an event stream from the notice on, the answer after it."""
+    address = f"127.0.0.1:{free_port()}"
+    with running_daemon(
+        tmp_path,
+        STOCKADE_MAX_CONCURRENT_STARTS="1",
+        STOCKADE_START_SETTLE_SECONDS="30",
+        STOCKADE_HTTP_ADDRESS=address,
+    ) as daemon:
+        daemon.add_scratch_server("scratch", "--warm", "0")
+        url = f"https://{address}/servers/scratch/mcp"
+        creds = daemon.issue_host("web")
+        client_tls = ssl.create_default_context(cafile=str(creds / "ca.crt"))
+        client_tls.load_cert_chain(creds / "client.crt", creds / "client.key")
+        headers = {"Content-Type": "application/json", **JSON_AND_SSE}
+
+        async def host(client: httpx2.AsyncClient, n: int) -> tuple[list[dict[str, Any]], Any]:
+            opened = await client.post(url, content=json.dumps(INIT_REQUEST), headers=headers)
+            assert opened.status_code == 200, opened.text
+            said = sse_messages(opened)
+            call = {"jsonrpc": "2.0", "id": 2, "method": "scratch/echo", "params": {"n": n}}
+            session = {**headers, "Mcp-Session-Id": opened.headers["Mcp-Session-Id"]}
+            echoed = await client.post(url, content=json.dumps(call), headers=session)
+            return said, sse_messages(echoed)[-1]["result"]["echo"]
+
+        async def burst() -> list[tuple[list[dict[str, Any]], Any]]:
+            async with httpx2.AsyncClient(verify=client_tls, timeout=120) as client:
+                return await asyncio.gather(*(host(client, n) for n in range(3)))
+
+        seen = asyncio.run(burst())
+    assert [echo for _, echo in seen] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    told = [said for said, _ in seen if len(said) > 1]
+    assert len(told) == 2  # one start at a time: the first is not told, the two others are
+    for said in told:
+        notice, answer = said
+        assert notice["method"] == "notifications/message"
+        assert "waiting for a sandbox of 'scratch'" in notice["params"]["data"]
+        assert answer["id"] == INIT_REQUEST["id"] and "result" in answer

@@ -230,16 +230,27 @@ class HttpFront:
         except InvalidMessage as exc:
             body = jsonrpc.error_response(exc.request_id, exc.code, str(exc))
             return web.Response(body=body, status=400, content_type="application/json")
-        if request.headers.get(VERSION_HEADER) in MODERN_VERSIONS:
-            mismatch = header_mismatch(request, message)
-            if mismatch is not None:
-                body = jsonrpc.error_response(message.id, jsonrpc.HEADER_MISMATCH, mismatch)
-                return web.Response(body=body, status=400, content_type="application/json")
-            session = await self._stateless_seat(request, identity, server)
-        elif request.headers.get(SESSION_HEADER) is None and message.method == "initialize":
-            session = await self._open(request, identity, server)
-        else:
-            session = self._session(request, identity, server)
+        # A request whose POST opens a session answers with events from the start if the
+        # host must wait for a sandbox: it is told so at once, not after the wait.
+        early = _OpeningStream(request) if message.kind is Kind.REQUEST else None
+        try:
+            if request.headers.get(VERSION_HEADER) in MODERN_VERSIONS:
+                mismatch = header_mismatch(request, message)
+                if mismatch is not None:
+                    body = jsonrpc.error_response(message.id, jsonrpc.HEADER_MISMATCH, mismatch)
+                    return web.Response(body=body, status=400, content_type="application/json")
+                session = await self._stateless_seat(request, identity, server, early)
+            elif request.headers.get(SESSION_HEADER) is None and message.method == "initialize":
+                session = await self._open(request, identity, server, early=early)
+            else:
+                session = self._session(request, identity, server)
+        except web.HTTPException as refused:
+            if early is None or early.response is None:
+                raise
+            # The host was told it waits: its answer is already an event stream.
+            code = jsonrpc.POLICY_DENIED if refused.status == 403 else jsonrpc.SERVER_UNAVAILABLE
+            await early.send(jsonrpc.error_response(message.id, code, refused.text or ""))
+            return early.response
         if message.kind is not Kind.REQUEST:
             await session.send(message)
             return web.Response(status=202)
@@ -248,7 +259,8 @@ class HttpFront:
             headers[SESSION_HEADER] = session.id
         if message.id_key in session.waiting:
             raise web.HTTPConflict(text=f"request id {message.id!r} is already in flight")
-        return await self._answer(request, session, message, headers)
+        started = early.response if early is not None else None
+        return await self._answer(request, session, message, headers, started)
 
     async def _answer(
         self,
@@ -256,13 +268,15 @@ class HttpFront:
         session: HttpSession,
         message: jsonrpc.Message,
         headers: dict[str, str],
+        started: web.StreamResponse | None = None,
     ) -> web.StreamResponse:
-        """Forward a request and answer the POST with what the server says."""
+        """Forward a request and answer the POST with what the server says (in `started`,
+        the POST's event stream, if it has begun)."""
         # An answer that comes with nothing before it goes back as plain JSON when the client
         # prefers it (the spec lets the server choose): the connection stays reusable, where
         # a client closing an event stream would cost a new TLS handshake per call.
         # Progress, logs or a server request before the answer make it an event stream.
-        response: web.StreamResponse | None = None
+        response = started
         json_first = prefers_json(request.headers.get("Accept", ""))
         transport = request.transport
         stream = session.request_stream(
@@ -315,7 +329,7 @@ class HttpFront:
     # -- sessions -----------------------------------------------------------------------
 
     async def _stateless_seat(
-        self, request: web.Request, identity: str, server: str
+        self, request: web.Request, identity: str, server: str, early: _OpeningStream | None
     ) -> HttpSession:
         """The caller's sandbox for session-less (2026-07-28) requests, opened on first use."""
         seat = self._stateless.get((identity, server))
@@ -323,7 +337,7 @@ class HttpFront:
             await self._end(seat, "its sandbox ended")
             seat = None
         if seat is None or seat.ended.is_set():
-            seat = await self._open(request, identity, server, register=False)
+            seat = await self._open(request, identity, server, register=False, early=early)
             self._stateless[(identity, server)] = seat
         return seat
 
@@ -342,11 +356,20 @@ class HttpFront:
             await self._end(session, "its identity opened another past its HTTP session quota")
 
     async def _open(
-        self, request: web.Request, identity: str, server: str, *, register: bool = True
+        self,
+        request: web.Request,
+        identity: str,
+        server: str,
+        *,
+        register: bool = True,
+        early: _OpeningStream | None = None,
     ) -> HttpSession:
         if register:
             await self._make_room(identity)
         session = HttpSession(new_session_id(), identity, server)
+        if early is not None:
+            early.headers = {SESSION_HEADER: session.id} if register else {}
+            session.opening = early.send
         try:
             session.relay = await self._opener.open(
                 server,
@@ -364,6 +387,8 @@ class HttpFront:
             answer = HTTP_REFUSAL[exc.refusal](text=str(exc))
             answer.audited = True  # type: ignore[attr-defined]  # read by _audit_refusals
             raise answer from None
+        finally:
+            session.opening = None
         if register:
             self._sessions[session.id] = session
         return session
@@ -381,3 +406,26 @@ class HttpFront:
         if stateless:
             del self._stateless[(session.identity, session.server)]
         await session.end(why)
+
+
+class _OpeningStream:
+    """The event stream of a POST whose session is still being opened, begun by the first
+    thing the relay says meanwhile (the start gate's notice that the host waits for a
+    sandbox): the host hears it at once, and the answer follows on the same stream."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.headers: dict[str, str] = {}  # the session's id, once it has one
+        self.response: web.StreamResponse | None = None
+
+    async def send(self, raw: bytes) -> None:
+        if self.response is None:
+            self.response = web.StreamResponse(
+                headers={
+                    **self.headers,
+                    "Cache-Control": "no-store",
+                    "Content-Type": "text/event-stream",
+                }
+            )
+            await self.response.prepare(self._request)
+        await self.response.write(b"event: message\ndata: %s\n\n" % raw)

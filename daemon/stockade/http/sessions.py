@@ -129,6 +129,10 @@ class HttpSession:
         self.last_used = time.monotonic()
         # The relay side, set by the front as soon as the session is opened.
         self.relay: HostSession | None = None
+        # While it is being opened: where what the relay says goes (the start gate's notice
+        # that the host waits), the event stream of the POST that opens it. A GET stream
+        # cannot be there yet: the host learns the session's id from that POST.
+        self.opening: Callable[[bytes], Awaitable[None]] | None = None
         self._waiting: dict[str, _Post] = {}
         # Open POST streams, newest last: what the server says while a request is pending
         # (progress, logging, its own requests) goes to the newest one, as the spec prefers.
@@ -164,6 +168,9 @@ class HttpSession:
     async def to_host(self, raw: bytes) -> None:
         """Everything the relay sends to this host arrives here."""
         self.last_used = time.monotonic()
+        if self.opening is not None:
+            await self.opening(raw)
+            return
         answers = _answer_id(raw)
         if answers is not _NOT_AN_ANSWER:
             waiting = self._waiting.pop(jsonrpc.id_key(answers), None)
