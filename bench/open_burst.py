@@ -21,6 +21,7 @@ competes for the CPU, as hosts on the same machine would. One host identity: the
 per-identity and per-server quotas are raised to fit N (they are not what is measured).
 
 Run: PYTHONPATH=daemon:. python bench/open_burst.py [--hosts 50] [--warm 4] [--calls 20]
+     [--starts N]
 """
 
 from __future__ import annotations
@@ -281,7 +282,7 @@ class Floor:
         return self.hosts * self.cold / self.cores
 
 
-def main(hosts: int, warm: int, calls: int) -> None:
+def main(hosts: int, warm: int, calls: int, starts: int | None = None) -> None:
     floor = Floor(hosts, os.cpu_count() or 1, statistics.median(cold_start_cpu() for _ in range(3)))
     quotas = {
         "STOCKADE_QUOTA_SESSIONS_PER_IDENTITY": str(hosts + 8),
@@ -289,6 +290,8 @@ def main(hosts: int, warm: int, calls: int) -> None:
         "STOCKADE_QUOTA_INSTANCES_PER_SERVER": str(hosts + warm + 8),
         "STOCKADE_MAX_RELAY_STREAMS": str(hosts + 64),
     }
+    if starts is not None:  # the start gate's width (the daemon's default: twice the cores)
+        quotas["STOCKADE_MAX_CONCURRENT_STARTS"] = str(starts)
     try:
         with (
             tempfile.TemporaryDirectory(prefix="stockade-bench-") as root,
@@ -356,5 +359,6 @@ if __name__ == "__main__":
     parser.add_argument("--hosts", type=int, default=50)
     parser.add_argument("--warm", type=int, default=4)
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--starts", type=int, help="instances started at once (default: 2 x cores)")
     arguments = parser.parse_args()
-    main(arguments.hosts, arguments.warm, arguments.calls)
+    main(arguments.hosts, arguments.warm, arguments.calls, arguments.starts)
