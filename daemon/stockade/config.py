@@ -74,6 +74,14 @@ def default_secrets_runtime_dir() -> Path:
     return Path("/dev/shm/stockade-secrets")  # noqa: S108
 
 
+def default_stdio_pipes_dir() -> Path:
+    """Next to the secrets folder: /run/stockade/stdio, else /dev/shm/stockade-stdio."""
+    secrets = default_secrets_runtime_dir()
+    if secrets.name == "secrets":
+        return secrets.parent / "stdio"
+    return Path("/dev/shm/stockade-stdio")  # noqa: S108
+
+
 class Settings(BaseSettings):
     """Everything the daemon can be told. Field names map to `STOCKADE_<NAME>` and TOML keys."""
 
@@ -163,6 +171,10 @@ class Settings(BaseSettings):
     # stockade-master-key ($CREDENTIALS_DIRECTORY) takes precedence. Default: STATE_DIR/master.key
     secrets_key_file: Path | None = None
     secrets_runtime_dir: Path = Field(default_factory=default_secrets_runtime_dir)
+    # A session's own stdio server speaks over two named pipes in this folder instead of
+    # the engine's attach socket (sandbox/stdio_pipes.py: two fewer copies each way).
+    stdio_pipes: bool = True
+    stdio_pipes_dir: Path = Field(default_factory=default_stdio_pipes_dir)
     # OpenBao / HashiCorp Vault, KV version 2 (secrets_backend = "vault"). TLS is verified;
     # plain http is accepted for a loopback address only.
     vault_address: str | None = None

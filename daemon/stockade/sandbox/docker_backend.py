@@ -25,6 +25,7 @@ from stockade.sandbox.errors import (
     RuntimeMissing,
     SandboxError,
 )
+from stockade.sandbox.images import LABEL_RECIPE
 from stockade.sandbox.runtime import Attachment, BridgeNetwork, ExitStatus, ImageInfo
 from stockade.sandbox.spec import LABEL_MANAGED, ContainerSpec
 
@@ -224,6 +225,8 @@ class DockerBackend:
             id=str(image.id),
             repo_digests=tuple(attrs.get("RepoDigests") or ()),
             user=str(config.get("User") or ""),
+            entrypoint=tuple(str(part) for part in config.get("Entrypoint") or ()),
+            from_recipe=LABEL_RECIPE in (config.get("Labels") or {}),
         )
 
     def pull(self, ref: str) -> None:

@@ -16,6 +16,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from stockade.logs import get_logger, log_context
 from stockade.sandbox.attached import AttachedStdio
@@ -24,6 +25,7 @@ from stockade.sandbox.http_channel import HttpChannel, HttpTarget
 from stockade.sandbox.pace import YIELD_EVERY, OutputLimits
 from stockade.sandbox.runtime import ExitStatus, SandboxRuntime
 from stockade.sandbox.spec import ContainerSpec
+from stockade.sandbox.stdio_pipes import PipedStdio
 from stockade.secrets.redact import Redactor, StreamRedactor
 from stockade.wire.lines import OversizedLine
 
@@ -137,7 +139,7 @@ class Instance:
     id: str
     server: str
     container_id: str
-    stdio: AttachedStdio
+    stdio: AttachedStdio | PipedStdio
     backend: SandboxRuntime
     started_at: float = field(default_factory=time.monotonic)
     stderr: StderrLog = field(default_factory=StderrLog)
@@ -173,8 +175,11 @@ class Instance:
         redaction: Redaction | None = None,
         http: HttpTarget | None = None,
         limits: OutputLimits | None = None,
+        pipes: Path | None = None,
     ) -> Instance:
-        """Create, attach (before start, or early output is lost), then start."""
+        """Create, attach (before start, or early output is lost), then start. With `pipes`
+        (a folder of `sandbox/stdio_pipes.py`, `spec` made by its `piped`), stdin and stdout
+        go through those pipes instead of the attach socket."""
         container_id = await asyncio.to_thread(backend.create, spec)
         instance: Instance | None = None
         try:
@@ -187,6 +192,7 @@ class Instance:
                 redaction=redaction,
                 http_mode=http is not None,
                 limits=limits,
+                pipes=pipes,
             )
             await asyncio.to_thread(backend.start, container_id)
             if http is not None:
@@ -202,6 +208,8 @@ class Instance:
                         task.cancel()
                 if instance.http is not None:
                     await instance.http.close()
+                with contextlib.suppress(Exception):  # its sockets and pipes, not left open
+                    await instance.stdio.close()
             await asyncio.to_thread(backend.stop, container_id, 0)
             raise
         return instance
@@ -241,6 +249,7 @@ class Instance:
         redaction: Redaction | None = None,
         http_mode: bool = False,
         limits: OutputLimits | None = None,
+        pipes: Path | None = None,
     ) -> Instance:
         attachment = await asyncio.to_thread(backend.attach, container_id)
         stderr = StderrLog()
@@ -258,9 +267,16 @@ class Instance:
         redact = None
         if redaction is not None:
             redact = StreamRedactor(redaction.redactor, redaction.on_redacted).feed
-        stdio = await AttachedStdio.open(
+        attached = await AttachedStdio.open(
             attachment, max_line_bytes, on_stderr, stderr_filter=redact, limits=limits
         )
+        stdio: AttachedStdio | PipedStdio = attached
+        if pipes is not None:
+            try:
+                stdio = await PipedStdio.open(attached, pipes, max_line_bytes)
+            except BaseException:
+                await attached.close()
+                raise
         instance = cls(
             id=instance_id,
             server=server,

@@ -66,6 +66,8 @@ class ImageInfo:
     id: str  # sha256:...
     repo_digests: tuple[str, ...]
     user: str  # the image's own USER ("" = root)
+    entrypoint: tuple[str, ...] = ()  # the image's own ENTRYPOINT
+    from_recipe: bool = False  # built from Stockade's recipes (`io.stockade.recipe-hash`)
 
 
 class SandboxRuntime(Protocol):

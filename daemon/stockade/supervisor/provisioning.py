@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.config import Settings
@@ -30,7 +31,7 @@ from stockade.sandbox.errors import SandboxError
 from stockade.sandbox.http_channel import HttpTarget
 from stockade.sandbox.instance import Instance, Redaction
 from stockade.sandbox.pace import OutputLimits
-from stockade.sandbox.runtime import SandboxRuntime
+from stockade.sandbox.runtime import ImageInfo, SandboxRuntime
 from stockade.sandbox.spec import (
     LABEL_DAEMON,
     LABEL_INSTANCE,
@@ -38,6 +39,7 @@ from stockade.sandbox.spec import (
     BindMount,
     ContainerSpec,
 )
+from stockade.sandbox.stdio_pipes import PipesError, StdioPipes, piped
 from stockade.secrets.delivery import CONTAINER_TARGET, SecretDelivery
 from stockade.secrets.model import SecretError, SecretStore
 from stockade.secrets.redact import Redactor
@@ -52,6 +54,8 @@ from stockade.supervisor.spec_rules import (
 )
 
 log = get_logger("stockade.supervisor")
+
+IMAGE_INFOS = 64  # images whose facts are kept (a start does not ask the engine again)
 
 
 class Provisioner:
@@ -77,6 +81,9 @@ class Provisioner:
         self._secrets = secrets
         self._delivery = delivery
         self._egress = EgressGateways(backend, settings, daemon_id)
+        self._pipes = StdioPipes(settings.stdio_pipes_dir, daemon_id)
+        self._image_infos: dict[str, ImageInfo] = {}  # by reference (ids: immutable)
+        self._pipes_failed = False  # said once
 
     def policy(self, server: str) -> SandboxPolicy:
         return self._sandbox_policy(server)
@@ -109,13 +116,18 @@ class Provisioner:
         try:
             spec, values = await self._spec(definition, instance_id)
         except BaseException as exc:
-            self.forget_secrets(instance_id)
+            self.forget_instance_files(instance_id)
             if definition.transport != "stdio":
                 await self.forget_network(instance_id)
             if isinstance(exc, SandboxRefused | EgressError):  # a refusal, not a fault
                 self._refused(definition.name, str(exc))
             raise
+        pipes = None
         try:
+            if await self._pipes_fit(definition, spec):
+                pipes = await self._make_pipes(instance_id, spec.user)
+                if pipes is not None:
+                    spec = piped(spec, pipes)
             http = None
             if definition.transport == "streamable-http":
                 assert definition.port is not None  # noqa: S101 - the registry requires it
@@ -129,9 +141,10 @@ class Provisioner:
                 redaction=self._redaction(definition.name, instance_id, values) if values else None,
                 http=http,
                 limits=self._output_limits(),
+                pipes=pipes,
             )
         except BaseException:
-            self.forget_secrets(instance_id)
+            self.forget_instance_files(instance_id)
             if definition.transport != "stdio":
                 await self.forget_network(instance_id)
             raise
@@ -174,10 +187,45 @@ class Provisioner:
         except SecretError as exc:
             raise SandboxRefused(f"server {server!r}: {exc}") from None
 
-    def forget_secrets(self, instance_id: str) -> None:
-        """Remove an instance's secret files (they go with its container)."""
+    def forget_instance_files(self, instance_id: str) -> None:
+        """Remove an instance's secret files and stdio pipes (they go with its container)."""
         if self._delivery is not None:
             self._delivery.remove(instance_id)
+        self._pipes.remove(instance_id)
+
+    async def _make_pipes(self, instance_id: str, user: str) -> Path | None:
+        """The instance's pipes folder; None (the attach socket, said once) if it cannot be
+        made: the same sandbox, only slower, rather than no start at all."""
+        try:
+            return await asyncio.to_thread(self._pipes.make, instance_id, user)
+        except (OSError, PipesError) as exc:
+            if not self._pipes_failed:
+                self._pipes_failed = True
+                log.warning("stdio pipes unavailable; using the attach socket", error=str(exc))
+            return None
+
+    async def _pipes_fit(self, definition: ServerDefinition, spec: ContainerSpec) -> bool:
+        """Whether the instance's stdin and stdout can be pipes (`sandbox/stdio_pipes.py`):
+        a session's own stdio server on runc, with an explicit command, in an image of our
+        recipes (a shell, no ENTRYPOINT). Anything else keeps the attach socket."""
+        if (
+            not self._settings.stdio_pipes
+            or definition.transport != "stdio"
+            or definition.shared
+            or spec.runtime != "runc"
+            or not spec.command
+        ):
+            return False
+        info = self._image_infos.get(spec.image)
+        if info is None:
+            try:
+                info = await asyncio.to_thread(self._backend.image_info, spec.image)
+            except SandboxError:
+                return False  # its start will say what is wrong with the image
+            if len(self._image_infos) >= IMAGE_INFOS:
+                self._image_infos.pop(next(iter(self._image_infos)))
+            self._image_infos[spec.image] = info
+        return info.from_recipe and not info.entrypoint
 
     async def forget_network(self, instance_id: str) -> None:
         """Remove an instance's own network (HTTP servers), once its container is gone."""
@@ -188,10 +236,11 @@ class Provisioner:
         """Remove instance networks of instances not in `keep` (left by a crash)."""
         await asyncio.to_thread(http_networks.prune, self._backend, self._daemon_id, list(keep))
 
-    def forget_secrets_except(self, instance_ids: set[str]) -> None:
+    def forget_instance_files_except(self, instance_ids: set[str]) -> None:
         """Remove the secret files of every instance but these (left by a crash)."""
         if self._delivery is not None:
             self._delivery.remove_all_except(instance_ids)
+        self._pipes.remove_all_except(instance_ids)
 
     async def prune_egress(self, servers: Iterable[str]) -> None:
         """Remove egress gateways no server among `servers` needs any more."""

@@ -122,7 +122,7 @@ class Supervisor:
             self._servers[definition.name] = ServerState(definition)
         adopted = await self._shared.adopt_all(list(self._servers.values()))
         # secrets of instances a crash left behind
-        self._provisioner.forget_secrets_except(self._known_containers)
+        self._provisioner.forget_instance_files_except(self._known_containers)
         removed = await self._reap_unaccounted()
         if removed:
             log.info("removed containers left by an earlier run", count=removed)
@@ -389,7 +389,7 @@ class Supervisor:
             return await instance.stop(self._settings.stop_grace_seconds)
         finally:
             self._known_containers.discard(instance.id)
-            self._provisioner.forget_secrets(instance.id)  # the files go with the container
+            self._provisioner.forget_instance_files(instance.id)  # the files go with the container
             if instance.http is not None:
                 await self._provisioner.forget_network(instance.id)
 

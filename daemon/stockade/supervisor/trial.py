@@ -52,7 +52,13 @@ def describe_start_error(definition: ServerDefinition, exc: BaseException) -> st
     text = str(exc)
     command = definition.argv[0] if definition.argv else "(the image's default)"
     lowered = text.lower()
-    if "executable file not found" in lowered or "no such file or directory" in lowered:
+    # The engine's words (the command is the container's), or the shell's (a server whose
+    # stdio are pipes is started by `sh -c 'exec ...'`: sandbox/stdio_pipes.py).
+    if (
+        "executable file not found" in lowered
+        or "no such file or directory" in lowered
+        or re.search(r"exec: .*: not found", lowered)
+    ):
         return (
             f"command {command!r} is not in image {definition.image!r} "
             "(exit 127: command not found)"
