@@ -178,6 +178,10 @@ class Daemon:
         ]
 
     def add_scratch_server(self, name: str, *options: str) -> None:
+        self.add_script_server(name, SCRATCH_SERVER, *options)
+
+    def add_script_server(self, name: str, script: str, *options: str) -> None:
+        """Register `python3 -c SCRIPT` in stockade/python as server `name`."""
         self.cli(
             "server",
             "add",
@@ -188,7 +192,7 @@ class Daemon:
             "--",
             "python3",
             "-c",
-            SCRATCH_SERVER,
+            script,
         )
 
     def status(self, name: str) -> dict[str, Any]:

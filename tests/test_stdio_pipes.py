@@ -56,19 +56,14 @@ for line in sys.stdin:
 """
 
 
-def add_probe(daemon: Daemon, name: str, *options: str) -> None:
-    daemon.cli(
-        "server",
-        "add",
-        name,
-        "--image",
-        "stockade/python:latest",
-        *options,
-        "--",
-        "python3",
-        "-c",
-        PROBE_SERVER,
-    )
+def probe_once(daemon: Daemon, server: str) -> Any:
+    """Open a session, ask `probe`, close it: the answer."""
+
+    async def scenario() -> Any:
+        async with HostSession(daemon, server) as session:
+            return await session.request("probe", {})
+
+    return asyncio.run(scenario())
 
 
 def instance_folders(root: Path, daemon: Daemon) -> list[str]:
@@ -86,7 +81,7 @@ def container_of(instance: str) -> dict[str, Any]:
 def test_a_sessions_server_speaks_over_its_pipes_and_cannot_touch_them(tmp_path: Path) -> None:
     pipes = tmp_path / "io"
     with running_daemon(tmp_path / "d", STOCKADE_STDIO_PIPES_DIR=str(pipes)) as daemon:
-        add_probe(daemon, "probe", "--warm", "0")
+        daemon.add_script_server("probe", PROBE_SERVER, "--warm", "0")
 
         async def scenario() -> tuple[Any, str, list[str], dict[str, Any], bytes, Any]:
             async with HostSession(daemon, "probe") as session:
@@ -127,42 +122,27 @@ def test_shared_servers_a_switched_off_setting_and_no_folder_keep_the_attach_soc
 ) -> None:
     pipes = tmp_path / "io"
     with running_daemon(tmp_path / "d", STOCKADE_STDIO_PIPES_DIR=str(pipes)) as daemon:
-        add_probe(daemon, "probe-shared", "--shared")
+        daemon.add_script_server("probe-shared", PROBE_SERVER, "--shared")
         wait_until(
             lambda: daemon.status("probe-shared").get("instances") == 1, 60, "the shared one"
         )
-
-        async def shared() -> Any:
-            async with HostSession(daemon, "probe-shared") as session:
-                return await session.request("probe", {})
-
-        answer = asyncio.run(shared())
+        answer = probe_once(daemon, "probe-shared")
         assert "result" in answer, answer
         assert answer["result"]["stdout"].startswith("pipe:")  # the engine's own pipe
         assert instance_folders(pipes, daemon) == []
     with running_daemon(
         tmp_path / "e", STOCKADE_STDIO_PIPES_DIR=str(pipes), STOCKADE_STDIO_PIPES="false"
     ) as daemon:
-        add_probe(daemon, "probe", "--warm", "0")
-
-        async def switched_off() -> Any:
-            async with HostSession(daemon, "probe") as session:
-                return await session.request("probe", {})
-
-        answer = asyncio.run(switched_off())
+        daemon.add_script_server("probe", PROBE_SERVER, "--warm", "0")
+        answer = probe_once(daemon, "probe")
         assert answer["result"]["stdout"].startswith("pipe:")
         assert instance_folders(pipes, daemon) == []
     # A folder that cannot be made (here: under a file): the attach socket, said once.
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     with running_daemon(tmp_path / "f", STOCKADE_STDIO_PIPES_DIR=str(blocked / "io")) as daemon:
-        add_probe(daemon, "probe", "--warm", "0")
-
-        async def unavailable() -> Any:
-            async with HostSession(daemon, "probe") as session:
-                return await session.request("probe", {})
-
-        answer = asyncio.run(unavailable())
+        daemon.add_script_server("probe", PROBE_SERVER, "--warm", "0")
+        answer = probe_once(daemon, "probe")
         assert answer["result"]["stdout"].startswith("pipe:")
         assert daemon.log_path.read_text().count("stdio pipes unavailable") == 1
 
@@ -170,7 +150,7 @@ def test_shared_servers_a_switched_off_setting_and_no_folder_keep_the_attach_soc
 def test_pipes_left_by_a_killed_daemon_are_removed_at_its_next_start(tmp_path: Path) -> None:
     pipes = tmp_path / "io"
     with running_daemon(tmp_path / "d", STOCKADE_STDIO_PIPES_DIR=str(pipes)) as daemon:
-        add_probe(daemon, "probe", "--warm", "2")
+        daemon.add_script_server("probe", PROBE_SERVER, "--warm", "2")
         wait_until(lambda: len(instance_folders(pipes, daemon)) == 2, 60, "a pool of two")
         left = instance_folders(pipes, daemon)
         daemon.kill9()

@@ -39,6 +39,16 @@ class _AttachReader(asyncio.StreamReader):
         return len(self._buffer)  # type: ignore[attr-defined]  # asyncio's own (CPython 3.4+)
 
 
+async def write_line(writer: asyncio.StreamWriter, lock: asyncio.Lock, message: bytes) -> None:
+    """One message as one line to a server's stdin, whole (one writer at a time), with
+    backpressure. A raw newline in it would make two messages of one: refused."""
+    if b"\n" in message:
+        raise ValueError("a message sent to a container must not contain a newline")
+    async with lock:
+        writer.write(message + b"\n")
+        await writer.drain()
+
+
 class AttachedStdio:
     """One container's stdin (write lines) and stdout (read lines) over the attach socket."""
 
@@ -92,11 +102,7 @@ class AttachedStdio:
 
     async def send(self, message: bytes) -> None:
         """Write one message as one line. The caller guarantees it holds no raw newline."""
-        if b"\n" in message:
-            raise ValueError("a message sent to a container must not contain a newline")
-        async with self._write_lock:
-            self._writer.write(message + b"\n")
-            await self._writer.drain()
+        await write_line(self._writer, self._write_lock, message)
 
     async def lines(self) -> AsyncIterator[bytes | OversizedLine]:
         """stdout lines as they complete, until the container's output ends (paced)."""

@@ -38,7 +38,7 @@ import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from stockade.sandbox.attached import READ_CHUNK, AttachedStdio, _AttachReader
+from stockade.sandbox.attached import READ_CHUNK, AttachedStdio, _AttachReader, write_line
 from stockade.sandbox.pace import YIELD_EVERY, OutputPace
 from stockade.sandbox.spec import BindMount, ContainerSpec
 from stockade.wire.lines import LineSplitter, OversizedLine
@@ -176,11 +176,7 @@ class PipedStdio:
 
     async def send(self, message: bytes) -> None:
         """Write one message as one line. The caller guarantees it holds no raw newline."""
-        if b"\n" in message:
-            raise ValueError("a message sent to a container must not contain a newline")
-        async with self._write_lock:
-            self._writer.write(message + b"\n")
-            await self._writer.drain()
+        await write_line(self._writer, self._write_lock, message)
 
     async def lines(self) -> AsyncIterator[bytes | OversizedLine]:
         """stdout lines as they complete, until the server's stdout ends (paced)."""
