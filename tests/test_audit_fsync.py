@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 from stockade.audit.chain import load_or_create_key, load_public_key, public_path
 from stockade.audit.fsync import Fsyncer
-from stockade.audit.log import AuditLog
+from stockade.audit.log import AuditLog, AuditUnavailable
 from stockade.audit.verify import audit_files, default_head, verify
 
 
@@ -119,3 +120,46 @@ def test_after_close_a_sync_fails_closed(tmp_path: Path) -> None:
 
     failure = asyncio.run(scenario())
     assert isinstance(failure, OSError) and failure.errno == errno.EBADF
+
+
+def test_a_durable_record_is_not_confirmed_once_the_log_has_failed(tmp_path: Path) -> None:
+    """Red-team finding: Linux reports a lost write to one fsync of the file only. When a
+    checkpoint (written and fsynced on the event loop's thread) fails while a durable record
+    waits for its own fsync, that fsync can succeed: the record must still be refused."""
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(audit)], check=True)
+    try:
+
+        async def scenario() -> tuple[BaseException | None, BaseException | None, str]:
+            log, _ = open_log(tmp_path)
+            waiting = asyncio.create_task(log.record("request", durable=True, outcome="deny"))
+            await asyncio.sleep(0)  # written; its fsync asked for
+            filler = os.open(audit / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                while True:  # the disk fills up (a real ENOSPC, not a stand-in)
+                    os.write(filler, b"x" * 4096)
+            except OSError:
+                pass
+            finally:
+                os.close(filler)
+            failed_checkpoint: BaseException | None = None
+            try:
+                log.checkpoint()
+            except AuditUnavailable as exc:
+                failed_checkpoint = exc
+            refused: BaseException | None = None
+            try:
+                await asyncio.wait_for(waiting, 10)
+            except AuditUnavailable as exc:
+                refused = exc
+            state = log.state
+            await log.close()
+            return failed_checkpoint, refused, state
+
+        failed_checkpoint, refused, state = asyncio.run(scenario())
+    finally:
+        subprocess.run(["umount", str(audit)], check=True)
+    assert failed_checkpoint is not None
+    assert isinstance(refused, AuditUnavailable), "a record was confirmed by a failed log"
+    assert state.startswith("failed: the audit disk is full")

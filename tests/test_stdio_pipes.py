@@ -6,14 +6,18 @@ instance (and with a crashed daemon's), and what does not fit keeps the attach s
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
 
+from stockade.sandbox.attached import AttachedStdio
+from stockade.sandbox.runtime import Attachment
 from stockade.sandbox.spec import LABEL_INSTANCE
-from stockade.sandbox.stdio_pipes import CONTAINER_DIR
+from stockade.sandbox.stdio_pipes import CONTAINER_DIR, PipedStdio
 from tests.daemon_helper import Daemon, HostSession, running_daemon, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("images")]
@@ -158,3 +162,40 @@ def test_pipes_left_by_a_killed_daemon_are_removed_at_its_next_start(tmp_path: P
         daemon.start()
         wait_until(lambda: len(instance_folders(pipes, daemon)) == 2, 60, "a new pool")
         assert not set(left) & set(instance_folders(pipes, daemon))  # the old ones are gone
+
+
+def test_a_server_that_closes_its_stdout_has_not_ended_until_its_container_has(
+    tmp_path: Path,
+) -> None:
+    """Red-team finding: the end of the stdout pipe was taken for the container's end, and
+    the engine was asked how a container still running ended (a `docker wait` holding one
+    of the few engine threads for 30 s; six such servers stalled every other start). Only
+    the attach stream's end (the container's) ends the output now."""
+    folder = tmp_path / "io"
+    folder.mkdir()
+    for name in ("in", "out"):
+        os.mkfifo(folder / name, 0o600)
+    engine_side, ours = socket.socketpair()
+
+    async def scenario() -> tuple[list[Any], bool, list[Any]]:
+        attached = await AttachedStdio.open(
+            Attachment(sock=ours, _keep=ours), 1 << 20, lambda _line: None
+        )
+        stdio = await PipedStdio.open(attached, folder, 1 << 20)
+        server_stdout = os.open(folder / "out", os.O_WRONLY | os.O_NONBLOCK)
+        os.write(server_stdout, b'{"jsonrpc":"2.0","method":"said"}\n')
+        os.close(server_stdout)  # the server closes its stdout and lives on
+        lines = stdio.lines()
+        first = [await anext(lines)]
+        rest = asyncio.ensure_future(anext(lines, None))
+        await asyncio.sleep(6)  # longer than the grace that used to end it
+        ended_early = rest.done()
+        engine_side.close()  # the container ends: its attach stream with it
+        last = [await asyncio.wait_for(rest, 10)]
+        await stdio.close()
+        return first, ended_early, last
+
+    first, ended_early, last = asyncio.run(scenario())
+    assert first == [b'{"jsonrpc":"2.0","method":"said"}']
+    assert not ended_early
+    assert last == [None]

@@ -289,6 +289,10 @@ class AuditLog:
             await self._fsyncer.fsync()  # with others asking now: one fsync for all
         except OSError as exc:
             raise self._fail(exc) from None
+        # Linux reports a lost write-back to one fsync of the file only: if another (a
+        # checkpoint's, on this thread) took it while we waited, ours says nothing.
+        if self._failure is not None:
+            raise AuditUnavailable(self._failure)
         AUDIT_FSYNC.observe(time.perf_counter() - began)
 
     def checkpoint(self) -> int:

@@ -11,8 +11,9 @@ host reaches them) and mounts the instance's folder read-only at
 `/run/stockade-io`; the container's command becomes `sh -c 'exec "$@" <in >out' sh ARGV`:
 the shell opens the two pipes and replaces itself with the server, which then has them as
 its stdin and stdout. stderr stays on the attach socket (logs, and the shell's own error
-if the server cannot be run), and so does the container's end: `out` ends when the server
-(and every process holding its stdout) has ended.
+if the server cannot be run), and so does the container's end: the end of `out` is only the
+end of the server's stdout (it may close it and live on), so the output ends when the attach
+stream does.
 
 What the server can do with the folder: read its own stdin and write its own stdout (it
 already can), open them again (the same), nothing else: it is read-only, one per instance,
@@ -44,7 +45,6 @@ from stockade.sandbox.spec import BindMount, ContainerSpec
 from stockade.wire.lines import LineSplitter, OversizedLine
 
 CONTAINER_DIR = "/run/stockade-io"
-STDERR_GRACE_SECONDS = 5.0  # after stdout ends, for the last stderr lines
 
 
 class PipesError(Exception):
@@ -183,8 +183,12 @@ class PipedStdio:
         while True:
             data = await self._reader.read(READ_CHUNK)
             if not data:
+                # The end of stdout is not the container's: a server may close it and live
+                # on. The attach stream ends with the container (its last stderr with it);
+                # until then nothing more is said, as on the attach socket, and nobody asks
+                # the engine how a container that is still running ended.
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(self._stderr), STDERR_GRACE_SECONDS)
+                    await asyncio.shield(self._stderr)
                 return
             owed = max(1, data.count(b"\n"))
             for handled, out in enumerate(self._stdout.feed(data), start=1):

@@ -198,7 +198,7 @@ class Provisioner:
         made: the same sandbox, only slower, rather than no start at all."""
         try:
             return await asyncio.to_thread(self._pipes.make, instance_id, user)
-        except (OSError, PipesError) as exc:
+        except (OSError, PipesError, ValueError) as exc:  # ValueError: a group by name
             if not self._pipes_failed:
                 self._pipes_failed = True
                 log.warning("stdio pipes unavailable; using the attach socket", error=str(exc))

@@ -57,7 +57,7 @@ def describe_start_error(definition: ServerDefinition, exc: BaseException) -> st
     if (
         "executable file not found" in lowered
         or "no such file or directory" in lowered
-        or re.search(r"exec: .*: not found", lowered)
+        or re.search(r"\bsh: \d+: exec: .*: not found", lowered)
     ):
         return (
             f"command {command!r} is not in image {definition.image!r} "
